@@ -1,0 +1,50 @@
+"""Build the running server's parts from one ``Settings``: model, engine, store, renderer, service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from steerserve.config import Settings
+from steerserve.errors import SteerError
+from steerserve.model import prepare_default_model
+from steerserve.prompts import PromptRenderer
+from steerserve.service import Service
+from steerserve.store.artifacts import ArtifactStore
+
+
+def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
+    return settings.model if settings.model is not None else prepare_default_model(settings.models_dir, log)
+
+
+def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
+    """Load the model into the chosen engine and open the artifact store bound to it."""
+    path = model_path(settings, log)
+    if settings.engine != "hf":
+        raise RuntimeError(f"engine {settings.engine!r} is not available in this build; use --engine hf")
+    from steerserve.engines.hf import HFEngine
+    from steerserve.model import load_hf
+
+    log(f"Loading {path} (engine={settings.engine}, dtype={settings.dtype})")
+    model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
+    engine = HFEngine(model, tokenizer, info, settings)
+    store = ArtifactStore(settings.store_dir / info.fingerprint, info)
+    if settings.vectors_dir is not None:
+        import_vectors(store, settings.vectors_dir, log)
+    return Service(settings, engine, store, PromptRenderer(tokenizer, settings.max_prompt_tokens))
+
+
+def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None] = print) -> None:
+    """Import shipped artifacts (``<name>.safetensors``) made for this model, once per content."""
+    known = {m.sha256 for m in store.list()}
+    for path in sorted(folder.glob("*.safetensors")):
+        data = path.read_bytes()
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() in known:
+            continue
+        try:
+            meta = store.put_vector_file(path.stem, data, provenance={"source": f"vectors/{path.name}"})
+            log(f"Imported {meta.ref()} from {path}")
+        except SteerError as exc:  # made for another model: skip, say why
+            log(f"Skipped {path}: {exc}")

@@ -1,0 +1,56 @@
+"""One settings object, built once from the environment and the CLI, passed explicitly everywhere."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("STEERSERVE_HOME", Path.home() / ".cache" / "steerserve"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start-up. Nothing else reads the environment."""
+
+    engine: str = "hf"
+    model: Path | None = None  # None: the default model, prepared from its registry package
+    model_name: str | None = None  # the name served at /v1/models; defaults to the directory name
+    home: Path = field(default_factory=_default_home)  # model cache, artifact store
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: str | None = None
+    dtype: str = "float32"
+    # Policy limits checked at the edge (spec resolution), before anything is queued.
+    max_coeff: float = 100.0
+    max_interventions: int = 4
+    max_prompt_tokens: int = 2048
+    max_tokens_cap: int = 1024
+    default_max_tokens: int = 128
+    # hf engine
+    max_batch: int = 16
+    bank_slots: int = 512
+    vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Read STEERSERVE_* variables; explicit overrides (from the CLI) win over the environment."""
+        env = os.environ
+        s = cls(
+            admin_key=env.get("STEERSERVE_ADMIN_KEY") or None,
+            max_coeff=float(env.get("STEERSERVE_MAX_COEFF", cls.max_coeff)),
+            max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
+            max_batch=int(env.get("STEERSERVE_MAX_BATCH", cls.max_batch)),
+            bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),
+        )
+        return replace(s, **{k: v for k, v in overrides.items() if v is not None})

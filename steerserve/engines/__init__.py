@@ -1,0 +1,1 @@
+"""Engines batch requests and generate. Both implementations apply the same runtime ops."""

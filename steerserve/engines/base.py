@@ -1,0 +1,66 @@
+"""The engine protocol: what the API layer may ask of any engine (hf today, vllm next)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from steerserve.model_info import ModelInfo
+from steerserve.runtime.plan import SteerOp
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    ops: tuple[SteerOp, ...] = ()  # compiled steering, positions already absolute
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One increment of a request's output; the last one has ``finish_reason`` set."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens since the previous increment
+    text: str  # new text since the previous increment (stop strings already cut)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """Batches and generates. Implementations own a thread or process; all methods are async-safe."""
+
+    info: ModelInfo
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Queue ``request`` and stream its outputs. Cancelling the iterator aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def health(self) -> bool: ...
+
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
+        """Unsteered residual stream of each prompt: one ``[len(prompt), len(layers), hidden]`` fp32 tensor each."""
+        ...

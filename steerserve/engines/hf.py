@@ -1,0 +1,239 @@
+"""The transformers reference engine: continuous batching on one thread, steering by the runtime ops.
+
+The loop (one iteration per model step): take commands (new requests, aborts, jobs) -> admit waiting
+requests whose vectors fit in the bank, prefilling each alone -> one decode step for every active
+sequence in a left-padded batch -> postprocess (sample, detokenise, stop, emit). Requests join and
+leave between decode steps; requests with different steering share the batch through the tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from steerserve.config import Settings
+from steerserve.engines.base import GenerationOutput, GenerationRequest
+from steerserve.engines.kvbatch import KVBatch
+from steerserve.engines.sampling import Detokenizer, make_generator, sample
+from steerserve.model_info import ModelInfo
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.hooks import Capture, SteeringHooks
+from steerserve.runtime.tables import Segment, StepTables
+
+log = logging.getLogger(__name__)
+Emit = Callable[[GenerationOutput], None]
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    emit: Emit
+    detok: Detokenizer
+    gen: torch.Generator | None
+    rows: dict[str, int] = field(default_factory=dict)  # vector key -> bank row
+    pos: int = 0  # tokens in the KV cache = absolute position of the next input token
+    last: int = 0  # last sampled token, the next input
+    completion: int = 0
+    done: bool = False
+
+
+class HFEngine:
+    """Implements ``engines.base.Engine`` on a transformers causal LM."""
+
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
+        self.model, self.tokenizer, self.info, self.settings = model.eval(), tokenizer, info, settings
+        self.layers = model.model.layers
+        self.bank = VectorBank(settings.bank_slots, info.hidden_size, dtype=model.dtype)
+        self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, settings.max_batch),
+                                 settings.max_interventions)
+        self.hooks = SteeringHooks(self.layers, self.bank, self.tables)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._waiting: deque[_Seq] = deque()
+        self._active: list[_Seq] = []  # row i of self._kv
+        self._kv = KVBatch()
+        self._thread: threading.Thread | None = None
+
+    # ---- async API (any thread's event loop) ----
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="steerserve-hf-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def health(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+
+        def emit(out: GenerationOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self._inbox.put(("add", (request, emit)))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:  # client went away: free the slot and the bank rows
+                self._inbox.put(("abort", request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
+        return await asyncio.wrap_future(self.call(lambda: self._hidden_states(prompts, layers)))
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the engine thread between two steps (the model is never shared across threads)."""
+        fut: Future[Any] = Future()
+        self._inbox.put(("call", (fn, fut)))
+        return fut
+
+    @property
+    def bank_capacity(self) -> int:
+        return self.bank.slots - 1
+
+    # ---- engine thread ----
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._commands(block=not (self._active or self._waiting)):
+                try:
+                    self._admit()
+                    if self._active:
+                        self._decode()
+                except Exception as exc:  # keep serving: fail the requests in flight, not the server
+                    log.exception("engine step failed")
+                    for seq in [*self._active, *self._waiting]:
+                        self._finish(seq, "abort", error=str(exc))
+                    self._active, self._kv = [], KVBatch()
+                    self._waiting.clear()
+
+    def _commands(self, block: bool) -> bool:
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                for seq in [*self._active, *self._waiting]:
+                    self._finish(seq, "abort")
+                return False
+            if kind == "add":
+                req, emit = arg
+                self._waiting.append(_Seq(req, emit, Detokenizer(self._decode_text, req.sampling.stop),
+                                          make_generator(req.sampling)))
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "call":
+                fn, fut = arg
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:
+                    fut.set_exception(exc)
+
+    def _abort(self, request_id: str) -> None:
+        for seq in [*self._waiting, *self._active]:
+            if seq.req.request_id == request_id and not seq.done:
+                self._finish(seq, "abort")
+        self._waiting = deque(s for s in self._waiting if not s.done)
+        self._drop_done()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.settings.max_batch:
+            seq = self._waiting[0]
+            rows = self.bank.acquire(op.vector for op in seq.req.ops)
+            if rows is None:
+                return  # the bank is full of vectors in use: wait for a request to finish
+            self._waiting.popleft()
+            seq.rows = rows
+            self._prefill(seq)
+
+    def _prefill(self, seq: _Seq) -> None:
+        ids = torch.tensor([seq.req.prompt_token_ids])
+        n = ids.shape[1]
+        self.tables.fill(n, [Segment(0, 0, n, seq.req.ops, seq.rows)])
+        out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        seq.pos = n
+        self._token(seq, out.logits[0, -1])
+        if not seq.done:
+            self._kv.join(out.past_key_values)
+            self._active.append(seq)
+
+    def _decode(self) -> None:
+        seqs = self._active
+        ids = torch.tensor([[s.last] for s in seqs])
+        positions = torch.tensor([[s.pos] for s in seqs])
+        mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
+        self.tables.fill(len(seqs), [Segment(i, s.pos, 1, s.req.ops, s.rows) for i, s in enumerate(seqs)])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._kv.cache(), use_cache=True)
+        self._kv.after_step(out.past_key_values)
+        for i, seq in enumerate(seqs):
+            seq.pos += 1
+            self._token(seq, out.logits[i, -1])
+        self._drop_done()
+
+    def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """Sample, detokenise, decide whether the sequence is finished, and emit."""
+        tok = sample(logits, seq.req.sampling, seq.gen)
+        seq.last, seq.completion = tok, seq.completion + 1
+        if tok in self.eos_ids:
+            return self._finish(seq, "stop", text=seq.detok.flush())
+        text = seq.detok.push(tok)
+        if seq.detok.stopped:
+            return self._finish(seq, "stop", text=text, token=tok)
+        if seq.completion >= seq.req.sampling.max_tokens or seq.pos + 1 >= self.info.max_model_len:
+            return self._finish(seq, "length", text=text + seq.detok.flush(), token=tok)
+        seq.emit(self._output(seq, (tok,), text, None))
+
+    def _finish(self, seq: _Seq, reason: str, text: str = "", token: int | None = None,
+                error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self.bank.release(seq.rows)
+        ids = (token,) if token is not None else ()
+        seq.emit(self._output(seq, ids, text, reason, {"error": error} if error else {}))
+
+    def _drop_done(self) -> None:
+        rows = [i for i, s in enumerate(self._active) if s.done]
+        if rows:
+            self._kv.leave(rows)
+            self._active = [s for s in self._active if not s.done]
+
+    def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any,
+                extra: dict[str, object] | None = None) -> GenerationOutput:
+        return GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids),
+                                seq.completion, extra or {})
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
+        self.tables.fill(0, [])  # unsteered
+        out = []
+        for ids in prompts:
+            with Capture(self.layers, layers) as cap:
+                self.model(input_ids=torch.tensor([list(ids)]), use_cache=False, logits_to_keep=1)
+            out.append(torch.stack([cap.outputs[layer][0] for layer in layers], dim=1).float())  # [n, L, H]
+        return out

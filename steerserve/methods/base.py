@@ -1,0 +1,86 @@
+"""What a steering method is, and the small parameter checks every method shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from steerserve.errors import SteerError
+from steerserve.runtime.plan import SteerOp
+from steerserve.spec import PromptInfo, ResolveContext
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One intervention compiled to runtime ops, plus what to report back to the client."""
+
+    ops: tuple[SteerOp, ...]
+    artifacts: tuple[str, ...] = ()
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A steering method: validates its parameters and compiles them to primitive ops."""
+
+    name: str
+
+    async def compile(
+        self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
+    ) -> Compiled: ...
+
+
+def check_keys(params: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise SteerError(f"unknown parameter(s) {unknown}; allowed: {sorted(allowed)}", field=where)
+
+
+def coeff(params: Mapping[str, Any], ctx: ResolveContext, where: str, key: str = "coeff",
+          default: float | None = None) -> float:
+    """A finite coefficient within the server's cap (``Settings.max_coeff``)."""
+    value = params.get(key, default)
+    f = f"{where}.{key}"
+    if value is None:
+        raise SteerError("is required", field=f)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SteerError(f"must be a number, got {type(value).__name__}", field=f)
+    if not math.isfinite(value):
+        raise SteerError("must be finite", field=f)
+    cap = ctx.settings.max_coeff
+    if abs(value) > cap:
+        raise SteerError(f"|{value}| exceeds the server's limit of {cap}", field=f)
+    return float(value)
+
+
+def layer_index(value: Any, ctx: ResolveContext, f: str) -> int:
+    n = ctx.model.num_layers
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SteerError(f"must be an integer layer index, got {value!r}", field=f)
+    if not 0 <= value < n:
+        raise SteerError(f"layer {value} is out of range [0, {n - 1}] for this model", field=f)
+    return value
+
+
+def layer_list(value: Any, ctx: ResolveContext, f: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``"all"`` | list of ints | None (= ``default``), each checked against the model's depth."""
+    if value is None:
+        return default
+    if value == "all":
+        return tuple(range(ctx.model.num_layers))
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SteerError("must be \"all\", a layer index or a non-empty list of layer indices", field=f)
+    out = tuple(layer_index(v, ctx, f"{f}.{i}") for i, v in enumerate(value))
+    if len(set(out)) != len(out):
+        raise SteerError("lists a layer twice", field=f)
+    return out
+
+
+def string(params: Mapping[str, Any], key: str, where: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise SteerError("is required and must be a non-empty string", field=f"{where}.{key}")
+    return value

@@ -1,0 +1,72 @@
+"""Removable forward hooks that apply the steering op (and capture activations) at decoder-layer outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.ops import steer
+from steerserve.runtime.tables import StepTables
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace(output: Any, h: torch.Tensor) -> Any:
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+class SteeringHooks:
+    """Applies ``ops.steer`` at the output of every decoder layer, reading the current step's tables."""
+
+    def __init__(self, layers: Sequence[nn.Module], bank: VectorBank, tables: StepTables) -> None:
+        self.bank, self.tables = bank, tables
+        self._handles: list[RemovableHandle] = [
+            layer.register_forward_hook(self._make(i)) for i, layer in enumerate(layers)
+        ]
+
+    def _make(self, index: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not self.tables.active:
+                return None  # nothing steered this step: leave the output untouched
+            h = _hidden(output)  # [B, S, H]
+            flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order
+            return _replace(output, steer(flat, self.bank.weight, *self.tables.layer(index)).view_as(h))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class Capture:
+    """Context manager recording chosen decoder-layer outputs: ``outputs[layer] = [B, S, H]``."""
+
+    def __init__(self, layers: Sequence[nn.Module], which: Sequence[int]) -> None:
+        self.layers, self.which = layers, list(which)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> Capture:
+        for i in self.which:
+            self._handles.append(self.layers[i].register_forward_hook(self._make(i)))
+        return self
+
+    def _make(self, index: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.outputs[index] = _hidden(output).detach().clone()
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

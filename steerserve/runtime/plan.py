@@ -1,0 +1,57 @@
+"""Primitive steering ops: what methods compile a resolved spec into, and what engines lay out per step.
+
+An op says: at decoder-layer output ``layer``, for every token whose absolute position ``p`` falls in
+``[start, stop)``, either add ``scale * v`` or ablate direction ``v`` (``h -= scale * (h . v) v``).
+``v`` is one row of ``vector.data`` (``[n, hidden]``): row 0 for a constant vector, row ``p - start``
+for a positional one (ActAdd injects a different vector at each front position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class OpKind(str, Enum):
+    ADD = "add"
+    ABLATE = "ablate"
+
+
+@dataclass(frozen=True, eq=False)
+class VectorRef:
+    """Immutable vector content, keyed by its hash so that identical vectors share bank rows."""
+
+    key: str
+    data: torch.Tensor  # [n, hidden], float32, CPU
+
+    @classmethod
+    def of(cls, data: torch.Tensor) -> VectorRef:
+        data = data.detach().to(dtype=torch.float32, device="cpu").contiguous()
+        if data.dim() == 1:
+            data = data.unsqueeze(0)
+        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        return cls(key=f"{tuple(data.shape)}:{digest}", data=data)
+
+    @property
+    def rows(self) -> int:
+        return int(self.data.shape[0])
+
+
+@dataclass(frozen=True)
+class SteerOp:
+    kind: OpKind
+    layer: int
+    vector: VectorRef
+    scale: float
+    start: int = 0  # first absolute token position covered
+    stop: int | None = None  # exclusive; None = through the end of generation
+    positional: bool = False  # token p reads vector row p - start (else row 0)
+
+    def covers(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """The sub-range of positions ``[lo, hi)`` this op covers, or None."""
+        a = max(lo, self.start)
+        b = hi if self.stop is None else min(hi, self.stop)
+        return (a, b) if a < b else None

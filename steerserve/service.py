@@ -1,0 +1,114 @@
+"""The glue between the HTTP edge and the engine: render prompt -> resolve spec -> queue -> stream.
+
+Everything here is engine-neutral and framework-free; ``api/`` calls it with plain values.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from steerserve.config import Settings
+from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from steerserve.errors import SteerError
+from steerserve.model_info import ModelInfo
+from steerserve.prompts import PromptRenderer
+from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec, resolve
+from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
+
+
+class _LRU(OrderedDict[str, Any]):
+    """Bounded cache for computed vectors (ActAdd differences), keyed by content hash."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request_id: str
+    prompt: PromptInfo
+    resolved: ResolvedSpec
+    outputs: AsyncIterator[GenerationOutput]
+
+
+class Service:
+    def __init__(self, settings: Settings, engine: Engine, store: ArtifactStore, renderer: PromptRenderer) -> None:
+        self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
+        self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
+                                  cache=_LRU(256))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    def sampling(self, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
+                 seed: int | None, stop: str | Sequence[str] | None) -> SamplingParams:
+        """Checked sampling parameters (field names as in the request body)."""
+        s = self.settings
+        mt = s.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= mt <= s.max_tokens_cap:
+            raise SteerError(f"must be between 1 and {s.max_tokens_cap}", field="max_tokens")
+        temp = 1.0 if temperature is None else temperature
+        if not 0.0 <= temp <= 5.0:
+            raise SteerError("must be between 0 and 5", field="temperature")
+        tp = 1.0 if top_p is None else top_p
+        if not 0.0 < tp <= 1.0:
+            raise SteerError("must be in (0, 1]", field="top_p")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > 4 or any(not x for x in stops):
+            raise SteerError("at most 4 non-empty strings", field="stop")
+        return SamplingParams(mt, temp, tp, seed, stops)
+
+    def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None) -> PromptInfo:
+        return self.renderer.render(prompt, messages)
+
+    async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
+                     request_id: str | None = None) -> Submitted:
+        """Resolve the steering against model, store and policy, then queue. Raises SteerError (4xx)."""
+        spec = SteerSpec.from_dict(steering)
+        resolved = await resolve(spec, prompt, self.ctx)
+        rows = sum(v.rows for v in {op.vector.key: op.vector for op in resolved.ops}.values())
+        capacity = getattr(self.engine, "bank_capacity", None)
+        if capacity is not None and rows > capacity:
+            raise SteerError(f"needs {rows} vector-bank rows; the server's bank holds {capacity}", field="steering")
+        if len(prompt.token_ids) + sampling.max_tokens > self.info.max_model_len:
+            raise SteerError(f"prompt + max_tokens exceeds the model's context of {self.info.max_model_len}",
+                             field="max_tokens")
+        rid = request_id or uuid.uuid4().hex
+        request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops)
+        return Submitted(rid, prompt, resolved, self.engine.generate(request))
+
+    async def compute_vector(self, name: str, positive: Sequence[str], negative: Sequence[str],
+                             layers: Sequence[int] | None, description: str = "") -> ArtifactMeta:
+        """Mean-difference vector from contrastive prompts (mean over each prompt's tokens, then over prompts)."""
+        for key, prompts in (("positive", positive), ("negative", negative)):
+            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+                raise SteerError("must be a non-empty list of non-empty strings", field=key)
+        n = self.info.num_layers
+        chosen = list(range(n)) if layers is None else list(layers)
+        for i, layer in enumerate(chosen):
+            if not 0 <= layer < n:
+                raise SteerError(f"layer {layer} is out of range [0, {n - 1}]", field=f"layers.{i}")
+        means = []
+        for prompts in (positive, negative):
+            ids = [self.render(prompt=p).token_ids for p in prompts]
+            states = await self.engine.hidden_states(ids, chosen)  # each [len, L, H]
+            means.append(torch.stack([s.mean(dim=0) for s in states]).mean(dim=0))  # [L, H]
+        diff = means[0] - means[1]
+        provenance = {"method": "mean_diff", "positive": len(positive), "negative": len(negative),
+                      "token_pooling": "mean over prompt tokens", "source": "POST /admin/vectors/compute"}
+        return self.store.put_vector(name, {layer: diff[i] for i, layer in enumerate(chosen)},
+                                     method="mean_diff", provenance=provenance, description=description)

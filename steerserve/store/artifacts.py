@@ -1,0 +1,330 @@
+"""The artifact store: steering vectors and ActAdd prompt pairs as safetensors files plus manifest rows.
+
+Files live at ``<root>/artifacts/<name>/<version>.safetensors``; the SQLite manifest (``db.py``) decides
+what exists. A write lands the file first (temp file, fsync, rename, fsync of the folder) and only then
+commits the row, so a reader that finds a row always finds its file. The store is bound to one model and
+refuses vectors that do not fit it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from steerserve.errors import SteerError
+from steerserve.model_info import LAYER_CONVENTION, ModelInfo
+from steerserve.store import db
+from steerserve.store.db import ArtifactMeta, check_name, parse_ref
+
+__all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
+
+log = logging.getLogger(__name__)
+
+TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
+KINDS = ("vector", "pair")
+# Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
+# this store writes itself, accepted so that an exported artifact can be uploaded again.
+_ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
+            "layer_convention", "format"}
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    meta: ArtifactMeta
+    tensors: dict[int, torch.Tensor]  # layer -> [hidden] float32
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    meta: ArtifactMeta
+    positive: str
+    negative: str
+    layer: int | None
+    coeff: float | None
+
+
+def _check_kind(kind: str | None) -> None:
+    if kind is not None and kind not in KINDS:
+        raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
+
+
+class ArtifactStore:
+    """Versioned vectors and pairs for one loaded model; safe to share between threads."""
+
+    def __init__(self, root: Path, model: ModelInfo) -> None:
+        """Open (creating if needed) the store under ``root`` and remove what a crashed write left behind."""
+        self.root, self.model = Path(root), model
+        self.dir = self.root / "artifacts"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._engine = db.make_engine(self.root / "manifest.sqlite")
+        # SQLite's write lock already serialises writers, across processes too; this lock only queues our
+        # own threads in Python instead of letting them wait on SQLITE_BUSY.
+        self._lock = threading.Lock()
+        self._cleanup()
+
+    def close(self) -> None:
+        """Release the database connections (the store must not be used afterwards)."""
+        self._engine.dispose()
+
+    # ---- writes -------------------------------------------------------------------------------------
+
+    def put_vector(self, name: str, tensors: Mapping[int, torch.Tensor], *, method: str = "upload",
+                   provenance: Mapping[str, Any] | None = None, description: str = "",
+                   hidden_size: int | None = None, num_layers: int | None = None) -> ArtifactMeta:
+        """Store per-layer vectors as the next version of ``name``. ``hidden_size``/``num_layers`` are
+        what the producer declares; they, and every tensor, are checked against the loaded model."""
+        check_name(name)
+        vecs = self._check_vectors(tensors, hidden_size, num_layers)
+        data = safetensors.torch.save({f"layer.{i}": v for i, v in sorted(vecs.items())},
+                                      metadata=self._header("vector", method=method))
+        norms = {i: float(v.norm()) for i, v in sorted(vecs.items())}
+        return self._commit(name, "vector", data, tuple(sorted(vecs)), method, provenance, norms, description)
+
+    def put_vector_file(self, name: str, data: bytes, *, description: str = "",
+                        provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
+        """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
+
+        The tensors are re-serialised with this store's own metadata, so ``sha256`` is of the stored file.
+        """
+        check_name(name)
+        try:
+            loaded, header = safetensors.torch.load(data), db.header_metadata(data)
+        except Exception as e:  # the parser's errors are many and untyped; all mean a bad upload
+            raise SteerError(f"not a valid safetensors file: {e}", field="file") from None
+        for key in header:
+            if key not in _ALLOWED:
+                raise SteerError(f"unknown metadata key {key!r}; allowed: {sorted(_ALLOWED)}",
+                                 field=f"metadata.{key}")
+        expected = {"kind": "vector", "layer_convention": LAYER_CONVENTION,
+                    "model_fingerprint": self.model.fingerprint}
+        for key, want in expected.items():
+            if header.get(key, want) != want:
+                f = "model_fingerprint" if key == "model_fingerprint" else f"metadata.{key}"
+                raise SteerError(f"{key} {header[key]!r} does not match the loaded model's {want!r}", field=f)
+        declared: dict[str, int] = {}
+        for key in ("hidden_size", "num_layers"):
+            if key in header:
+                if not (header[key].isascii() and header[key].isdigit()):
+                    raise SteerError(f"must be a non-negative integer, got {header[key]!r}", field=key)
+                declared[key] = int(header[key])
+        by_layer: dict[int, torch.Tensor] = {}
+        for tname, t in loaded.items():
+            m = TENSOR_RE.fullmatch(tname)
+            if m is None:
+                raise SteerError(f"tensor {tname!r} must be named 'layer.<i>' (0-based layer index)",
+                                 field=f"tensors.{tname}")
+            by_layer[int(m[1])] = t
+        prov = {"source": "file upload", **({"file_metadata": header} if header else {}),
+                **(provenance or {})}
+        return self.put_vector(name, by_layer, method=header.get("method") or "upload", provenance=prov,
+                               description=description, **declared)
+
+    def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
+                 coeff: float | None = None, description: str = "",
+                 provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
+        """Store an ActAdd prompt pair (texts in the file's metadata) as the next version of ``name``."""
+        check_name(name)
+        for field, text in (("positive", positive), ("negative", negative)):
+            if not isinstance(text, str) or not text.strip():
+                raise SteerError("must be a non-empty string", field=field)
+        header = self._header("pair", positive=positive, negative=negative)
+        n = self.model.num_layers
+        if layer is not None:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+                raise SteerError(f"layer {layer!r} is outside [0, {n}) for the loaded model", field="layer")
+            header["layer"] = str(layer)
+        if coeff is not None:
+            if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff):
+                raise SteerError(f"must be a finite number, got {coeff!r}", field="coeff")
+            header["coeff"] = repr(float(coeff))  # repr round-trips a float exactly
+        # safetensors needs at least one tensor; the pair itself lives in the metadata.
+        data = safetensors.torch.save({"pair": torch.zeros(1)}, metadata=header)
+        return self._commit(name, "pair", data, (), None, provenance, {}, description)
+
+    def set_enabled(self, name: str, enabled: bool, version: int | None = None) -> list[ArtifactMeta]:
+        """Enable or disable one version (all of them when ``version`` is None); returns the new rows."""
+        check_name(name)
+        with self._lock, db.write(self._engine) as conn:
+            metas = db.targets(conn, name, version)
+            db.update_enabled(conn, name, [m.version for m in metas], bool(enabled))
+        return [replace(m, enabled=bool(enabled)) for m in metas]
+
+    def delete(self, name: str, version: int | None = None) -> list[ArtifactMeta]:
+        """Delete one version (all when ``version`` is None); returns what was deleted.
+
+        The row goes first: once it commits the artifact is invisible, and a crash before the file is
+        unlinked leaves an orphan that the next open removes. Version numbers are never reused.
+        """
+        check_name(name)
+        with self._lock:
+            with db.write(self._engine) as conn:
+                metas = db.targets(conn, name, version)
+                db.delete_rows(conn, name, [m.version for m in metas])
+            for m in metas:
+                self._path(m.name, m.version).unlink(missing_ok=True)
+            if (self.dir / name).is_dir():
+                db.fsync_dir(self.dir / name)
+        return metas
+
+    # ---- reads --------------------------------------------------------------------------------------
+
+    def get(self, ref: str, kind: str | None = None, *, field: str = "name",
+            require_enabled: bool = False) -> ArtifactMeta:
+        """Resolve ``name`` (latest version) or ``name@v``; every failure is a 400 naming ``field``."""
+        _check_kind(kind)
+        name, version = parse_ref(ref, field)
+        what = kind or "artifact"
+        with db.read(self._engine) as conn:
+            meta = db.find(conn, name, version)
+            latest = None if meta or version is None else db.find(conn, name, None)
+        if meta is None:
+            hint = f" (latest is {latest.ref()})" if latest else ""
+            raise SteerError(f"unknown {what} {ref!r}{hint}", field=field, code="unknown_artifact")
+        if kind is not None and meta.kind != kind:
+            raise SteerError(f"{meta.ref()!r} is a {meta.kind}, not a {kind}", field=field, code="wrong_kind")
+        if require_enabled and not meta.enabled:
+            raise SteerError(f"{what} {meta.ref()!r} is disabled", field=field, code="disabled_artifact")
+        return meta
+
+    def load_vector(self, ref: str, *, field: str = "vector", require_enabled: bool = True) -> StoredVector:
+        """The vector ``ref`` names, with its per-layer tensors, if it was made for the loaded model."""
+        meta = self.get(ref, "vector", field=field, require_enabled=require_enabled)
+        tensors = safetensors.torch.load(self._read(meta, field))
+        return StoredVector(meta, {int(k.split(".", 1)[1]): v for k, v in tensors.items()})
+
+    def load_pair(self, ref: str, *, field: str = "pair", require_enabled: bool = True) -> StoredPair:
+        """The prompt pair ``ref`` names, if it was made for the loaded model."""
+        meta = self.get(ref, "pair", field=field, require_enabled=require_enabled)
+        h = db.header_metadata(self._read(meta, field))
+        layer, coeff = h.get("layer"), h.get("coeff")
+        return StoredPair(meta, h["positive"], h["negative"], None if layer is None else int(layer),
+                          None if coeff is None else float(coeff))
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _path(self, name: str, version: int) -> Path:
+        return self.dir / name / f"{version}.safetensors"
+
+    def _header(self, kind: str, **extra: str) -> dict[str, str]:
+        m = self.model
+        return {"kind": kind, "model_fingerprint": m.fingerprint, "model_name": m.name,
+                "hidden_size": str(m.hidden_size), "num_layers": str(m.num_layers),
+                "layer_convention": LAYER_CONVENTION, **extra}
+
+    def _check_vectors(self, tensors: Mapping[int, torch.Tensor], hidden_size: int | None,
+                       num_layers: int | None) -> dict[int, torch.Tensor]:
+        m = self.model
+        if hidden_size is not None and hidden_size != m.hidden_size:
+            raise SteerError(f"hidden size {hidden_size} does not match the loaded model's {m.hidden_size}",
+                             field="hidden_size")
+        if num_layers is not None and num_layers != m.num_layers:
+            raise SteerError(f"layer count {num_layers} does not match the loaded model's {m.num_layers}",
+                             field="num_layers")
+        if not isinstance(tensors, Mapping) or not tensors:
+            raise SteerError("must hold at least one layer's vector", field="tensors")
+        out: dict[int, torch.Tensor] = {}
+        for layer, t in tensors.items():
+            f = f"tensors.layer.{layer}"
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise SteerError(f"layer index {layer!r} must be an integer", field="tensors")
+            if not 0 <= layer < m.num_layers:
+                raise SteerError(f"layer {layer} is outside [0, {m.num_layers}) for the loaded model",
+                                 field=f)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
+                raise SteerError("must be a 1-D floating-point tensor", field=f)
+            if t.shape[0] != m.hidden_size:
+                raise SteerError(f"hidden size {t.shape[0]} does not match the loaded model's "
+                                 f"{m.hidden_size}", field=f)
+            v = t.detach().to("cpu", torch.float32).contiguous()
+            # Checked after the cast: a finite float64 can still overflow to inf in float32.
+            if not bool(torch.isfinite(v).all()):
+                raise SteerError("contains NaN or infinite values", field=f)
+            out[layer] = v
+        if not any(bool(v.any()) for v in out.values()):
+            raise SteerError("every layer's vector is all zeros: it would steer nothing", field="tensors")
+        return out
+
+    def _commit(self, name: str, kind: str, data: bytes, layers: tuple[int, ...], method: str | None,
+                provenance: Mapping[str, Any] | None, norms: dict[int, float],
+                description: str) -> ArtifactMeta:
+        """Allocate the next version, land the file durably, then insert its row, in one write transaction."""
+        try:  # a deep, JSON-clean copy: the manifest stores it as JSON and must not fail at commit
+            prov = json.loads(json.dumps(dict(provenance or {}), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise SteerError(f"must be a JSON object: {e}", field="provenance") from None
+        if not isinstance(description, str):
+            raise SteerError("must be a string", field="description")
+        sha, m = hashlib.sha256(data).hexdigest(), self.model
+        with self._lock:
+            final: Path | None = None
+            try:
+                with db.write(self._engine) as conn:
+                    version = db.next_version(conn, name)
+                    final = self._path(name, version)
+                    db.write_durably(final, data)
+                    created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+                    meta = ArtifactMeta(name, version, kind, m.fingerprint, m.name, m.hidden_size,
+                                        m.num_layers, layers, method, prov, norms, sha, created, True,
+                                        description, LAYER_CONVENTION)
+                    db.insert_row(conn, meta)
+            except BaseException:
+                # The row did not commit, so the file must not stay: no reader may see a file without a row.
+                if final is not None and final.exists():
+                    final.unlink()
+                    db.fsync_dir(final.parent)
+                raise
+        return meta
+
+    def _read(self, meta: ArtifactMeta, field: str) -> bytes:
+        """The artifact's verified file bytes, refused if it was made for another model."""
+        if meta.model_fingerprint != self.model.fingerprint:
+            raise SteerError(
+                f"{meta.kind} {meta.ref()!r} was made for model {meta.model_name!r} (fingerprint "
+                f"{meta.model_fingerprint!r}), not the loaded model {self.model.name!r} (fingerprint "
+                f"{self.model.fingerprint!r})", field=field, code="model_mismatch")
+        try:
+            data = self._path(meta.name, meta.version).read_bytes()
+        except FileNotFoundError:
+            # delete() drops the row before the file, so a missing file usually means it was just deleted.
+            self.get(meta.ref(), meta.kind, field=field)
+            raise SteerError(f"{meta.kind} {meta.ref()!r} has a manifest row but no file", field=field,
+                             status=500, code="missing_artifact") from None
+        if hashlib.sha256(data).hexdigest() != meta.sha256:
+            raise SteerError(f"{meta.kind} {meta.ref()!r} does not match its recorded sha256", field=field,
+                             status=500, code="corrupt_artifact")
+        return data
+
+    def _cleanup(self) -> None:
+        """Remove temp files and files without a row. Done under the write lock: then no writer, in any
+        process, is between landing its file and committing its row, so every such file is an orphan."""
+        with self._lock, db.write(self._engine) as conn:
+            known = db.known_files(conn)
+            for folder in (p for p in self.dir.iterdir() if p.is_dir()):
+                stale = [p for p in folder.iterdir() if p.is_file() and (p.name.startswith(db.TMP_PREFIX) or (
+                    p.suffix == ".safetensors" and (folder.name, p.name) not in known))]
+                for p in stale:
+                    log.warning("artifact store: removing leftover %s", p)
+                    p.unlink()
+                if stale:
+                    db.fsync_dir(folder)
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+
+    # Last in the class body: once defined, ``list`` here would shadow the builtin in later annotations.
+    def list(self, kind: str | None = None) -> list[ArtifactMeta]:
+        """Every version of every artifact (of ``kind``, if given), whatever model it was made for."""
+        _check_kind(kind)
+        with db.read(self._engine) as conn:
+            return db.select(conn, kind=kind)

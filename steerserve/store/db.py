@@ -1,0 +1,285 @@
+"""Persistence for the artifact store: the SQLite manifest (SQLAlchemy Core) and durable file writes.
+
+A row is the artifact's existence: a file on disk without a row is an orphan of a crash and is removed
+when the store opens. ``ArtifactMeta`` is the Python view of a row. Nothing here knows the loaded model;
+validation against it is ``artifacts.py``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from steerserve.errors import NotFound, SteerError
+
+# A row's key is (name, version); a reference is "name" (latest version) or "name@version".
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+NAME_RE = re.compile(_NAME)
+REF_RE = re.compile(rf"(?P<name>{_NAME})(?:@(?P<version>[1-9][0-9]*))?")
+
+metadata = sa.MetaData()
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("model_fingerprint", sa.String, nullable=False),
+    sa.Column("model_name", sa.String, nullable=False),
+    sa.Column("hidden_size", sa.Integer, nullable=False),
+    sa.Column("num_layers", sa.Integer, nullable=False),
+    sa.Column("layers", sa.JSON, nullable=False),  # list[int]
+    sa.Column("method", sa.String, nullable=True),
+    sa.Column("provenance", sa.JSON, nullable=False),
+    sa.Column("norms", sa.JSON, nullable=False),  # {"<layer>": norm}: JSON object keys are strings
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("created", sa.String, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("layer_convention", sa.Text, nullable=False),
+)
+
+# The highest version ever allocated per name. Kept apart from ``artifacts`` so that deleting the latest
+# version never lets a later upload reuse its number: "name@3" must always mean the same bytes.
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("last_version", sa.Integer, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """One manifest row: what an artifact is, what model it was made for and how it was made."""
+
+    name: str
+    version: int
+    kind: str  # "vector" | "pair"
+    model_fingerprint: str
+    model_name: str
+    hidden_size: int
+    num_layers: int
+    layers: tuple[int, ...]  # layers with a vector (empty for pairs)
+    method: str | None  # how it was made: "mean_diff", "upload", "pca", ...
+    provenance: dict[str, Any]  # free JSON
+    norms: dict[int, float]  # L2 norm per layer (empty for pairs)
+    sha256: str  # of the safetensors file bytes
+    created: str  # ISO-8601 UTC
+    enabled: bool
+    description: str
+    layer_convention: str
+
+    def ref(self) -> str:
+        """The exact reference, ``name@version``, that always resolves to these bytes."""
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (norms keyed by the layer as a string, as JSON requires)."""
+        out = meta_to_row(self)
+        out["layers"] = list(self.layers)
+        out["ref"] = self.ref()
+        return out
+
+
+def check_name(name: object, field: str = "name") -> str:
+    """Return ``name`` if it is a valid artifact name, else raise a 400 naming ``field``."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise SteerError(f"invalid name {name!r}: 1-64 of A-Z a-z 0-9 _ . -, starting alphanumeric",
+                         field=field)
+    return name
+
+
+def parse_ref(ref: object, field: str) -> tuple[str, int | None]:
+    """Split ``"name"`` / ``"name@3"`` into (name, version or None for the latest)."""
+    m = REF_RE.fullmatch(ref) if isinstance(ref, str) else None
+    if m is None:
+        raise SteerError(f"invalid reference {ref!r}: expected 'name' or 'name@version' (version >= 1)",
+                         field=field)
+    return m["name"], int(m["version"]) if m["version"] else None
+
+
+def meta_to_row(meta: ArtifactMeta) -> dict[str, Any]:
+    """Column values for ``artifacts`` (also the body of ``to_dict``): JSON-ready, deep-copied."""
+    row = asdict(meta)
+    row["layers"] = list(meta.layers)
+    row["norms"] = {str(k): v for k, v in sorted(meta.norms.items())}
+    return row
+
+
+def row_to_meta(row: Mapping[Any, Any]) -> ArtifactMeta:
+    """Inverse of ``meta_to_row`` for a row read back from SQLite."""
+    return ArtifactMeta(**{
+        **row,
+        "layers": tuple(int(x) for x in row["layers"]),
+        "provenance": dict(row["provenance"]),
+        "norms": {int(k): float(v) for k, v in row["norms"].items()},
+        "enabled": bool(row["enabled"]),
+    })
+
+
+def make_engine(path: Path) -> Engine:
+    """An engine for the manifest at ``path`` that threads may share, with the tables created.
+
+    pysqlite's own transaction handling issues a deferred BEGIN lazily, which would let two writers both
+    read the same "next version" and collide at commit. It is switched off here and the ``begin`` event
+    emits the BEGIN itself, IMMEDIATE when the connection asks for it (see ``write``), so a writer holds
+    SQLite's write lock from the moment it reads the counter until it commits, across processes too.
+    """
+    # timeout: how long a writer waits for another process's write lock before failing.
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        # WAL lets readers (generation requests) proceed while an upload writes; FULL makes a committed
+        # row survive power loss, matching the fsync of the file it points to.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = "IMMEDIATE" if conn.get_execution_options().get("steerserve_immediate") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    metadata.create_all(engine)
+    return engine
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """A transaction holding SQLite's write lock from its first statement; commits on normal exit."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(steerserve_immediate=True)
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read(engine: Engine) -> Iterator[Connection]:
+    """A read-only (deferred) transaction: a consistent snapshot that never blocks writers in WAL mode."""
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+# ---- queries (all take a connection inside a ``read``/``write`` transaction) ----------------------------
+
+
+def next_version(conn: Connection, name: str) -> int:
+    """Allocate the next version of ``name``; call inside ``write`` so no other writer can race it."""
+    last = conn.execute(sa.select(counters.c.last_version).where(counters.c.name == name)).scalar()
+    top = conn.execute(sa.select(sa.func.max(artifacts.c.version)).where(artifacts.c.name == name)).scalar()
+    version = max(last or 0, top or 0) + 1
+    if last is None:
+        conn.execute(sa.insert(counters).values(name=name, last_version=version))
+    else:
+        conn.execute(sa.update(counters).where(counters.c.name == name).values(last_version=version))
+    return version
+
+
+def insert_row(conn: Connection, meta: ArtifactMeta) -> None:
+    """Add the row that makes an artifact visible."""
+    conn.execute(sa.insert(artifacts).values(**meta_to_row(meta)))
+
+
+def find(conn: Connection, name: str, version: int | None) -> ArtifactMeta | None:
+    """The row for ``name@version`` (the latest version when None), or None."""
+    q = sa.select(artifacts).where(artifacts.c.name == name).order_by(artifacts.c.version.desc()).limit(1)
+    row = conn.execute(q if version is None else q.where(artifacts.c.version == version)).mappings().first()
+    return None if row is None else row_to_meta(row)
+
+
+def select(conn: Connection, *, name: str | None = None, kind: str | None = None) -> list[ArtifactMeta]:
+    """Rows, optionally of one name and/or kind, sorted by name then version."""
+    q = sa.select(artifacts).order_by(artifacts.c.name, artifacts.c.version)
+    q = q if name is None else q.where(artifacts.c.name == name)
+    q = q if kind is None else q.where(artifacts.c.kind == kind)
+    return [row_to_meta(r) for r in conn.execute(q).mappings().all()]
+
+
+def targets(conn: Connection, name: str, version: int | None) -> list[ArtifactMeta]:
+    """The rows an admin operation acts on (all versions when None); an unknown one is a 404."""
+    rows = [m for m in select(conn, name=name) if version is None or m.version == version]
+    if not rows:
+        if version is None:
+            raise NotFound(f"no artifact named {name!r}", field="name")
+        raise NotFound(f"artifact {name!r} has no version {version}", field="version")
+    return rows
+
+
+def update_enabled(conn: Connection, name: str, versions: list[int], enabled: bool) -> None:
+    """Set the ``enabled`` flag of some versions of ``name``."""
+    conn.execute(sa.update(artifacts).where(artifacts.c.name == name, artifacts.c.version.in_(versions))
+                 .values(enabled=enabled))
+
+
+def delete_rows(conn: Connection, name: str, versions: list[int]) -> None:
+    """Remove rows; the version counter stays, so their numbers are never handed out again."""
+    conn.execute(sa.delete(artifacts).where(artifacts.c.name == name, artifacts.c.version.in_(versions)))
+
+
+def known_files(conn: Connection) -> set[tuple[str, str]]:
+    """(folder, file name) of every file a row points to."""
+    rows = conn.execute(sa.select(artifacts.c.name, artifacts.c.version))
+    return {(r.name, f"{r.version}.safetensors") for r in rows}
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable: without it a power cut can undo the directory entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(final: Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` so that it is either absent or complete, even across a power cut.
+
+    The bytes go to a temp file in the same folder (so the rename cannot cross file systems), are fsynced,
+    renamed over ``final`` and the folder is fsynced. A failure removes the temp file.
+    """
+    folder = final.parent
+    if not folder.exists():
+        folder.mkdir()
+        fsync_dir(folder.parent)
+    tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` string dict of safetensors bytes (``safetensors.torch.load`` drops it)."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise ValueError("truncated header")
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("__metadata__ must map strings to strings")
+    return meta

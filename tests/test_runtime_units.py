@@ -1,0 +1,100 @@
+"""Runtime pieces on their own: the op, the bank, the tables, the detokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from steerserve.engines.sampling import Detokenizer
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.ops import steer
+from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.tables import Segment, StepTables
+
+
+def _ref(seed: int, rows: int = 1, hidden: int = 8) -> VectorRef:
+    return VectorRef.of(torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_steer_neutral_rows_are_bit_identical() -> None:
+    h = torch.randn(5, 8)
+    bank = torch.randn(4, 8)
+    bank[0] = 0
+    zeros = torch.zeros(5, 2, dtype=torch.long)
+    out = steer(h, bank, zeros, torch.zeros(5, 2), zeros, torch.zeros(5, 2))
+    assert torch.equal(out, h)
+
+
+def test_steer_add_and_ablate_math() -> None:
+    h = torch.randn(3, 8)
+    r = torch.randn(8)
+    r = r / r.norm()
+    v = torch.randn(8)
+    bank = torch.stack([torch.zeros(8), v, r])
+    add_rows = torch.tensor([[1], [0], [1]])
+    add_scales = torch.tensor([[2.0], [0.0], [-1.0]])
+    abl_rows = torch.tensor([[0], [2], [2]])
+    abl_scales = torch.tensor([[0.0], [1.0], [1.0]])
+    out = steer(h, bank, add_rows, add_scales, abl_rows, abl_scales)
+    assert torch.equal(out[0], h[0] + 2.0 * v)
+    assert abs(float(out[1] @ r)) < 1e-5
+    expected = h[2] - (h[2] @ r) * r - v
+    assert torch.allclose(out[2], expected, atol=1e-6)
+
+
+def test_bank_shares_content_evicts_lru_and_is_all_or_nothing() -> None:
+    bank = VectorBank(slots=5, hidden=8)  # 4 usable rows
+    a, b, c = _ref(1), _ref(2, rows=2), _ref(3)
+    rows = bank.acquire([a, b])
+    assert rows is not None and rows[a.key] != rows[b.key]
+    assert torch.equal(bank.weight[rows[b.key] : rows[b.key] + 2], b.data)
+    assert torch.equal(bank.weight[0], torch.zeros(8))
+    again = bank.acquire([a])  # same content: same row, no new load
+    assert again == {a.key: rows[a.key]} and bank.used_rows() == 3
+    big = _ref(4, rows=3)
+    assert bank.acquire([big]) is None  # in use: cannot evict -> the request waits
+    assert bank.used_rows() == 3
+    bank.release([a.key])
+    bank.release([a.key, b.key])
+    assert bank.acquire([c]) is not None  # fits in the free row, nothing evicted
+    assert a.key in bank and b.key in bank
+    bank.release([c.key])
+    got = bank.acquire([big])  # now evicts least recently used until 3 contiguous rows are free
+    assert got is not None and torch.equal(bank.weight[got[big.key] : got[big.key] + 3], big.data)
+
+
+def test_tables_positional_and_windows() -> None:
+    tables = StepTables(num_layers=3, max_tokens=8, slots=2)
+    pos = _ref(1, rows=3)
+    const = _ref(2)
+    ops = [
+        SteerOp(OpKind.ADD, 1, pos, 2.0, start=2, stop=5, positional=True),
+        SteerOp(OpKind.ADD, 1, const, 0.5, start=4),
+        SteerOp(OpKind.ABLATE, 2, const, 1.0),
+    ]
+    rows = {pos.key: 10, const.key: 20}
+    tables.fill(6, [Segment(offset=1, first=0, count=5, ops=ops, rows=rows)])  # flat token 0 is padding
+    add_rows, add_scales, abl_rows, abl_scales = tables.layer(1)
+    assert add_rows[:, 0].tolist() == [0, 0, 0, 10, 11, 12]
+    assert add_scales[:, 0].tolist() == [0, 0, 0, 2.0, 2.0, 2.0]
+    assert add_rows[:, 1].tolist() == [0, 0, 0, 0, 0, 20]
+    assert tables.layer(2)[2][:, 0].tolist() == [0, 20, 20, 20, 20, 20]
+    assert tables.layer(0)[1].abs().sum() == 0
+    # the next step is laid out from scratch: nothing from the last one leaks
+    tables.fill(2, [Segment(offset=0, first=7, count=1, ops=ops, rows=rows)])
+    # (slots are handed out per step: the positional op is out of its window, so `const` takes slot 0)
+    assert tables.layer(1)[0].tolist() == [[20], [0]]
+    assert tables.layer(2)[2].tolist() == [[20], [0]]
+
+
+def test_detokenizer_cuts_stop_strings_without_leaking() -> None:
+    vocab = {1: "Hello", 2: " wor", 3: "ld", 4: " END", 5: " more"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(vocab[i] for i in ids)
+
+    d = Detokenizer(decode, stop=["world"])
+    pieces = [d.push(i) for i in (1, 2, 3)]
+    assert "".join(pieces) == "Hello " and d.stopped
+    d = Detokenizer(decode, stop=[" END"])
+    pieces = [d.push(i) for i in (1, 2, 3, 5)]
+    assert "".join(pieces) + d.flush() == "Hello world more"
