@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import re
 import threading
@@ -29,8 +28,6 @@ from steerserve.store import db
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 
 __all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
-
-log = logging.getLogger(__name__)
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
 KINDS = ("vector", "pair")
@@ -55,11 +52,6 @@ class StoredPair:
     coeff: float | None
 
 
-def _check_kind(kind: str | None) -> None:
-    if kind is not None and kind not in KINDS:
-        raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
-
-
 class ArtifactStore:
     """Versioned vectors and pairs for one loaded model; safe to share between threads."""
 
@@ -72,13 +64,12 @@ class ArtifactStore:
         # SQLite's write lock already serialises writers, across processes too; this lock only queues our
         # own threads in Python instead of letting them wait on SQLITE_BUSY.
         self._lock = threading.Lock()
-        self._cleanup()
+        with self._lock, db.write(self._engine) as conn:
+            db.remove_orphans(conn, self.dir)
 
     def close(self) -> None:
         """Release the database connections (the store must not be used afterwards)."""
         self._engine.dispose()
-
-    # ---- writes -------------------------------------------------------------------------------------
 
     def put_vector(self, name: str, tensors: Mapping[int, torch.Tensor], *, method: str = "upload",
                    provenance: Mapping[str, Any] | None = None, description: str = "",
@@ -89,14 +80,14 @@ class ArtifactStore:
         vecs = self._check_vectors(tensors, hidden_size, num_layers)
         data = safetensors.torch.save({f"layer.{i}": v for i, v in sorted(vecs.items())},
                                       metadata=self._header("vector", method=method))
-        norms = {i: float(v.norm()) for i, v in sorted(vecs.items())}
-        return self._commit(name, "vector", data, tuple(sorted(vecs)), method, provenance, norms, description)
+        return self._commit(name, "vector", data, vecs, method, provenance, description)
 
     def put_vector_file(self, name: str, data: bytes, *, description: str = "",
                         provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
         """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
 
-        The tensors are re-serialised with this store's own metadata, so ``sha256`` is of the stored file.
+        Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
+        file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
         """
         check_name(name)
         try:
@@ -111,8 +102,9 @@ class ArtifactStore:
                     "model_fingerprint": self.model.fingerprint}
         for key, want in expected.items():
             if header.get(key, want) != want:
-                f = "model_fingerprint" if key == "model_fingerprint" else f"metadata.{key}"
-                raise SteerError(f"{key} {header[key]!r} does not match the loaded model's {want!r}", field=f)
+                f, whose = ("model_fingerprint", "the loaded model's") if key == "model_fingerprint" else (
+                    f"metadata.{key}", "the expected")
+                raise SteerError(f"{key} {header[key]!r} does not match {whose} {want!r}", field=f)
         declared: dict[str, int] = {}
         for key in ("hidden_size", "num_layers"):
             if key in header:
@@ -126,10 +118,9 @@ class ArtifactStore:
                 raise SteerError(f"tensor {tname!r} must be named 'layer.<i>' (0-based layer index)",
                                  field=f"tensors.{tname}")
             by_layer[int(m[1])] = t
-        prov = {"source": "file upload", **({"file_metadata": header} if header else {}),
-                **(provenance or {})}
-        return self.put_vector(name, by_layer, method=header.get("method") or "upload", provenance=prov,
-                               description=description, **declared)
+        vecs = self._check_vectors(by_layer, declared.get("hidden_size"), declared.get("num_layers"))
+        prov = {"source": "file upload", "file_metadata": header, **(provenance or {})}
+        return self._commit(name, "vector", data, vecs, header.get("method") or "upload", prov, description)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",
@@ -139,8 +130,7 @@ class ArtifactStore:
         for field, text in (("positive", positive), ("negative", negative)):
             if not isinstance(text, str) or not text.strip():
                 raise SteerError("must be a non-empty string", field=field)
-        header = self._header("pair", positive=positive, negative=negative)
-        n = self.model.num_layers
+        header, n = self._header("pair", positive=positive, negative=negative), self.model.num_layers
         if layer is not None:
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
                 raise SteerError(f"layer {layer!r} is outside [0, {n}) for the loaded model", field="layer")
@@ -151,7 +141,7 @@ class ArtifactStore:
             header["coeff"] = repr(float(coeff))  # repr round-trips a float exactly
         # safetensors needs at least one tensor; the pair itself lives in the metadata.
         data = safetensors.torch.save({"pair": torch.zeros(1)}, metadata=header)
-        return self._commit(name, "pair", data, (), None, provenance, {}, description)
+        return self._commit(name, "pair", data, {}, None, provenance, description)
 
     def set_enabled(self, name: str, enabled: bool, version: int | None = None) -> list[ArtifactMeta]:
         """Enable or disable one version (all of them when ``version`` is None); returns the new rows."""
@@ -178,12 +168,11 @@ class ArtifactStore:
                 db.fsync_dir(self.dir / name)
         return metas
 
-    # ---- reads --------------------------------------------------------------------------------------
-
     def get(self, ref: str, kind: str | None = None, *, field: str = "name",
             require_enabled: bool = False) -> ArtifactMeta:
         """Resolve ``name`` (latest version) or ``name@v``; every failure is a 400 naming ``field``."""
-        _check_kind(kind)
+        if kind not in (None, *KINDS):
+            raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
         name, version = parse_ref(ref, field)
         what = kind or "artifact"
         with db.read(self._engine) as conn:
@@ -202,7 +191,8 @@ class ArtifactStore:
         """The vector ``ref`` names, with its per-layer tensors, if it was made for the loaded model."""
         meta = self.get(ref, "vector", field=field, require_enabled=require_enabled)
         tensors = safetensors.torch.load(self._read(meta, field))
-        return StoredVector(meta, {int(k.split(".", 1)[1]): v for k, v in tensors.items()})
+        # Uploaded files are stored as sent (maybe float16); callers always get float32.
+        return StoredVector(meta, {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()})
 
     def load_pair(self, ref: str, *, field: str = "pair", require_enabled: bool = True) -> StoredPair:
         """The prompt pair ``ref`` names, if it was made for the loaded model."""
@@ -211,8 +201,6 @@ class ArtifactStore:
         layer, coeff = h.get("layer"), h.get("coeff")
         return StoredPair(meta, h["positive"], h["negative"], None if layer is None else int(layer),
                           None if coeff is None else float(coeff))
-
-    # ---- internals ----------------------------------------------------------------------------------
 
     def _path(self, name: str, version: int) -> Path:
         return self.dir / name / f"{version}.safetensors"
@@ -237,11 +225,8 @@ class ArtifactStore:
         out: dict[int, torch.Tensor] = {}
         for layer, t in tensors.items():
             f = f"tensors.layer.{layer}"
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise SteerError(f"layer index {layer!r} must be an integer", field="tensors")
-            if not 0 <= layer < m.num_layers:
-                raise SteerError(f"layer {layer} is outside [0, {m.num_layers}) for the loaded model",
-                                 field=f)
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < m.num_layers:
+                raise SteerError(f"layer {layer!r} is outside the model's range [0, {m.num_layers})", field=f)
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
                 raise SteerError("must be a 1-D floating-point tensor", field=f)
             if t.shape[0] != m.hidden_size:
@@ -256,9 +241,8 @@ class ArtifactStore:
             raise SteerError("every layer's vector is all zeros: it would steer nothing", field="tensors")
         return out
 
-    def _commit(self, name: str, kind: str, data: bytes, layers: tuple[int, ...], method: str | None,
-                provenance: Mapping[str, Any] | None, norms: dict[int, float],
-                description: str) -> ArtifactMeta:
+    def _commit(self, name: str, kind: str, data: bytes, vecs: dict[int, torch.Tensor], method: str | None,
+                provenance: Mapping[str, Any] | None, description: str) -> ArtifactMeta:
         """Allocate the next version, land the file durably, then insert its row, in one write transaction."""
         try:  # a deep, JSON-clean copy: the manifest stores it as JSON and must not fail at commit
             prov = json.loads(json.dumps(dict(provenance or {}), allow_nan=False))
@@ -267,6 +251,7 @@ class ArtifactStore:
         if not isinstance(description, str):
             raise SteerError("must be a string", field="description")
         sha, m = hashlib.sha256(data).hexdigest(), self.model
+        layers, norms = tuple(sorted(vecs)), {i: float(v.norm()) for i, v in sorted(vecs.items())}
         with self._lock:
             final: Path | None = None
             try:
@@ -290,10 +275,10 @@ class ArtifactStore:
     def _read(self, meta: ArtifactMeta, field: str) -> bytes:
         """The artifact's verified file bytes, refused if it was made for another model."""
         if meta.model_fingerprint != self.model.fingerprint:
-            raise SteerError(
-                f"{meta.kind} {meta.ref()!r} was made for model {meta.model_name!r} (fingerprint "
-                f"{meta.model_fingerprint!r}), not the loaded model {self.model.name!r} (fingerprint "
-                f"{self.model.fingerprint!r})", field=field, code="model_mismatch")
+            theirs = f"{meta.model_name!r} (fingerprint {meta.model_fingerprint})"
+            mine = f"{self.model.name!r} (fingerprint {self.model.fingerprint})"
+            msg = f"{meta.kind} {meta.ref()!r} was made for model {theirs}, not the loaded model {mine}"
+            raise SteerError(msg, field=field, code="model_mismatch")
         try:
             data = self._path(meta.name, meta.version).read_bytes()
         except FileNotFoundError:
@@ -306,25 +291,10 @@ class ArtifactStore:
                              status=500, code="corrupt_artifact")
         return data
 
-    def _cleanup(self) -> None:
-        """Remove temp files and files without a row. Done under the write lock: then no writer, in any
-        process, is between landing its file and committing its row, so every such file is an orphan."""
-        with self._lock, db.write(self._engine) as conn:
-            known = db.known_files(conn)
-            for folder in (p for p in self.dir.iterdir() if p.is_dir()):
-                stale = [p for p in folder.iterdir() if p.is_file() and (p.name.startswith(db.TMP_PREFIX) or (
-                    p.suffix == ".safetensors" and (folder.name, p.name) not in known))]
-                for p in stale:
-                    log.warning("artifact store: removing leftover %s", p)
-                    p.unlink()
-                if stale:
-                    db.fsync_dir(folder)
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-
     # Last in the class body: once defined, ``list`` here would shadow the builtin in later annotations.
     def list(self, kind: str | None = None) -> list[ArtifactMeta]:
         """Every version of every artifact (of ``kind``, if given), whatever model it was made for."""
-        _check_kind(kind)
+        if kind not in (None, *KINDS):
+            raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
         with db.read(self._engine) as conn:
             return db.select(conn, kind=kind)

@@ -7,12 +7,13 @@ validation against it is ``artifacts.py``'s job.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from steerserve.errors import NotFound, SteerError
+
+log = logging.getLogger(__name__)
 
 # A row's key is (name, version); a reference is "name" (latest version) or "name@version".
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
@@ -87,10 +90,7 @@ class ArtifactMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (norms keyed by the layer as a string, as JSON requires)."""
-        out = meta_to_row(self)
-        out["layers"] = list(self.layers)
-        out["ref"] = self.ref()
-        return out
+        return {**meta_to_row(self), "ref": self.ref()}
 
 
 def check_name(name: object, field: str = "name") -> str:
@@ -159,7 +159,7 @@ def make_engine(path: Path) -> Engine:
     return engine
 
 
-@contextmanager
+@contextlib.contextmanager
 def write(engine: Engine) -> Iterator[Connection]:
     """A transaction holding SQLite's write lock from its first statement; commits on normal exit."""
     with engine.connect() as conn:
@@ -168,7 +168,7 @@ def write(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-@contextmanager
+@contextlib.contextmanager
 def read(engine: Engine) -> Iterator[Connection]:
     """A read-only (deferred) transaction: a consistent snapshot that never blocks writers in WAL mode."""
     with engine.connect() as conn, conn.begin():
@@ -231,12 +231,6 @@ def delete_rows(conn: Connection, name: str, versions: list[int]) -> None:
     conn.execute(sa.delete(artifacts).where(artifacts.c.name == name, artifacts.c.version.in_(versions)))
 
 
-def known_files(conn: Connection) -> set[tuple[str, str]]:
-    """(folder, file name) of every file a row points to."""
-    rows = conn.execute(sa.select(artifacts.c.name, artifacts.c.version))
-    return {(r.name, f"{r.version}.safetensors") for r in rows}
-
-
 # ---- files ----------------------------------------------------------------------------------------------
 
 TMP_PREFIX = ".tmp-"
@@ -283,3 +277,24 @@ def header_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError("__metadata__ must map strings to strings")
     return meta
+
+
+def remove_orphans(conn: Connection, root: Path) -> None:
+    """Delete temp files and files without a row under ``root/<name>/``, then empty folders.
+
+    Call inside ``write``: holding the write lock, no writer in any process is between landing its file
+    and committing its row, so every such file is an orphan of a crash.
+    """
+    known = {(r.name, f"{r.version}.safetensors") for r in conn.execute(
+        sa.select(artifacts.c.name, artifacts.c.version))}
+    for folder in (p for p in root.iterdir() if p.is_dir()):
+        stale = [p for p in folder.iterdir() if p.is_file() and (p.name.startswith(TMP_PREFIX) or (
+            p.suffix == ".safetensors" and (folder.name, p.name) not in known))]
+        for p in stale:
+            log.warning("artifact store: removing leftover %s", p)
+            p.unlink(missing_ok=True)  # a delete() in another process may unlink it first
+        if stale:
+            fsync_dir(folder)
+        if not any(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
