@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 
 def _default_home() -> Path:
@@ -33,6 +34,7 @@ class Settings:
     max_batch: int = 16
     bank_slots: int = 512
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
+    models_root: Path | None = None  # where prepared models live; default <home>/models
 
     @property
     def store_dir(self) -> Path:
@@ -40,10 +42,10 @@ class Settings:
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.models_root if self.models_root is not None else self.home / "models"
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Settings:
+    def from_env(cls, **overrides: Any) -> Settings:
         """Read STEERSERVE_* variables; explicit overrides (from the CLI) win over the environment."""
         env = os.environ
         s = cls(
@@ -52,5 +54,6 @@ class Settings:
             max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
             max_batch=int(env.get("STEERSERVE_MAX_BATCH", cls.max_batch)),
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),
+            models_root=Path(env["STEERSERVE_MODELS_DIR"]) if env.get("STEERSERVE_MODELS_DIR") else None,
         )
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
@@ -20,6 +18,7 @@ from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec, resolve
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
+from steerserve.tools.extract import Pooling, mean_difference
 
 
 class _LRU(OrderedDict[str, Any]):
@@ -41,7 +40,7 @@ class Submitted:
     request_id: str
     prompt: PromptInfo
     resolved: ResolvedSpec
-    outputs: AsyncIterator[GenerationOutput]
+    outputs: AsyncGenerator[GenerationOutput, None]
 
 
 class Service:
@@ -92,23 +91,29 @@ class Service:
         return Submitted(rid, prompt, resolved, self.engine.generate(request))
 
     async def compute_vector(self, name: str, positive: Sequence[str], negative: Sequence[str],
-                             layers: Sequence[int] | None, description: str = "") -> ArtifactMeta:
-        """Mean-difference vector from contrastive prompts (mean over each prompt's tokens, then over prompts)."""
+                             layers: Sequence[int] | None, description: str = "",
+                             pooling: Pooling = "mean", chat: bool = False) -> ArtifactMeta:
+        """Store a mean-difference vector computed from contrastive prompts (see ``tools.extract``).
+
+        ``chat=True`` renders each prompt as a user message with the chat template first.
+        """
         for key, prompts in (("positive", positive), ("negative", negative)):
             if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
                 raise SteerError("must be a non-empty list of non-empty strings", field=key)
+        if pooling not in ("mean", "last"):
+            raise SteerError("must be 'mean' or 'last'", field="pooling")
         n = self.info.num_layers
         chosen = list(range(n)) if layers is None else list(layers)
         for i, layer in enumerate(chosen):
             if not 0 <= layer < n:
                 raise SteerError(f"layer {layer} is out of range [0, {n - 1}]", field=f"layers.{i}")
-        means = []
-        for prompts in (positive, negative):
-            ids = [self.render(prompt=p).token_ids for p in prompts]
-            states = await self.engine.hidden_states(ids, chosen)  # each [len, L, H]
-            means.append(torch.stack([s.mean(dim=0) for s in states]).mean(dim=0))  # [L, H]
-        diff = means[0] - means[1]
+
+        def ids(p: str) -> tuple[int, ...]:
+            return (self.render(messages=[{"role": "user", "content": p}]) if chat else self.render(prompt=p)).token_ids
+
+        vectors = await mean_difference(self.engine.hidden_states, [ids(p) for p in positive],
+                                        [ids(p) for p in negative], chosen, pooling)
         provenance = {"method": "mean_diff", "positive": len(positive), "negative": len(negative),
-                      "token_pooling": "mean over prompt tokens", "source": "POST /admin/vectors/compute"}
-        return self.store.put_vector(name, {layer: diff[i] for i, layer in enumerate(chosen)},
-                                     method="mean_diff", provenance=provenance, description=description)
+                      "pooling": pooling, "chat_template": chat, "source": "POST /admin/vectors/compute"}
+        return self.store.put_vector(name, vectors, method="mean_diff", provenance=provenance,
+                                     description=description)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +78,7 @@ class HFEngine:
     async def health(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
 

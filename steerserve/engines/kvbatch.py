@@ -7,12 +7,15 @@ have become padding in every row.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 
 
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]  # each [B, kv_heads, L, head_dim]
+def _kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # each [B, kv_heads, L, head_dim]; DynamicCache's layers are DynamicLayer (attention KV) for these models
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

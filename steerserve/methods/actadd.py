@@ -65,12 +65,14 @@ class ActAdd:
             pos, neg, layer_default, coeff_default = stored.positive, stored.negative, stored.layer, stored.coeff
             artifacts = (stored.meta.ref(),)
         else:
-            pos, neg, layer_default, coeff_default = params.get("positive"), params.get("negative"), None, None
-            for key, text in (("positive", pos), ("negative", neg)):
+            texts = []
+            for key in ("positive", "negative"):
+                text = params.get(key)
                 if not isinstance(text, str) or not text:
                     raise SteerError("is required (or name a stored 'pair') and must be a non-empty string",
                                      field=f"{where}.{key}")
-        assert isinstance(pos, str) and isinstance(neg, str)
+                texts.append(text)
+            (pos, neg), layer_default, coeff_default = texts, None, None
         raw_layer = params.get("layer", layer_default)
         if raw_layer is None:
             raise SteerError("is required", field=f"{where}.layer")

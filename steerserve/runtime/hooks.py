@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ class SteeringHooks:
             layer.register_forward_hook(self._make(i)) for i, layer in enumerate(layers)
         ]
 
-    def _make(self, index: int):  # type: ignore[no-untyped-def]
+    def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not self.tables.active:
                 return None  # nothing steered this step: leave the output untouched
@@ -60,7 +60,7 @@ class Capture:
             self._handles.append(self.layers[i].register_forward_hook(self._make(i)))
         return self
 
-    def _make(self, index: int):  # type: ignore[no-untyped-def]
+    def _make(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self.outputs[index] = _hidden(output).detach().clone()
 

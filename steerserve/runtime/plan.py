@@ -50,6 +50,11 @@ class SteerOp:
     stop: int | None = None  # exclusive; None = through the end of generation
     positional: bool = False  # token p reads vector row p - start (else row 0)
 
+    def __post_init__(self) -> None:
+        # A positional op must never read past its vector's rows (they would be another vector's).
+        if self.positional and (self.stop is None or self.stop - self.start > self.vector.rows):
+            raise ValueError(f"positional op over [{self.start}, {self.stop}) needs <= {self.vector.rows} positions")
+
     def covers(self, lo: int, hi: int) -> tuple[int, int] | None:
         """The sub-range of positions ``[lo, hi)`` this op covers, or None."""
         a = max(lo, self.start)

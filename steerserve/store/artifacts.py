@@ -34,7 +34,14 @@ KINDS = ("vector", "pair")
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # this store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format"}
+            "layer_convention", "format", "provenance", "description"}
+
+
+def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
+    """The safetensors metadata every artifact file carries (the store's own and offline tools' files)."""
+    return {"kind": kind, "model_fingerprint": model.fingerprint, "model_name": model.name,
+            "hidden_size": str(model.hidden_size), "num_layers": str(model.num_layers),
+            "layer_convention": LAYER_CONVENTION, **extra}
 
 
 @dataclass(frozen=True)
@@ -206,10 +213,7 @@ class ArtifactStore:
         return self.dir / name / f"{version}.safetensors"
 
     def _header(self, kind: str, **extra: str) -> dict[str, str]:
-        m = self.model
-        return {"kind": kind, "model_fingerprint": m.fingerprint, "model_name": m.name,
-                "hidden_size": str(m.hidden_size), "num_layers": str(m.num_layers),
-                "layer_convention": LAYER_CONVENTION, **extra}
+        return file_header(self.model, kind, **extra)
 
     def _check_vectors(self, tensors: Mapping[int, torch.Tensor], hidden_size: int | None,
                        num_layers: int | None) -> dict[int, torch.Tensor]:

@@ -1,0 +1,18 @@
+# steerserve on CPU with the default model baked in (prepared at build time: nothing is fetched at run time).
+FROM python:3.11-slim
+
+WORKDIR /app
+ENV STEERSERVE_HOME=/data PYTHONUNBUFFERED=1
+COPY pyproject.toml README.md ./
+COPY deploy/ deploy/
+COPY steerserve/ steerserve/
+COPY vectors/ vectors/
+RUN bash deploy/install.sh \
+    && .venv/bin/steerserve prepare --home /opt/steerserve
+ENV STEERSERVE_MODELS_DIR=/opt/steerserve/models
+
+EXPOSE 8000
+VOLUME ["/data"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD \
+    .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
+CMD [".venv/bin/steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,1 @@
+"""Offline tools that make artifacts (vectors, pairs) from data, on the hf engine's model."""

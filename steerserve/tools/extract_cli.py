@@ -1,0 +1,99 @@
+"""``steerserve extract``: make a mean-difference vector file offline from prompt files.
+
+Prompt files: ``.txt`` (one prompt per line), ``.json`` (a list of strings, or of objects with ``--field``)
+or ``.jsonl`` (objects with ``--field``). The output is a safetensors artifact (tensors ``layer.<i>``)
+whose metadata records the model, the layer convention and how it was made; upload it with
+``POST /admin/vectors`` or drop it into ``vectors/`` to have the server import it at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import uuid
+from pathlib import Path
+
+import safetensors.torch
+
+from steerserve.config import Settings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("extract", help="compute a mean-difference steering vector from prompt files")
+    p.add_argument("--positive", type=Path, required=True, help="prompts of the wanted behaviour")
+    p.add_argument("--negative", type=Path, required=True, help="contrasting prompts")
+    p.add_argument("--field", default="instruction", help="key of the prompt in JSON objects")
+    p.add_argument("--limit", type=int, default=None, help="use at most N prompts from each file")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                   help="mean over prompt tokens, or the last token (refusal-direction recipe)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    p.add_argument("--description", default="")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    p.set_defaults(func=run)
+
+
+def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        items: list[object] = [line for line in text.splitlines() if line.strip()]
+    elif path.suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = json.loads(text)
+    prompts = [item if isinstance(item, str) else str(item[field]) for item in items]  # type: ignore[index]
+    return prompts[:limit] if limit else prompts
+
+
+def run(args: argparse.Namespace) -> None:
+    asyncio.run(_extract(args))
+
+
+async def _extract(args: argparse.Namespace) -> None:
+    from steerserve.bootstrap import model_path
+    from steerserve.engines.hf import HFEngine
+    from steerserve.model import load_hf
+    from steerserve.prompts import PromptRenderer
+    from steerserve.store.artifacts import file_header
+    from steerserve.tools.extract import mean_difference
+
+    settings = Settings.from_env(model=args.model)
+    model, tokenizer, info = load_hf(model_path(settings), settings.dtype)
+    layers = list(range(info.num_layers)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens)
+
+    def ids(p: str) -> tuple[int, ...]:
+        info_ = renderer.render(messages=[{"role": "user", "content": p}]) if args.chat else renderer.render(p)
+        return info_.token_ids
+
+    pos = read_prompts(args.positive, args.field, args.limit)
+    neg = read_prompts(args.negative, args.field, args.limit)
+    engine = HFEngine(model, tokenizer, info, settings)
+    await engine.start()
+    try:
+        print(f"extracting from {len(pos)} positive / {len(neg)} negative prompts at {len(layers)} layers...",
+              file=sys.stderr)
+        vectors = await mean_difference(engine.hidden_states, [ids(p) for p in pos], [ids(p) for p in neg],
+                                        layers, args.pooling)
+    finally:
+        await engine.stop()
+    provenance = {"command": "steerserve " + shlex.join(sys.argv[1:]), "positive": str(args.positive),
+                  "negative": str(args.negative), "counts": [len(pos), len(neg)], "pooling": args.pooling,
+                  "chat_template": args.chat}
+    header = file_header(info, "vector", method="mean_diff", provenance=json.dumps(provenance),
+                         description=args.description)
+    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:  # atomic: a crash never leaves a half file under the final name
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, args.out)
+    norms = ", ".join(f"{k}:{float(v.norm()):.2f}" for k, v in list(vectors.items())[:6])
+    print(f"wrote {args.out} ({len(vectors)} layers; norms {norms}{' ...' if len(vectors) > 6 else ''})")
