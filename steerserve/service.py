@@ -5,6 +5,7 @@ Everything here is engine-neutral and framework-free; ``api/`` calls it with pla
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -66,6 +67,8 @@ class Service:
         tp = 1.0 if top_p is None else top_p
         if not 0.0 < tp <= 1.0:
             raise SteerError("must be in (0, 1]", field="top_p")
+        if seed is not None and not -(2**63) <= seed < 2**63:
+            raise SteerError("must fit in a signed 64-bit integer", field="seed")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not x for x in stops):
             raise SteerError("at most 4 non-empty strings", field="stop")
@@ -115,5 +118,5 @@ class Service:
                                         [ids(p) for p in negative], chosen, pooling)
         provenance = {"method": "mean_diff", "positive": len(positive), "negative": len(negative),
                       "pooling": pooling, "chat_template": chat, "source": "POST /admin/vectors/compute"}
-        return self.store.put_vector(name, vectors, method="mean_diff", provenance=provenance,
-                                     description=description)
+        return await asyncio.to_thread(self.store.put_vector, name, vectors, method="mean_diff",
+                                       provenance=provenance, description=description)

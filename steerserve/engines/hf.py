@@ -85,11 +85,18 @@ class HFEngine:
         def emit(out: GenerationOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
+        if not await self.health():
+            raise RuntimeError("the engine is not running")
         self._inbox.put(("add", (request, emit)))
         finished = False
         try:
             while not finished:
-                out = await outputs.get()
+                try:
+                    out = await asyncio.wait_for(outputs.get(), timeout=5.0)
+                except asyncio.TimeoutError:
+                    if await self.health():
+                        continue  # still queued or decoding slowly
+                    raise RuntimeError("the engine stopped while this request was in flight") from None
                 finished = out.finish_reason is not None
                 yield out
         finally:
@@ -140,8 +147,12 @@ class HFEngine:
                 return False
             if kind == "add":
                 req, emit = arg
-                self._waiting.append(_Seq(req, emit, Detokenizer(self._decode_text, req.sampling.stop),
-                                          make_generator(req.sampling)))
+                try:
+                    gen = make_generator(req.sampling)
+                except Exception as exc:  # a bad request fails alone; the engine thread must survive
+                    emit(GenerationOutput(req.request_id, (), "", "abort", extra={"error": str(exc)}))
+                    continue
+                self._waiting.append(_Seq(req, emit, Detokenizer(self._decode_text, req.sampling.stop), gen))
             elif kind == "abort":
                 self._abort(arg)
             elif kind == "call":

@@ -22,7 +22,7 @@ import safetensors.torch
 from steerserve.config import Settings
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="compute a mean-difference steering vector from prompt files")
     p.add_argument("--positive", type=Path, required=True, help="prompts of the wanted behaviour")
     p.add_argument("--negative", type=Path, required=True, help="contrasting prompts")

@@ -1,0 +1,179 @@
+"""The FastAPI application: routes, the one error mapping, metrics, and the engine's lifetime.
+
+Every error leaves in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
+``SteerError`` -> its own status and field; a body that does not parse -> 400 naming the dotted field;
+an unknown route -> 404; anything unexpected -> 500 with a generic message (traceback in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from steerserve import __version__
+from steerserve.api import admin, native, openai
+from steerserve.api.streaming import ClientGone, Metrics, error_body
+from steerserve.config import Settings
+from steerserve.errors import SteerError
+from steerserve.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+# How pydantic labels a union member in an error location (``stop.str``, ``content.list[ContentPart]``):
+# not part of the client's field path.
+_UNION_TAG = re.compile(r"(str|int|float|bool|bytes|none|[a-z-]+\[.*\]|constrained-[a-z]+|[A-Z][A-Za-z0-9_]*)")
+
+
+def _loc_param(loc: Sequence[Any], unions: bool) -> str | None:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    if unions:
+        parts = [p for p in parts if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
+    return ".".join(str(p) for p in parts) or None
+
+
+def validation_error(errors: Sequence[Any]) -> JSONResponse:
+    """400 for the first problem pydantic found, ``param`` its dotted location (``messages.0.content``).
+
+    A value that fits no member of a union gets one error per member: the deepest one under the first
+    error's field names the field, and the members' messages are joined.
+    """
+    if not errors:
+        return error_response(400, "invalid request body", None, "invalid_request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        where = first.get("loc", ("body", 0))[-1]
+        return error_response(400, f"request body is not valid JSON: {detail} (at character {where})".strip(),
+                              None, "invalid_json")
+    unions = len(errors) > 1
+    param = _loc_param(first.get("loc", ()), unions)
+    msgs = [str(first.get("msg", "invalid value"))]
+    if unions:
+        related = [(e, _loc_param(e.get("loc", ()), True)) for e in errors]
+        related = [(e, p) for e, p in related if p == param or (p or "").startswith(f"{param}.")]
+        deepest, deepest_param = max(related, key=lambda ep: len(ep[1] or ""), default=(first, param))
+        if deepest_param != param:
+            first, param, msgs = deepest, deepest_param, [str(deepest.get("msg", "invalid value"))]
+        else:
+            msgs = list(dict.fromkeys(str(e.get("msg", "")) for e, p in related if p == param))
+    msg = msgs[0] + "".join(f" or {m[:1].lower()}{m[1:]}" for m in msgs[1:])
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    if param is None:
+        msg = "a JSON object body is required" if first.get("type") == "missing" else f"request body: {msg}"
+    return error_response(400, f"{param}: {msg}" if param else msg, param, str(first.get("type") or "invalid"))
+
+
+class EdgeMiddleware:
+    """Counts every response by route and status, and turns an unhandled exception into a generic 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counted(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                route = scope.get("route")
+                label = getattr(route, "path", None) or "unmatched"
+                self.metrics.requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, "internal server error", None, "internal_error")(scope, receive, counted)
+
+
+def create_app(service: Service, settings: Settings) -> FastAPI:
+    """The HTTP server for ``service``. Its lifespan starts and stops the engine."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.engine.start()
+        try:
+            yield
+        finally:
+            await service.engine.stop()
+
+    app = FastAPI(title="steerserve", version=__version__, lifespan=lifespan)
+    metrics = Metrics()
+    app.state.service = service
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.created = int(time.time())
+
+    @app.exception_handler(SteerError)
+    async def steer_error(request: Request, exc: SteerError) -> Response:
+        if exc.status >= 500:
+            log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, str(exc), exc.field, exc.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        return validation_error(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        if status == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        return error_response(status, message, None, code, dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.get("/health")
+    async def health() -> Response:
+        if await service.engine.health():
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "the engine is not running", None, "unavailable")
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if await service.engine.health():
+            return JSONResponse({"status": "ready", "model": service.info.name})
+        return error_response(503, "the engine is not running", None, "unavailable")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.add_middleware(EdgeMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,59 @@
+"""``POST /generate``: the native endpoint, with the steering report in every response.
+
+Non-streaming: ``{"id", "text", "finish_reason", "usage", "steering": {"applied": [...]}, "model"}``.
+Streaming (SSE): ``data: {"id", "text": <delta>, "finish_reason": null}`` per increment; the last event
+carries ``finish_reason``, ``usage``, ``steering`` and ``model``; then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from steerserve.api.schemas import GenerateRequest
+from steerserve.api.streaming import (
+    Metrics,
+    SSEResponse,
+    Tally,
+    checked_outputs,
+    collect_while_connected,
+    sse_events,
+    steering_report,
+)
+from steerserve.service import Service, Submitted
+
+router = APIRouter(tags=["native"])
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    service: Service = request.app.state.service
+    metrics: Metrics = request.app.state.metrics
+    messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+    prompt = service.render(body.prompt, messages)
+    sampling = service.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, stop=body.stop)
+    sub = await service.submit(prompt, sampling, body.steering)
+    metrics.accepted(sub)
+    model = service.info.name
+    if body.stream:
+        return SSEResponse(sse_events(_events(sub, model, metrics), sub.request_id))
+    text, tally = await collect_while_connected(request, sub, metrics)
+    return JSONResponse({"id": sub.request_id, "text": text, "finish_reason": tally.finish_reason,
+                         "usage": tally.usage(), "steering": steering_report(sub), "model": model})
+
+
+async def _events(sub: Submitted, model: str, metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
+    tally = Tally(len(sub.prompt.token_ids))
+    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
+        async for out in outs:
+            if out.finish_reason is None:
+                if out.text:
+                    yield {"id": sub.request_id, "text": out.text, "finish_reason": None}
+                continue
+            yield {"id": sub.request_id, "text": out.text, "finish_reason": out.finish_reason,
+                   "usage": tally.usage(), "steering": steering_report(sub), "model": model}

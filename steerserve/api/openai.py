@@ -1,0 +1,170 @@
+"""OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Bodies are what the official client sends, plus ``steering`` (``extra_body={"steering": {...}}``).
+Unknown fields are accepted and ignored; known fields with values this server cannot honour (``n`` > 1,
+``logprobs``, penalties, tools, ...) are refused with a 400 naming the field. Responses are OpenAI's
+shapes with one extra field, ``steering``, reporting what was applied (clients ignore unknown fields).
+In a stream it rides on the first chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from steerserve.api.schemas import ChatCompletionRequest, CompletionBase, CompletionRequest
+from steerserve.api.streaming import (
+    Metrics,
+    SSEResponse,
+    Tally,
+    checked_outputs,
+    collect_while_connected,
+    sse_events,
+    steering_report,
+)
+from steerserve.engines.base import SamplingParams
+from steerserve.errors import SteerError
+from steerserve.service import Service, Submitted
+from steerserve.spec import PromptInfo
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _model_card(request: Request) -> dict[str, Any]:
+    service: Service = request.app.state.service
+    return {"id": service.info.name, "object": "model", "created": request.app.state.created,
+            "owned_by": "steerserve"}
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(request)]}
+
+
+@router.get("/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    _check_model(model, request.app.state.service)
+    return _model_card(request)
+
+
+def _check_model(model: str | None, service: Service) -> None:
+    if model and model != service.info.name:  # omitted, null or "" all mean the served model
+        raise SteerError(f"The model `{model}` does not exist. This server serves `{service.info.name}`.",
+                         field="model", status=404, code="model_not_found")
+
+
+@contextmanager
+def _renamed(old: str, new: str) -> Iterator[None]:
+    """Report a service error about ``old`` under the field name the client actually used."""
+    try:
+        yield
+    except SteerError as exc:
+        if exc.field == old and new != old:
+            exc.field = new
+        raise
+
+
+async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[Service], PromptInfo],
+                  max_tokens: int | None, max_field: str) -> Submitted:
+    service: Service = request.app.state.service
+    _check_model(body.model, service)
+    body.unsupported()
+    prompt = prompt_fn(service)
+    with _renamed("max_tokens", max_field):
+        sampling: SamplingParams = service.sampling(max_tokens=max_tokens, temperature=body.temperature,
+                                                    top_p=body.top_p, seed=body.seed, stop=body.stop)
+        sub = await service.submit(prompt, sampling, body.steering)
+    metrics: Metrics = request.app.state.metrics
+    metrics.accepted(sub)
+    return sub
+
+
+def _include_usage(body: CompletionBase) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    max_tokens, max_field = body.max_new_tokens()
+    sub = await _submit(request, body, lambda s: s.render(messages=body.plain_messages()), max_tokens, max_field)
+    service: Service = request.app.state.service
+    metrics: Metrics = request.app.state.metrics
+    cid, created, model = f"chatcmpl-{sub.request_id}", int(time.time()), service.info.name
+    if body.stream:
+        events = _chat_chunks(sub, cid, created, model, _include_usage(body), metrics)
+        return SSEResponse(sse_events(events, sub.request_id))
+    text, tally = await collect_while_connected(request, sub, metrics)
+    return JSONResponse({
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": tally.finish_reason}],
+        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub),
+    })
+
+
+async def _chat_chunks(sub: Submitted, cid: str, created: int, model: str, include_usage: bool,
+                       metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "system_fingerprint": None,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    yield chunk({"role": "assistant", "content": ""}, steering=steering_report(sub))
+    tally = Tally(len(sub.prompt.token_ids))
+    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
+        async for out in outs:
+            if out.text:
+                yield chunk({"content": out.text})
+            if out.finish_reason is not None:
+                yield chunk({}, out.finish_reason)
+    if include_usage:
+        yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "system_fingerprint": None, "choices": [], "usage": tally.usage()}
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    sub = await _submit(request, body, lambda s: s.render(prompt=body.prompt_text()), body.max_tokens, "max_tokens")
+    service: Service = request.app.state.service
+    metrics: Metrics = request.app.state.metrics
+    cid, created, model = f"cmpl-{sub.request_id}", int(time.time()), service.info.name
+    if body.stream:
+        events = _completion_chunks(sub, cid, created, model, _include_usage(body), metrics)
+        return SSEResponse(sse_events(events, sub.request_id))
+    text, tally = await collect_while_connected(request, sub, metrics)
+    return JSONResponse({
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": tally.finish_reason}],
+        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub),
+    })
+
+
+async def _completion_chunks(sub: Submitted, cid: str, created: int, model: str, include_usage: bool,
+                             metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
+    def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+               "system_fingerprint": None,
+               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    first = True
+    tally = Tally(len(sub.prompt.token_ids))
+    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
+        async for out in outs:
+            if out.text or out.finish_reason is not None:
+                extra = {"steering": steering_report(sub)} if first else {}
+                yield chunk(out.text, out.finish_reason, **extra)
+                first = False
+    if include_usage:
+        yield {"id": cid, "object": "text_completion", "created": created, "model": model,
+               "system_fingerprint": None, "choices": [], "usage": tally.usage()}

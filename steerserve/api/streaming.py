@@ -1,0 +1,208 @@
+"""What the generation routes share: the error body, the metrics, consuming a request's outputs, and SSE.
+
+Every consumer of ``Submitted.outputs`` goes through ``checked_outputs`` inside ``aclosing``: the engine's
+iterator is always closed (closing it aborts the request in the engine), an engine failure becomes a
+``GenerationFailed`` and the generated tokens are counted once. ``SSEResponse`` watches for the client
+going away and then cancels and closes its event iterator, which closes the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from steerserve.engines.base import GenerationOutput
+from steerserve.errors import SteerError
+from steerserve.service import Submitted
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error"}
+
+
+def error_type(status: int) -> str:
+    return "server_error" if status >= 500 else ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The one error shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
+
+class GenerationFailed(SteerError):
+    """The engine failed or aborted a request after it was accepted."""
+
+
+class Metrics:
+    """Prometheus counters for one app (own registry: no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("steerserve_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.tokens = Counter("steerserve_generated_tokens", "Completion tokens generated",
+                              registry=self.registry)
+        self.steered = Counter("steerserve_steered_requests", "Generation requests with at least one intervention",
+                               registry=self.registry)
+        self.generations = Counter("steerserve_generation_requests", "Generation requests accepted by the engine",
+                                   registry=self.registry)
+
+    def accepted(self, sub: Submitted) -> None:
+        self.generations.inc()
+        if sub.resolved.applied:
+            self.steered.inc()
+
+
+def steering_report(sub: Submitted) -> dict[str, Any]:
+    return {"applied": [{"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail)}
+                        for a in sub.resolved.applied]}
+
+
+@dataclass
+class Tally:
+    """What a request has produced so far."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+async def checked_outputs(sub: Submitted, tally: Tally, metrics: Metrics) -> AsyncGenerator[GenerationOutput, None]:
+    """``sub.outputs`` with failures raised, ``tally`` kept current, and the engine iterator always closed."""
+    outputs = sub.outputs
+    try:
+        async for out in outputs:
+            tally.completion_tokens = out.completion_tokens
+            if out.prompt_tokens:
+                tally.prompt_tokens = out.prompt_tokens
+            if out.extra.get("error"):
+                log.error("request %s failed in the engine: %s", sub.request_id, out.extra["error"])
+                raise GenerationFailed("generation failed in the engine; see the server log", status=500,
+                                       code="generation_failed")
+            if out.finish_reason == "abort":
+                raise GenerationFailed("the request was aborted (the server may be shutting down)", status=503,
+                                       code="aborted")
+            tally.finish_reason = out.finish_reason
+            yield out
+    finally:
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        metrics.tokens.inc(tally.completion_tokens)
+
+
+async def collect(sub: Submitted, metrics: Metrics) -> tuple[str, Tally]:
+    tally = Tally(len(sub.prompt.token_ids))
+    parts = []
+    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
+        async for out in outs:
+            parts.append(out.text)
+    return "".join(parts), tally
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was complete."""
+
+
+async def until_disconnect(receive: Receive, fn: Callable[[], Awaitable[T]]) -> T:
+    """``await fn()``, cancelled if the client disconnects first (then ``ClientGone``).
+
+    Exceptions from ``fn`` come out as they are, never wrapped in an exception group.
+    """
+    value: list[T] = []
+    error: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            try:
+                await _wait_disconnect(receive)
+            except Exception:  # cannot watch: just let fn run to its end
+                return
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            value.append(await fn())
+        except Exception as exc:
+            error.append(exc)
+        tg.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    if not value:
+        raise ClientGone()
+    return value[0]
+
+
+async def collect_while_connected(request: Request, sub: Submitted, metrics: Metrics) -> tuple[str, Tally]:
+    """``collect``, cancelled (and so aborted in the engine) if the client disconnects meanwhile."""
+    return await until_disconnect(request.receive, lambda: collect(sub, metrics))
+
+
+def sse(data: Mapping[str, Any] | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, default=str)
+    return f"data: {text}\n\n"
+
+
+async def sse_events(events: AsyncGenerator[Mapping[str, Any], None], request_id: str) -> AsyncGenerator[str, None]:
+    """Encode ``events`` as SSE ``data:`` lines and end with ``[DONE]``; a failure mid-stream becomes an
+    error event in the one error shape (the status line has already gone out)."""
+    try:
+        async with aclosing(events) as it:
+            async for event in it:
+                yield sse(event)
+    except SteerError as exc:
+        yield sse(error_body(exc.status, str(exc), exc.field, exc.code))
+    except Exception:
+        log.exception("stream %s failed", request_id)
+        yield sse(error_body(500, "internal server error", None, "internal_error"))
+    yield sse("[DONE]")
+
+
+class SSEResponse(StreamingResponse):
+    """``text/event-stream`` that stops (cancelling and closing its iterator) as soon as the client leaves.
+
+    Starlette's own StreamingResponse only notices a gone client at the next write under ASGI 2.4; a
+    request still waiting in the engine's queue would then hold its place until its first token.
+    """
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            await until_disconnect(receive, stream)
+        except (ClientGone, OSError):  # the client went away: nothing more to say
+            pass
+        finally:
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()

@@ -1,0 +1,118 @@
+"""Command line: ``steerserve serve|prepare|extract [...]`` (also ``python -m steerserve ...``).
+
+Settings come from ``Settings.from_env`` (``STEERSERVE_*`` variables) with the flags given here on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from steerserve import __version__
+
+_REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+def _default_vectors_dir() -> Path | None:
+    return _REPO_VECTORS if _REPO_VECTORS.is_dir() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve", description="An inference server for steered generation.")
+    parser.add_argument("--version", action="version", version=f"steerserve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server",
+                                description="Load the model and serve the native, OpenAI-compatible and admin APIs.")
+    serve.add_argument("--engine", choices=("hf", "vllm"), default=None, help="inference engine (default: hf)")
+    serve.add_argument("--model", type=Path, default=None, metavar="PATH",
+                       help="a local transformers model directory (default: the packaged SmolLM2-135M-Instruct)")
+    serve.add_argument("--model-name", default=None, metavar="NAME",
+                       help="the name served at /v1/models (default: the model directory's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--admin-key", default=None, metavar="KEY",
+                       help="enables /admin with 'Authorization: Bearer KEY' (prefer the STEERSERVE_ADMIN_KEY "
+                            "variable: a flag is visible in the process list)")
+    serve.add_argument("--vectors-dir", type=Path, default=None, metavar="DIR",
+                       help="import the <name>.safetensors artifacts in DIR at start-up "
+                            f"(default: {_REPO_VECTORS} if it exists)")
+    serve.add_argument("--no-vectors", action="store_true", help="import no shipped vectors at start-up")
+    serve.add_argument("--home", type=Path, default=None, metavar="DIR",
+                       help="model cache and artifact store (default: $STEERSERVE_HOME or ~/.cache/steerserve)")
+    serve.add_argument("--max-coeff", type=float, default=None, metavar="C",
+                       help="largest |coeff| a request may use (default: $STEERSERVE_MAX_COEFF or 100)")
+    serve.add_argument("--max-interventions", type=int, default=None, metavar="N",
+                       help="most interventions per request (default: $STEERSERVE_MAX_INTERVENTIONS or 4)")
+    serve.add_argument("--max-batch", type=int, default=None, metavar="N",
+                       help="most sequences decoded together (default: $STEERSERVE_MAX_BATCH or 16)")
+    serve.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(func=_serve)
+
+    prepare = commands.add_parser("prepare", help="prepare the default model once (no server)",
+                                  description="Dequantise the packaged default model into the model cache, "
+                                              "so that the first serve starts at once.")
+    prepare.add_argument("--home", type=Path, default=None, metavar="DIR",
+                         help="cache root; the model goes to $STEERSERVE_MODELS_DIR or DIR/models")
+    prepare.set_defaults(func=_prepare)
+
+    from steerserve.tools import extract_cli
+
+    extract_cli.add_parser(commands)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from steerserve.api import create_app
+    from steerserve.bootstrap import build_service
+    from steerserve.config import Settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
+    settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
+                                 home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
+                                 vectors_dir=vectors_dir, max_coeff=args.max_coeff,
+                                 max_interventions=args.max_interventions, max_batch=args.max_batch)
+    log = logging.getLogger("steerserve")
+    try:
+        service = build_service(settings, log.info)
+    except RuntimeError as exc:  # no such engine, no model: say why, no traceback
+        print(f"steerserve: {exc}", file=sys.stderr)
+        return 2
+    if settings.admin_key is None:
+        log.info("admin API disabled (set STEERSERVE_ADMIN_KEY or --admin-key to enable it)")
+    app = create_app(service, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, then the lifespan stops the engine
+    return 0 if server.started else 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from steerserve.config import Settings
+    from steerserve.model import prepare_default_model
+
+    try:
+        path = prepare_default_model(Settings.from_env(home=args.home).models_dir)
+    except RuntimeError as exc:
+        print(f"steerserve: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    main()

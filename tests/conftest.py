@@ -1,0 +1,110 @@
+"""One live server for the whole session: the real default model, the real engine, uvicorn on a free port.
+
+The default model is prepared once into a shared cache (``$STEERSERVE_TEST_MODELS`` or
+``~/.cache/steerserve/models``) so that re-runs start in seconds; the artifact store is a fresh temp dir.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from steerserve.api import create_app
+from steerserve.bootstrap import build_service
+from steerserve.config import Settings
+from steerserve.model import prepare_default_model
+from steerserve.service import Service
+from tests.paths import models_dir
+
+ADMIN_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    model = prepare_default_model(models_dir())
+    return Settings(home=tmp_path_factory.mktemp("steerserve-home"), model=model, admin_key=ADMIN_KEY,
+                    max_batch=8, max_tokens_cap=256, vectors_dir=None)
+
+
+@pytest.fixture(scope="session")
+def service(settings: Settings) -> Service:
+    return build_service(settings, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def base_url(service: Service, settings: Settings) -> Iterator[str]:
+    app = create_app(service, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
+
+
+def random_unit_vectors(name: str, num_layers: int, hidden: int) -> dict[str, list[float]]:
+    """Seeded by ``name``: the same name always gives the same unit-norm vector per layer."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    out = {}
+    for layer in range(num_layers):
+        v = torch.randn(hidden, generator=gen, dtype=torch.float64)
+        out[str(layer)] = (v / v.norm()).tolist()
+    return out
+
+
+@pytest.fixture(scope="session")
+def unit_vectors() -> Callable[[str, int, int], dict[str, list[float]]]:
+    """``random_unit_vectors`` as a fixture, for tests that build their own uploads."""
+    return random_unit_vectors
+
+
+@pytest.fixture(scope="session")
+def fresh_vector(client: httpx.Client, service: Service,
+                 admin_headers: dict[str, str]) -> Callable[[str], dict[str, Any]]:
+    """``fresh_vector(name)`` uploads a random unit-norm vector for every layer once; returns its metadata."""
+    made: dict[str, dict[str, Any]] = {}
+
+    def make(name: str) -> dict[str, Any]:
+        if name not in made:
+            vectors = random_unit_vectors(name, service.info.num_layers, service.info.hidden_size)
+            r = client.post("/admin/vectors", headers=admin_headers,
+                            json={"name": name, "vectors": vectors, "description": "test vector"})
+            assert r.status_code == 201, r.text
+            made[name] = r.json()
+        return made[name]
+
+    return make
