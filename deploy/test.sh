@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEERSERVE_EXTRAS=dev bash deploy/install.sh
 . .venv/bin/activate
-ruff check steerserve tests benchmarks
+ruff check .
 mypy steerserve
 python -m pytest -q -rs "$@"
