@@ -47,9 +47,12 @@ class StepTables:
         """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0."""
         if num_tokens > self.max_tokens:
             raise ValueError(f"step has {num_tokens} tokens; tables hold {self.max_tokens}")
+        # Clear what the last step wrote too, and copy that span below: consumers that keep fixed shapes
+        # (graph capture reads all max_tokens rows) must see padding as neutral, never stale rows.
+        dirty = max(num_tokens, self.num_tokens)
         for kind in OpKind:
-            self._rows[kind][:, : max(num_tokens, self.num_tokens)] = 0
-            self._scales[kind][:, : max(num_tokens, self.num_tokens)] = 0
+            self._rows[kind][:, :dirty] = 0
+            self._scales[kind][:, :dirty] = 0
         width = {k: 0 for k in OpKind}
         for seg in segments:
             used: dict[tuple[OpKind, int], int] = {}  # (kind, layer) -> next free slot for this request
@@ -71,11 +74,9 @@ class StepTables:
         self.num_tokens = num_tokens
         self.width = width
         self.active = any(width.values())
-        for kind in OpKind:  # one copy per table; non_blocking from pinned memory on GPU
-            self.rows[kind][:, :num_tokens].copy_(torch.from_numpy(self._rows[kind][:, :num_tokens]),
-                                                  non_blocking=True)
-            self.scales[kind][:, :num_tokens].copy_(torch.from_numpy(self._scales[kind][:, :num_tokens]),
-                                                    non_blocking=True)
+        for kind in OpKind:  # one copy per table
+            self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
+            self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
 
     def layer(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(add_rows, add_scales, abl_rows, abl_scales)`` for one layer, ``[T, K]`` each.

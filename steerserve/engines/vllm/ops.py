@@ -1,0 +1,90 @@
+"""The steering op as a torch custom op, so that vLLM's Dynamo trace + Inductor compile keep it as one
+opaque, in-place call per decoder layer instead of freezing the tables into the graph.
+
+Why a custom op: vLLM traces the model once (``fullgraph=True``) and compiles it with Inductor. Plain
+Python inside the layer would be traced with the tables' *values at trace time* and any host branch
+(``tables.active``) frozen. An opaque ``torch.library.custom_op`` is called on every step with the live
+module-level state, so table contents written by the host between steps take effect.
+
+vLLM's residual stream: a vLLM decoder layer returns ``(hidden_states, residual)`` separately (the add
+is fused into the next RMSNorm); the residual stream after block ``l`` (what the hf engine steers, the
+layer convention of ``model_info.LAYER_CONVENTION``) is their SUM ``x = hidden + residual``. So:
+
+- ``add``: ``x + c v = (hidden + c v) + residual``: added to ``hidden`` only, in place.
+- ``ablate``: the projection must be of the SUM: ``hidden += steer(x) - x`` where ``steer`` is
+  ``runtime.ops.steer`` (ablate-then-add on ``x``); ``residual`` is left as is, so the next layer sees
+  ``hidden' + residual = steer(x)`` up to one rounding. Unsteered tokens give ``steer(x) - x == 0``
+  exactly (row 0, scale 0), so ``hidden`` stays bit-identical.
+
+The op body runs eagerly (it is opaque to the compiler), so it may slice to this step's token count and
+used table widths and return early when nothing is steered: that is valid on CPU, where vLLM does not
+capture graphs. Under CUDA-graph capture (GPU) the body would be recorded once; see ``SteerState.static``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.ops import steer
+from steerserve.runtime.tables import StepTables
+
+
+@dataclass
+class SteerState:
+    """What the op reads at run time: one per worker process (``bank.weight [R, H]``, tables
+    ``[layers, max_tokens, slots]``)."""
+
+    bank: VectorBank
+    tables: StepTables
+    # True under CUDA-graph capture: no host branches, full fixed-shape tables (slots) every call.
+    static: bool = False
+
+
+_STATE: SteerState | None = None  # module-level registry: the op cannot take Python objects as args
+
+
+def install(state: SteerState | None) -> None:
+    """Make ``state`` the one the op reads (None: the op becomes a no-op)."""
+    global _STATE
+    _STATE = state
+
+
+def current() -> SteerState | None:
+    return _STATE
+
+
+@torch.library.custom_op("steerserve::steer_", mutates_args=("h",), device_types=None)
+def steer_(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    """Steer the residual stream ``h + residual`` after decoder block ``layer``, writing into ``h``.
+
+    ``h, residual [T, H]``: the flat step (``T`` = tokens laid out this step, possibly padded; padded
+    rows are beyond ``tables.num_tokens`` and are never touched).
+    """
+    state = _STATE
+    if state is None:
+        return
+    tables = state.tables
+    if not state.static and not tables.active:
+        return  # nothing steered this step: not even a read of the tables
+    n = h.shape[0] if state.static else min(h.shape[0], tables.num_tokens)
+    add_rows, add_scales, abl_rows, abl_scales = tables.layer(layer, sliced=not state.static)
+    add_rows, add_scales, abl_rows, abl_scales = add_rows[:n], add_scales[:n], abl_rows[:n], abl_scales[:n]
+    bank = state.bank.weight
+    if bank.dtype != h.dtype or bank.device != h.device:
+        bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
+    hn = h[:n]  # [n, H] view into the layer output
+    if abl_rows.shape[1]:
+        x = hn + residual[:n]  # [n, H] the residual stream: projections read the sum
+        hn.add_(steer(x, bank, add_rows, add_scales, abl_rows, abl_scales) - x)
+    elif add_rows.shape[1]:
+        no = add_rows[:, :0]  # [n, 0]: no ablation slots
+        hn.copy_(steer(hn, bank, add_rows, add_scales, no, add_scales[:, :0]))
+
+
+@steer_.register_fake
+def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    """Shape-only version for Dynamo/Inductor tracing: mutates ``h`` in place, returns nothing."""
+    return None

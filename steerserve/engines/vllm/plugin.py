@@ -1,0 +1,104 @@
+"""Putting the steering op into a stock vLLM model, and the engine arguments that turn it on.
+
+How the op gets in (no fork, no edit of vLLM files): vLLM builds the worker from
+``parallel_config.worker_cls`` (a dotted name, imported inside the worker process, so this works for
+the in-process engine and the multi-process one alike). Our worker (``worker.py``) calls
+``steer_decoder_layers`` right after ``load_model`` and before vLLM's first forward (the profile run
+that triggers the Dynamo trace + Inductor compile), so the compiled graph contains one
+``steerserve::steer_`` call at the end of every decoder layer.
+
+``steer_decoder_layers`` swaps each decoder layer's class for a cached subclass whose ``forward`` calls
+the op after the stock forward: the model, its weights and vLLM's class are untouched (no class-level
+monkeypatch, nothing leaks into other engines in the process), and it works for every architecture
+whose layers return ``(hidden_states, residual)`` (Llama, Mistral, Qwen2, ...), not only Llama.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerserve.engines.vllm import ops as _ops  # noqa: F401  (registers torch.ops.steerserve.steer_)
+
+_STEERED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _steered_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with the steering op at the end of ``forward`` (one subclass per layer class)."""
+    if cls in _STEERED or getattr(cls, "_steerserve_steered", False):
+        return _STEERED.get(cls, cls)
+
+    class Steered(cls):  # type: ignore[valid-type, misc]
+        _steerserve_steered = True
+
+        def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, residual = super().forward(*args, **kwargs)  # [T, H] each
+            # In place on ``hidden``; the residual stream after this block is ``hidden + residual``.
+            torch.ops.steerserve.steer_(hidden, residual, self.steer_layer)
+            return hidden, residual
+
+    Steered.__name__ = Steered.__qualname__ = f"Steered{cls.__name__}"
+    Steered.__module__ = __name__
+    steered: type[nn.Module] = Steered
+    _STEERED[cls] = steered
+    return steered
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a vLLM causal LM (``model.model.layers`` for Llama-style models)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"cannot find decoder layers in {type(model).__name__} (expected .model.layers)")
+    return layers
+
+
+def steer_decoder_layers(model: nn.Module) -> int:
+    """Insert the op into every decoder layer of ``model``; returns the number of layers (global count).
+
+    Layer ``i`` of ``model.model.layers`` is steering layer ``i`` (the same index as the hf engine and
+    the artifacts' layer convention). Pipeline-parallel placeholders (no ``forward`` of their own
+    returning a pair) are skipped.
+    """
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if type(layer).__name__ == "PPMissingLayer":
+            continue
+        layer.__class__ = _steered_class(type(layer))
+        layer.steer_layer = i  # type: ignore[assignment]  # a Python int: a constant in the traced graph
+    return len(layers)
+
+
+def code_fingerprint() -> str:
+    """Hash of this package's source: goes into vLLM's config hash so that its compile caches
+    (``torch_compile_cache/<hash>`` and the AOT ``torch_aot_compile/<hash>``) never serve a graph
+    compiled without, or with an older version of, the op."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        h.update(metadata.version("steerserve").encode())
+    return h.hexdigest()[:16]
+
+
+def engine_kwargs(*, bank_slots: int = 512, max_interventions: int = 4) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM(...)`` / ``AsyncEngineArgs(...)`` that enable steering.
+
+    ``additional_config`` is both the channel to the worker (sizes) and a compile-cache key factor:
+    vLLM hashes it into ``VllmConfig.compute_hash()``, which keys both compile caches.
+    """
+    from vllm.platforms import current_platform
+
+    worker = "SteerCPUWorker" if current_platform.is_cpu() else "SteerGPUWorker"
+    return {
+        "worker_cls": f"steerserve.engines.vllm.worker.{worker}",
+        "additional_config": {"steerserve": {"bank_slots": bank_slots, "max_interventions": max_interventions,
+                                             "code": code_fingerprint()}},
+    }

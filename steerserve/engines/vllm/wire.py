@@ -1,0 +1,83 @@
+"""Per-request steering on the wire: ``SamplingParams(extra_args={"steerserve": ...})``.
+
+vLLM carries ``SamplingParams.extra_args`` from the front end to the model runner's per-request state
+(``NewRequestData.sampling_params`` -> ``CachedRequestState.sampling_params``); across processes it is
+MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lists/dicts:
+
+    {"v": 1,
+     "ops": [[kind, layer, key, scale, start, stop, positional], ...],
+     "vectors": {key: [rows, hidden, <float32 little-endian bytes>]}}
+
+Vectors are keyed by content hash (``VectorRef.key``), so 30 layers of one spec cost 30 x H x 4 bytes
+and identical vectors are sent once per request. The worker rebuilds ``SteerOp``s with the same keys,
+so its ``VectorBank`` shares rows between requests exactly as the hf engine does.
+
+``cache_salt`` isolates vLLM's prefix cache by spec: a steered prompt's KV must never be reused by a
+request with other (or no) steering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+
+EXTRA_KEY = "steerserve"
+WIRE_VERSION = 1
+
+
+def encode_ops(ops: Sequence[SteerOp]) -> dict[str, Any]:
+    """The ``extra_args["steerserve"]`` payload for ``ops`` (empty ops -> empty payload)."""
+    vectors: dict[str, list[Any]] = {}
+    rows: list[list[Any]] = []
+    for op in ops:
+        ref = op.vector
+        if ref.key not in vectors:
+            data = ref.data.to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
+            vectors[ref.key] = [int(data.shape[0]), int(data.shape[1]), data.tobytes()]
+        rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional])
+    return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors}
+
+
+def decode_ops(payload: Mapping[str, Any] | None) -> tuple[SteerOp, ...]:
+    """Inverse of ``encode_ops``; checks every vector's content against its key."""
+    if not payload:
+        return ()
+    if payload.get("v") != WIRE_VERSION:
+        raise ValueError(f"unsupported steerserve wire version {payload.get('v')!r}")
+    refs: dict[str, VectorRef] = {}
+    for key, (n, hidden, raw) in payload["vectors"].items():
+        data = torch.from_numpy(np.frombuffer(raw, dtype="<f4").reshape(n, hidden).copy())  # [n, H]
+        ref = VectorRef.of(data)
+        if ref.key != key:
+            raise ValueError(f"vector content does not match its key {key}")
+        refs[key] = ref
+    return tuple(
+        SteerOp(OpKind(kind), int(layer), refs[key], float(scale), int(start),
+                None if stop is None else int(stop), bool(positional))
+        for kind, layer, key, scale, start, stop, positional in payload["ops"]
+    )
+
+
+def ops_from_extra_args(extra_args: Mapping[str, Any] | None) -> tuple[SteerOp, ...]:
+    return decode_ops((extra_args or {}).get(EXTRA_KEY))
+
+
+def cache_salt(ops: Sequence[SteerOp]) -> str | None:
+    """A prefix-cache salt that differs between specs (None for unsteered: share with plain traffic).
+
+    Coarse on purpose: blocks wholly before every op's ``start`` could be shared, but a salt applies to
+    the whole prompt; correctness first.
+    """
+    if not ops:
+        return None
+    h = hashlib.sha256()
+    for op in ops:
+        h.update(repr((op.kind.value, op.layer, op.vector.key, float(op.scale), op.start, op.stop,
+                       op.positional)).encode())
+    return "steerserve-" + h.hexdigest()[:32]

@@ -1,0 +1,148 @@
+"""vLLM worker classes that steer: named by ``parallel_config.worker_cls`` (see ``plugin.engine_kwargs``).
+
+Hooks into vLLM 0.32's V1 model runner (``vllm/v1/worker/gpu_model_runner.py``, which
+``cpu_model_runner.CPUModelRunner`` subclasses), by giving the runner instance a subclass with two
+overrides, both calling the stock method first:
+
+- ``_update_states(scheduler_output)``: the per-request lifecycle. ``finished_req_ids`` (finished and
+  aborted) release their bank rows *before* ``scheduled_new_reqs`` acquire theirs (a request's rows stay
+  pinned across preemption and resumption: only ``finished_req_ids`` releases them). New requests'
+  specs come from ``NewRequestData.sampling_params.extra_args["steerserve"]``.
+- ``_prepare_inputs(scheduler_output, num_scheduled_tokens)``: the step's flat token layout is known
+  after it: request ``i`` of ``input_batch.req_ids`` owns flat tokens
+  ``query_start_loc.np[i] : query_start_loc.np[i+1]`` at absolute positions starting at
+  ``input_batch.num_computed_tokens_cpu[i]`` (vLLM's own ``positions`` are computed the same way), so it
+  is exactly a ``runtime.tables.Segment``. Chunked prefill and prefix-cache hits just give
+  ``first > 0``. Tokens beyond the step's count (padding) are never steered by the op.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerserve.engines.vllm import ops as steer_ops
+from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
+from steerserve.engines.vllm.wire import ops_from_extra_args
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.tables import Segment, StepTables
+
+log = logging.getLogger(__name__)
+
+
+class SteeringRunnerMixin:
+    """Mixed in front of the runner's class (MRO: ours, then ``CPUModelRunner``/``GPUModelRunner``)."""
+
+    # what the base runner provides (typed loosely: vLLM's runner is not a typed dependency here)
+    input_batch: Any
+    query_start_loc: Any
+    _steer_reqs: dict[str, tuple[tuple[SteerOp, ...], dict[str, int]]]  # req_id -> (ops, key -> bank row)
+
+    def _update_states(self, scheduler_output: Any) -> Any:
+        state = steer_ops.current()
+        if state is not None:
+            for req_id in scheduler_output.finished_req_ids:
+                entry = self._steer_reqs.pop(req_id, None)
+                if entry is not None:
+                    state.bank.release(entry[1])
+            for new in scheduler_output.scheduled_new_reqs:
+                params = new.sampling_params
+                ops = ops_from_extra_args(params.extra_args if params is not None else None)
+                if not ops or new.req_id in self._steer_reqs:
+                    continue
+                rows = state.bank.acquire(op.vector for op in ops)
+                if rows is None:  # the front end must gate admission on bank capacity; see engine notes
+                    raise RuntimeError(f"request {new.req_id}: its vectors do not fit in the steering bank")
+                self._steer_reqs[new.req_id] = (ops, rows)
+        return super()._update_states(scheduler_output)  # type: ignore[misc]
+
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
+        state = steer_ops.current()
+        if state is None:
+            return out
+        batch = self.input_batch
+        starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
+        computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
+        segments = []
+        for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+            entry = self._steer_reqs.get(req_id)
+            if entry is not None:
+                segments.append(Segment(int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i]),
+                                        entry[0], entry[1]))
+        total = int(scheduler_output.total_num_scheduled_tokens)
+        if segments or state.tables.active:  # skip the table work on all-unsteered steps
+            state.tables.fill(total, segments)
+        return out
+
+
+_RUNNER_CLASSES: dict[type, type] = {}
+
+
+def _steer_runner(runner: Any) -> None:
+    cls = type(runner)
+    if not hasattr(cls, "_prepare_inputs") or not hasattr(cls, "_update_states"):
+        raise RuntimeError(f"{cls.__name__} is not vLLM's V1 model runner; steering needs it "
+                           "(set VLLM_USE_V2_MODEL_RUNNER=0 on GPU)")
+    if cls not in _RUNNER_CLASSES:
+        _RUNNER_CLASSES[cls] = type(f"Steering{cls.__name__}", (SteeringRunnerMixin, cls), {})
+    runner.__class__ = _RUNNER_CLASSES[cls]
+    runner._steer_reqs = {}
+
+
+def _setup(worker: Any) -> None:
+    """After ``load_model``: insert the op, build this process's bank and tables, install them."""
+    runner = worker.model_runner
+    model = runner.get_model()
+    num_layers = steer_decoder_layers(model)
+    conf = (worker.vllm_config.additional_config or {}).get("steerserve", {})
+    hidden = worker.vllm_config.model_config.get_hidden_size()
+    dtype = worker.vllm_config.model_config.dtype
+    max_tokens = worker.vllm_config.scheduler_config.max_num_batched_tokens
+    bank = VectorBank(int(conf.get("bank_slots", 512)), hidden, dtype=dtype, device=runner.device)
+    tables = StepTables(num_layers, max_tokens, int(conf.get("max_interventions", 4)), device=runner.device)
+    steer_ops.install(steer_ops.SteerState(bank, tables))
+    log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
+             type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
+
+
+def _make_worker(base: type) -> type:
+    class SteerWorker(base):
+        def init_device(self) -> None:
+            super().init_device()
+            _steer_runner(self.model_runner)
+
+        def load_model(self, *args: Any, **kwargs: Any) -> None:
+            super().load_model(*args, **kwargs)
+            with torch.no_grad():
+                _setup(self)
+
+    return SteerWorker
+
+
+def _cpu() -> type:
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return _make_worker(CPUWorker)
+
+
+def _gpu() -> type:
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return _make_worker(Worker)
+
+
+def __getattr__(name: str) -> type:
+    """``SteerCPUWorker`` / ``SteerGPUWorker``, built on first access so that importing this module
+    never imports the other platform's worker (the CPU build has no CUDA worker deps, and vice versa)."""
+    makers = {"SteerCPUWorker": _cpu, "SteerGPUWorker": _gpu}
+    if name not in makers:
+        raise AttributeError(name)
+    cls = makers[name]()
+    cls.__name__ = cls.__qualname__ = name
+    globals()[name] = cls
+    return cls

@@ -1,0 +1,72 @@
+"""Units of the vLLM engine that need only torch: the wire format and the in-place op on a split stream.
+
+These run everywhere (vLLM itself is not imported); ``test_vllm_engine.py`` runs the real engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steerserve.engines.vllm import ops as vops
+from steerserve.engines.vllm.wire import cache_salt, decode_ops, encode_ops, ops_from_extra_args
+from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.ops import steer
+from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.tables import Segment, StepTables
+
+H = 16
+
+
+def _ops() -> tuple[SteerOp, ...]:
+    g = torch.Generator().manual_seed(1)
+    v, r = torch.randn(H, generator=g), torch.randn(H, generator=g)
+    return (SteerOp(OpKind.ADD, 0, VectorRef.of(v), 2.0),
+            SteerOp(OpKind.ABLATE, 1, VectorRef.of(r / r.norm()), 1.0, start=2),
+            SteerOp(OpKind.ADD, 1, VectorRef.of(torch.randn(3, H, generator=g)), -1.5, 1, 4, positional=True),
+            SteerOp(OpKind.ADD, 1, VectorRef.of(v), 0.5, stop=5))
+
+
+def test_wire_round_trip_keeps_ops_and_keys() -> None:
+    ops = _ops()
+    payload = encode_ops(ops)
+    assert len(payload["vectors"]) == 3  # the shared vector travels once
+    back = decode_ops(payload)
+    assert [(o.kind, o.layer, o.vector.key, o.scale, o.start, o.stop, o.positional) for o in back] == \
+           [(o.kind, o.layer, o.vector.key, o.scale, o.start, o.stop, o.positional) for o in ops]
+    assert all(torch.equal(a.vector.data, b.vector.data) for a, b in zip(ops, back, strict=True))
+    assert ops_from_extra_args(None) == () and ops_from_extra_args({"other": 1}) == ()
+
+
+def test_cache_salt_separates_specs() -> None:
+    ops = _ops()
+    assert cache_salt(()) is None
+    assert cache_salt(ops) == cache_salt(decode_ops(encode_ops(ops)))
+    assert cache_salt(ops) != cache_salt(ops[:2]) != cache_salt(ops[:1])
+
+
+def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:
+    """vLLM's layer output is (hidden, residual); the op steers their sum, writing into hidden."""
+    ops = _ops()
+    bank, tables = VectorBank(8, H), StepTables(2, 16, 4)
+    rows = bank.acquire(op.vector for op in ops)
+    assert rows is not None
+    g = torch.Generator().manual_seed(2)
+    hidden, residual = torch.randn(7, H, generator=g), torch.randn(7, H, generator=g)  # 6 real + 1 padding
+    # one request at flat tokens 1..5 (positions 0..4) and an unsteered token at flat index 0
+    tables.fill(6, [Segment(1, 0, 5, ops, rows)])
+    vops.install(vops.SteerState(bank, tables))
+    try:
+        for layer in range(2):
+            x = hidden[:6] + residual[:6]
+            want = steer(x, bank.weight, *tables.layer(layer))
+            h = hidden.clone()
+            torch.ops.steerserve.steer_(h, residual, layer)
+            torch.testing.assert_close(h[:6] + residual[:6], want, rtol=1e-6, atol=1e-6)
+            assert torch.equal(h[0], hidden[0]) and torch.equal(h[6], hidden[6])  # unsteered, padding: untouched
+            hidden = h
+        tables.fill(0, [])
+        h = hidden.clone()
+        torch.ops.steerserve.steer_(h, residual, 1)
+        assert torch.equal(h, hidden)  # inactive tables: no-op
+    finally:
+        vops.install(None)
