@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP server",
                                 description="Load the model and serve the native, OpenAI-compatible and admin APIs.")
-    serve.add_argument("--engine", choices=("hf", "vllm"), default=None, help="inference engine (default: hf)")
+    serve.add_argument("--engine", choices=("hf", "vllm"), default=None,
+                       help="inference engine (default: hf; vllm is not wired into serve yet)")
     serve.add_argument("--model", type=Path, default=None, metavar="PATH",
                        help="a local transformers model directory (default: the packaged SmolLM2-135M-Instruct)")
     serve.add_argument("--model-name", default=None, metavar="NAME",
