@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -21,7 +21,8 @@ import uvicorn
 from steerserve.api import create_app
 from steerserve.bootstrap import build_service
 from steerserve.config import Settings
-from steerserve.model import prepare_default_model
+from steerserve.engines.hf import HFEngine
+from steerserve.model import load_hf, prepare_default_model
 from steerserve.service import Service
 from tests.paths import models_dir
 
@@ -108,3 +109,13 @@ def fresh_vector(client: httpx.Client, service: Service,
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="module")
+async def hf_engine() -> AsyncIterator[HFEngine]:
+    """A started hf engine on the default model, of its own (not the live server's), per test module."""
+    model, tokenizer, info = load_hf(prepare_default_model(models_dir()))
+    eng = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=128))
+    await eng.start()
+    yield eng
+    await eng.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -22,12 +21,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
 
 
 @pytest.fixture(scope="module")
-async def engine() -> AsyncIterator[HFEngine]:
-    model, tokenizer, info = load_hf(prepare_default_model(models_dir()))
-    eng = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=128))
-    await eng.start()
-    yield eng
-    await eng.stop()
+def engine(hf_engine: HFEngine) -> HFEngine:
+    return hf_engine
 
 
 async def _run(engine: HFEngine, req: GenerationRequest) -> tuple[list[int], str, str | None]:

