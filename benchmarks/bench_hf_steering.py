@@ -179,6 +179,9 @@ def report(args: argparse.Namespace, model: str, layers: int, results: dict[str,
               f"{statistics.median(r.seconds for r in rs):>9.2f} {med[name]:>13.1f} {per_round:>24}")
     print()
     print(f"ratio steered/unsteered (median tok/s): {med['steered'] / med['unsteered']:.3f}")
+    # Each round's two runs are back to back, so their ratio cancels slow drift of a shared machine.
+    paired = [s.tok_per_s / u.tok_per_s for s, u in zip(results["steered"], results["unsteered"], strict=True)]
+    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)} (median {statistics.median(paired):.3f})")
     print(f"steered outputs that differ from unsteered: {differ}/{args.requests} "
           "(non-zero shows the steering is live)")
 

@@ -49,7 +49,11 @@ def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process prepared it first: theirs is complete, use it
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"Prepared {DEFAULT_MODEL_NAME} in {target}")

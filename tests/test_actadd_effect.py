@@ -9,6 +9,12 @@ Love-Hate +0.489, Hate-Love +0.288. The unsteered model is already cheerful, whi
 upwards; the margin (0.05) is about two thirds of the smaller observed shift. Layers 2-20 and coefficients
 2-12 were swept: the upward shift is small everywhere on this model, the downward one larger.
 Greedy decoding makes the numbers reproducible; the requests are concurrent so the engine batches them.
+
+Caveat: the upward half holds for these 16 prompts, not in general. With the same settings, 24 more
+prompts of the same kind give Love-Hate 0.145 *below* their baseline (+0.349 vs +0.494), and seeded
+sampling (T 0.8, 40 prompts x 3 seeds) puts the shift at -0.003 (Love-Hate) and -0.088 (Hate-Love).
+So this test reliably catches broken wiring (a no-op, a flipped sign, steering that never reaches the
+model) for these prompts, but it does not show a general upward effect on this model.
 """
 
 from __future__ import annotations
