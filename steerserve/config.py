@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ def _default_home() -> Path:
 class Settings:
     """Everything the server reads at start-up. Nothing else reads the environment."""
 
-    engine: str = "hf"
+    engine: str = "auto"  # "hf", "vllm", or "auto": vllm where it is installed, else hf
     model: Path | None = None  # None: the default model, prepared from its registry package
     model_name: str | None = None  # the name served at /v1/models; defaults to the directory name
     home: Path = field(default_factory=_default_home)  # model cache, artifact store
@@ -30,9 +31,10 @@ class Settings:
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
-    # hf engine
-    max_batch: int = 16
-    bank_slots: int = 512
+    # engines
+    max_batch: int | None = None  # most sequences decoded together; None: 16 on hf, vLLM's own default on vllm
+    bank_slots: int = 512  # vector-bank rows (row 0 is reserved); requests wait when their vectors do not fit
+    engine_args: Mapping[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments (vllm engine)
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
     models_root: Path | None = None  # where prepared models live; default <home>/models
 
@@ -52,7 +54,8 @@ class Settings:
             admin_key=env.get("STEERSERVE_ADMIN_KEY") or None,
             max_coeff=float(env.get("STEERSERVE_MAX_COEFF", cls.max_coeff)),
             max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
-            max_batch=int(env.get("STEERSERVE_MAX_BATCH", cls.max_batch)),
+            engine=env.get("STEERSERVE_ENGINE", cls.engine),
+            max_batch=int(env["STEERSERVE_MAX_BATCH"]) if env.get("STEERSERVE_MAX_BATCH") else None,
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),
             models_root=Path(env["STEERSERVE_MODELS_DIR"]) if env.get("STEERSERVE_MODELS_DIR") else None,
         )

@@ -60,14 +60,52 @@ def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) 
     return target
 
 
-def fingerprint(model: Any) -> str:
-    """Stable across engines: architecture, shapes, and a sample of the embedding weights."""
-    cfg = model.config
-    emb = model.get_input_embeddings().weight.detach().float().flatten()[:4096].cpu()
+_EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def _embedding_sample(path: Path, n: int = 4096) -> bytes:
+    """The first ``n`` values of the input embedding, as float32 bytes, read from the safetensors files."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                if key.endswith(_EMBEDDING_NAMES):
+                    part = f.get_slice(key)
+                    cols = part.get_shape()[-1]
+                    rows = part[: -(-n // cols)]  # enough rows for n values
+                    return bytes(rows.to(torch.float32).flatten()[:n].numpy().tobytes())
+    raise RuntimeError(f"{path}: no input embedding found in its safetensors files")
+
+
+def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> Any:
+    """``ModelInfo`` of a local model directory, without loading the model (any engine uses this).
+
+    The fingerprint (artifact stores are keyed by it) hashes architecture, shapes and a sample of the
+    embedding weights as stored, so it is the same whatever engine or dtype serves the model.
+    """
+    from transformers import AutoConfig
+
+    from steerserve.model_info import ModelInfo
+
+    if not (path / "config.json").exists():
+        raise RuntimeError(f"{path} is not a transformers model directory (no config.json)")
+    cfg = AutoConfig.from_pretrained(path)
+    architecture = (cfg.architectures or ["unknown"])[0]
     h = hashlib.sha256()
     h.update(repr((cfg.architectures, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)).encode())
-    h.update(emb.numpy().tobytes())
-    return h.hexdigest()[:16]
+    h.update(_embedding_sample(path))
+    return ModelInfo(
+        name=name or path.name,
+        architecture=architecture,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_model_len=int(getattr(cfg, "max_position_embeddings", 2048)),
+        dtype=dtype,
+        fingerprint=h.hexdigest()[:16],
+    )
 
 
 def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tuple[Any, Any, Any]:
@@ -75,22 +113,8 @@ def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steerserve.model_info import ModelInfo
-
-    if not (path / "config.json").exists():
-        raise RuntimeError(f"{path} is not a transformers model directory (no config.json)")
+    info = model_info(path, dtype, name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
-    cfg = model.config
-    info = ModelInfo(
-        name=name or path.name,
-        architecture=(cfg.architectures or [type(model).__name__])[0],
-        num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        vocab_size=cfg.vocab_size,
-        max_model_len=int(getattr(cfg, "max_position_embeddings", 2048)),
-        dtype=dtype,
-        fingerprint=fingerprint(model),
-    )
     return model, tokenizer, info

@@ -7,8 +7,9 @@ import torch
 from steerserve.engines.sampling import Detokenizer
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.ops import steer
+from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
-from steerserve.runtime.tables import Segment, StepTables
+from steerserve.runtime.tables import Placement, Segment, StepTables, slot_numbers
 
 
 def _ref(seed: int, rows: int = 1, hidden: int = 8) -> VectorRef:
@@ -72,7 +73,8 @@ def test_tables_positional_and_windows() -> None:
         SteerOp(OpKind.ABLATE, 2, const, 1.0),
     ]
     rows = {pos.key: 10, const.key: 20}
-    tables.fill(6, [Segment(offset=1, first=0, count=5, ops=ops, rows=rows)])  # flat token 0 is padding
+    placement = Placement.build(ops, rows, tables.slots)
+    tables.fill(6, [Segment(offset=1, first=0, count=5, placement=placement)])  # flat token 0 is padding
     add_rows, add_scales, abl_rows, abl_scales = tables.layer(1)
     assert add_rows[:, 0].tolist() == [0, 0, 0, 10, 11, 12]
     assert add_scales[:, 0].tolist() == [0, 0, 0, 2.0, 2.0, 2.0]
@@ -80,9 +82,9 @@ def test_tables_positional_and_windows() -> None:
     assert tables.layer(2)[2][:, 0].tolist() == [0, 20, 20, 20, 20, 20]
     assert tables.layer(0)[1].abs().sum() == 0
     # the next step is laid out from scratch: nothing from the last one leaks
-    tables.fill(2, [Segment(offset=0, first=7, count=1, ops=ops, rows=rows)])
-    # (slots are handed out per step: the positional op is out of its window, so `const` takes slot 0)
-    assert tables.layer(1)[0].tolist() == [[20], [0]]
+    tables.fill(2, [Segment(offset=0, first=7, count=1, placement=placement)])
+    # (a request's slots are fixed: the positional op is out of its window, its slot 0 reads row 0)
+    assert tables.layer(1)[0].tolist() == [[0, 20], [0, 0]]
     assert tables.layer(2)[2].tolist() == [[20], [0]]
     # fixed-shape readers (graph capture) see the rows the last step used as neutral, not stale
     full = tables.layer(1, sliced=False)
@@ -101,3 +103,61 @@ def test_detokenizer_cuts_stop_strings_without_leaking() -> None:
     d = Detokenizer(decode, stop=[" END"])
     pieces = [d.push(i) for i in (1, 2, 3, 5)]
     assert "".join(pieces) + d.flush() == "Hello world more"
+
+
+def test_bank_compacts_when_fragmented_and_pins_follow() -> None:
+    """Free rows in total but no run long enough: the bank moves vectors down instead of refusing."""
+    bank = VectorBank(slots=7, hidden=8)  # 6 usable rows
+    refs = [_ref(i) for i in range(6)]
+    pins = [Pin.acquire(bank, [SteerOp(OpKind.ADD, 0, r, 1.0)], 1) for r in refs]  # rows 1..6
+    for pin in pins[1::2]:  # free rows 2, 4, 6: three free rows, no two adjacent
+        assert pin is not None
+        pin.release(bank)
+    before = bank.generation
+    big = _ref(7, rows=3)
+    got = bank.acquire([big])  # 3 contiguous rows: only compaction can make them
+    assert got is not None and bank.generation == before + 1
+    assert torch.equal(bank.weight[got[big.key] : got[big.key] + 3], big.data)
+    for pin, ref in zip(pins[::2], refs[::2], strict=True):  # pinned vectors moved; placements follow
+        assert pin is not None
+        row = int(pin.placement(bank).ints[0, 3])
+        assert torch.equal(bank.weight[row], ref.data[0])
+    assert bank.acquire([_ref(8)]) is None  # 3 + 3 pinned: full, waits, nothing moved
+    assert bank.pinned_rows() == 6 and bank.generation == before + 1
+
+
+def test_fill_matches_a_per_op_reference() -> None:
+    """The vectorised scatter against the obvious loop, on random ops, segments and positions."""
+    g = torch.Generator().manual_seed(0)
+    tables = StepTables(num_layers=4, max_tokens=64, slots=3)
+    refs = [_ref(i, rows=1 + i % 3) for i in range(6)]
+    segments, offset, expect = [], 0, {}
+    for req in range(5):
+        ops = []
+        for _ in range(4):
+            ref = refs[int(torch.randint(0, 6, (1,), generator=g))]
+            start = int(torch.randint(0, 12, (1,), generator=g))
+            positional = ref.rows > 1
+            stop = start + ref.rows if positional else (None if req % 2 else start + 5)
+            kind = OpKind.ABLATE if req == 3 else OpKind.ADD
+            ops.append(SteerOp(kind, int(torch.randint(0, 4, (1,), generator=g)), ref, 0.5 + req, start, stop,
+                               positional))
+        rows = {r.key: 1 + 10 * i for i, r in enumerate(refs)}
+        count, first = 1 + 3 * req, int(torch.randint(0, 8, (1,), generator=g))
+        slots = slot_numbers(ops, tables.slots)
+        segments.append(Segment(offset, first, count, Placement.build(ops, rows, tables.slots)))
+        for op, slot in zip(ops, slots, strict=True):
+            for t in range(count):
+                p = first + t
+                if op.covers(p, p + 1):
+                    row = rows[op.vector.key] + (p - op.start if op.positional else 0)
+                    expect[(op.kind, op.layer, offset + t, slot)] = (row, 0.5 + req)
+        offset += count + 1  # a padding token between requests
+    tables.fill(offset, segments)
+    for kind in OpKind:
+        for layer in range(4):
+            for t in range(offset):
+                for slot in range(tables.slots):
+                    row, scale = expect.get((kind, layer, t, slot), (0, 0.0))
+                    assert int(tables.rows[kind][layer, t, slot]) == row
+                    assert float(tables.scales[kind][layer, t, slot]) == scale

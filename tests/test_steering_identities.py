@@ -16,7 +16,7 @@ from steerserve.model import load_hf, prepare_default_model
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.hooks import Capture, SteeringHooks
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
-from steerserve.runtime.tables import Segment, StepTables
+from steerserve.runtime.tables import Placement, Segment, StepTables
 from tests.paths import models_dir
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -40,7 +40,7 @@ class Rig:
         try:
             rows = self.bank.acquire(op.vector for op in ops) or {}
             t = self.ids.shape[1]
-            self.tables.fill(t, [Segment(0, 0, t, ops, rows)])
+            self.tables.fill(t, [Segment(0, 0, t, Placement.build(ops, rows, self.tables.slots))])
             with Capture(self.layers, range(self.n)) as cap:
                 logits = self.model(input_ids=self.ids).logits[0]
             self.bank.release(rows)

@@ -12,7 +12,7 @@ from steerserve.engines.vllm.wire import cache_salt, decode_ops, encode_ops, ops
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.ops import steer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
-from steerserve.runtime.tables import Segment, StepTables
+from steerserve.runtime.tables import Placement, Segment, StepTables
 
 H = 16
 
@@ -53,7 +53,7 @@ def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:
     g = torch.Generator().manual_seed(2)
     hidden, residual = torch.randn(7, H, generator=g), torch.randn(7, H, generator=g)  # 6 real + 1 padding
     # one request at flat tokens 1..5 (positions 0..4) and an unsteered token at flat index 0
-    tables.fill(6, [Segment(1, 0, 5, ops, rows)])
+    tables.fill(6, [Segment(1, 0, 5, Placement.build(ops, rows, tables.slots))])
     vops.install(vops.SteerState(bank, tables))
     try:
         for layer in range(2):

@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +27,8 @@ from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator, sample
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.hooks import Capture, SteeringHooks
+from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
+from steerserve.runtime.pins import Pin
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class _Seq:
     emit: Emit
     detok: Detokenizer
     gen: torch.Generator | None
-    rows: dict[str, int] = field(default_factory=dict)  # vector key -> bank row
+    pin: Pin | None = None  # its vectors in the bank, once admitted
     pos: int = 0  # tokens in the KV cache = absolute position of the next input token
     last: int = 0  # last sampled token, the next input
     completion: int = 0
@@ -54,7 +55,8 @@ class HFEngine:
         self.model, self.tokenizer, self.info, self.settings = model.eval(), tokenizer, info, settings
         self.layers = model.model.layers
         self.bank = VectorBank(settings.bank_slots, info.hidden_size, dtype=model.dtype)
-        self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, settings.max_batch),
+        self.max_batch = settings.max_batch or 16
+        self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, self.max_batch),
                                  settings.max_interventions)
         self.hooks = SteeringHooks(self.layers, self.bank, self.tables)
         eos = model.generation_config.eos_token_id
@@ -170,19 +172,24 @@ class HFEngine:
         self._drop_done()
 
     def _admit(self) -> None:
-        while self._waiting and len(self._active) < self.settings.max_batch:
+        while self._waiting and len(self._active) < self.max_batch:
             seq = self._waiting[0]
-            rows = self.bank.acquire(op.vector for op in seq.req.ops)
-            if rows is None:
+            try:
+                pin = Pin.acquire(self.bank, seq.req.ops, self.tables.slots)
+            except ValueError as exc:  # more ops on one layer than the tables hold: this request fails alone
+                self._waiting.popleft()
+                self._finish(seq, "abort", error=str(exc))
+                continue
+            if pin is None:
                 return  # the bank is full of vectors in use: wait for a request to finish
             self._waiting.popleft()
-            seq.rows = rows
+            seq.pin = pin
             self._prefill(seq)
 
     def _prefill(self, seq: _Seq) -> None:
         ids = torch.tensor([seq.req.prompt_token_ids])
         n = ids.shape[1]
-        self.tables.fill(n, [Segment(0, 0, n, seq.req.ops, seq.rows)])
+        self.tables.fill(n, [self._segment(seq, 0, n)])
         out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         seq.pos = n
         self._token(seq, out.logits[0, -1])
@@ -195,7 +202,7 @@ class HFEngine:
         ids = torch.tensor([[s.last] for s in seqs])
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
-        self.tables.fill(len(seqs), [Segment(i, s.pos, 1, s.req.ops, s.rows) for i, s in enumerate(seqs)])
+        self.tables.fill(len(seqs), [self._segment(s, i, 1) for i, s in enumerate(seqs)])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
@@ -203,6 +210,10 @@ class HFEngine:
             seq.pos += 1
             self._token(seq, out.logits[i, -1])
         self._drop_done()
+
+    def _segment(self, seq: _Seq, offset: int, count: int) -> Segment:
+        assert seq.pin is not None
+        return Segment(offset, seq.pos, count, seq.pin.placement(self.bank))
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
@@ -222,7 +233,8 @@ class HFEngine:
         if seq.done:
             return
         seq.done = True
-        self.bank.release(seq.rows)
+        if seq.pin is not None:
+            seq.pin.release(self.bank)
         ids = (token,) if token is not None else ()
         seq.emit(self._output(seq, ids, text, reason, {"error": error} if error else {}))
 
@@ -242,9 +254,4 @@ class HFEngine:
 
     def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         self.tables.fill(0, [])  # unsteered
-        out = []
-        for ids in prompts:
-            with Capture(self.layers, layers) as cap:
-                self.model(input_ids=torch.tensor([list(ids)]), use_cache=False, logits_to_keep=1)
-            out.append(torch.stack([cap.outputs[layer][0] for layer in layers], dim=1).float())  # [n, L, H]
-        return out
+        return capture_hidden_states(self.model, self.layers, prompts, layers)

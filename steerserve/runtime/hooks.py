@@ -70,3 +70,19 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def capture_hidden_states(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequence[Sequence[int]],
+                          which: Sequence[int]) -> list[torch.Tensor]:
+    """Residual stream of each prompt at layers ``which``: one ``[len(prompt), len(which), H]`` fp32 each.
+
+    ``model`` is a transformers causal LM whose decoder layers are ``layers``; run it unsteered (inactive
+    tables, or no steering hooks at all).
+    """
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            with Capture(layers, which) as cap:
+                model(input_ids=torch.tensor([list(ids)]), use_cache=False, logits_to_keep=1)
+            out.append(torch.stack([cap.outputs[layer][0] for layer in which], dim=1).float())  # [n, L, H]
+    return out

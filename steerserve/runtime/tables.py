@@ -1,6 +1,10 @@
 """Per-step token tables: for every layer and every token of the step, which bank rows to read and with
-what scale. The host fills a staging copy after the batch is laid out, then one copy moves it to the
-device buffers, which are allocated once and never move.
+what scale. The host fills a staging copy after the batch is laid out, then one copy per table moves
+it to the device buffers, which are allocated once and never move.
+
+The host work per step is a fixed number of numpy calls, whatever the number of requests or ops: each
+request's ops are turned into a ``Placement`` (flat arrays) once, when its vectors are pinned, and a step
+concatenates the placements of its segments and scatters them in one go.
 """
 
 from __future__ import annotations
@@ -13,6 +17,49 @@ import torch
 
 from steerserve.runtime.plan import OpKind, SteerOp
 
+KINDS = tuple(OpKind)
+_NO_STOP = np.iinfo(np.int64).max
+# columns of Placement.ints
+_KIND, _LAYER, _SLOT, _ROW, _START, _STOP, _POSITIONAL = range(7)
+
+
+def slot_numbers(ops: Sequence[SteerOp], slots: int) -> list[int]:
+    """Each op's slot: ops on the same (kind, layer) take slots 0, 1, ... in order. Raises ValueError
+    when a layer needs more than ``slots``."""
+    used: dict[tuple[OpKind, int], int] = {}
+    out = []
+    for op in ops:
+        slot = used.get((op.kind, op.layer), 0)
+        if slot >= slots:
+            raise ValueError(f"more than {slots} {op.kind.value} ops on layer {op.layer}")
+        used[(op.kind, op.layer)] = slot + 1
+        out.append(slot)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """One request's ops as arrays: ``ints [n_ops, 7]`` (kind, layer, slot, first bank row, start, stop,
+    positional) and ``scales [n_ops]``. Slots are numbered per (kind, layer) in op order."""
+
+    ints: np.ndarray
+    scales: np.ndarray
+
+    @classmethod
+    def build(cls, ops: Sequence[SteerOp], rows: Mapping[str, int], slots: int) -> Placement:
+        """``rows``: vector key -> first bank row (from ``VectorBank.acquire``)."""
+        ints = np.zeros((len(ops), 7), dtype=np.int64)
+        for i, (op, slot) in enumerate(zip(ops, slot_numbers(ops, slots), strict=True)):
+            stop = _NO_STOP if op.stop is None else op.stop
+            ints[i] = (KINDS.index(op.kind), op.layer, slot, rows[op.vector.key], op.start, stop, op.positional)
+        return cls(ints, np.array([op.scale for op in ops], dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.ints.shape[0])
+
+
+EMPTY = Placement(np.zeros((0, 7), dtype=np.int64), np.zeros(0, dtype=np.float32))
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -21,8 +68,7 @@ class Segment:
     offset: int
     first: int
     count: int
-    ops: Sequence[SteerOp]
-    rows: Mapping[str, int]  # vector key -> first bank row (from VectorBank.acquire)
+    placement: Placement
 
 
 class StepTables:
@@ -36,7 +82,7 @@ class StepTables:
         self.rows = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
         self.scales = {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in OpKind}
         self.num_tokens = 0
-        self.width = {k: 0 for k in OpKind}  # slots used this step; the hf engine slices to this
+        self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
 
     @property
@@ -53,30 +99,40 @@ class StepTables:
         for kind in OpKind:
             self._rows[kind][:, :dirty] = 0
             self._scales[kind][:, :dirty] = 0
-        width = {k: 0 for k in OpKind}
-        for seg in segments:
-            used: dict[tuple[OpKind, int], int] = {}  # (kind, layer) -> next free slot for this request
-            for op in seg.ops:
-                span = op.covers(seg.first, seg.first + seg.count)
-                if span is None:
-                    continue
-                slot = used.get((op.kind, op.layer), 0)
-                if slot >= self.slots:
-                    raise ValueError(f"more than {self.slots} {op.kind.value} ops on layer {op.layer}")
-                used[(op.kind, op.layer)] = slot + 1
-                width[op.kind] = max(width[op.kind], slot + 1)
-                a, b = span
-                t0, t1 = seg.offset + a - seg.first, seg.offset + b - seg.first
-                base = seg.rows[op.vector.key]
-                rows = self._rows[op.kind][op.layer, t0:t1, slot]
-                rows[:] = base + np.arange(a - op.start, b - op.start) if op.positional else base
-                self._scales[op.kind][op.layer, t0:t1, slot] = op.scale
+        self.width = {k: 0 for k in OpKind}
+        segments = [s for s in segments if len(s.placement) and s.count > 0]
+        if segments:
+            self._scatter(segments)
         self.num_tokens = num_tokens
-        self.width = width
-        self.active = any(width.values())
+        self.active = any(self.width.values())
         for kind in OpKind:  # one copy per table
             self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
             self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
+
+    def _scatter(self, segments: Sequence[Segment]) -> None:
+        """Every (token, op) pair of the step at once: expand each op over its segment's tokens."""
+        ints = np.concatenate([s.placement.ints for s in segments])  # [N, 7] all ops of the step
+        scales = np.concatenate([s.placement.scales for s in segments])  # [N]
+        n_ops = np.array([len(s.placement) for s in segments])
+        count = np.repeat([s.count for s in segments], n_ops)  # [N] tokens of each op's segment
+        first = np.repeat([s.first for s in segments], n_ops)
+        offset = np.repeat([s.offset for s in segments], n_ops)
+        op = np.repeat(np.arange(len(ints)), count)  # [E] op of each (token, op) entry
+        i = np.arange(len(op)) - np.repeat(np.cumsum(count) - count, count)  # [E] token index in segment
+        pos = first[op] + i  # [E] absolute position
+        e = ints[op]  # [E, 7]
+        keep = (pos >= e[:, _START]) & (pos < e[:, _STOP])
+        op, pos, e = op[keep], pos[keep], e[keep]
+        token = offset[op] + pos - first[op]  # [E'] flat index in the step
+        row = e[:, _ROW] + np.where(e[:, _POSITIONAL] > 0, pos - e[:, _START], 0)
+        for k, kind in enumerate(KINDS):
+            m = e[:, _KIND] == k
+            if not m.any():
+                continue
+            at = (e[m, _LAYER], token[m], e[m, _SLOT])
+            self._rows[kind][at] = row[m]
+            self._scales[kind][at] = scales[op[m]]
+            self.width[kind] = int(e[m, _SLOT].max()) + 1
 
     def layer(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(add_rows, add_scales, abl_rows, abl_scales)`` for one layer, ``[T, K]`` each.

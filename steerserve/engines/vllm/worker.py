@@ -28,7 +28,7 @@ from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
 from steerserve.engines.vllm.wire import ops_from_extra_args
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.pins import Pin
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -40,24 +40,27 @@ class SteeringRunnerMixin:
     # what the base runner provides (typed loosely: vLLM's runner is not a typed dependency here)
     input_batch: Any
     query_start_loc: Any
-    _steer_reqs: dict[str, tuple[tuple[SteerOp, ...], dict[str, int]]]  # req_id -> (ops, key -> bank row)
+    _steer_reqs: dict[str, Pin]  # req_id -> its vectors in the bank and its ops' placement
 
     def _update_states(self, scheduler_output: Any) -> Any:
         state = steer_ops.current()
         if state is not None:
             for req_id in scheduler_output.finished_req_ids:
-                entry = self._steer_reqs.pop(req_id, None)
-                if entry is not None:
-                    state.bank.release(entry[1])
+                pin = self._steer_reqs.pop(req_id, None)
+                if pin is not None:
+                    pin.release(state.bank)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
                 ops = ops_from_extra_args(params.extra_args if params is not None else None)
                 if not ops or new.req_id in self._steer_reqs:
                     continue
-                rows = state.bank.acquire(op.vector for op in ops)
-                if rows is None:  # the front end must gate admission on bank capacity; see engine notes
+                pin = Pin.acquire(state.bank, ops, state.tables.slots)
+                if pin is None:
+                    # Cannot happen behind steerserve's front end: it admits a request only when the rows
+                    # pinned by requests in flight plus its own fit (``engine.BankGate``), and the bank
+                    # compacts rather than fail on fragmentation. A bare vLLM client gets this error.
                     raise RuntimeError(f"request {new.req_id}: its vectors do not fit in the steering bank")
-                self._steer_reqs[new.req_id] = (ops, rows)
+                self._steer_reqs[new.req_id] = pin
         return super()._update_states(scheduler_output)  # type: ignore[misc]
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
@@ -70,10 +73,10 @@ class SteeringRunnerMixin:
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
         segments = []
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-            entry = self._steer_reqs.get(req_id)
-            if entry is not None:
+            pin = self._steer_reqs.get(req_id)
+            if pin is not None:
                 segments.append(Segment(int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i]),
-                                        entry[0], entry[1]))
+                                        pin.placement(state.bank)))
         total = int(scheduler_output.total_num_scheduled_tokens)
         if segments or state.tables.active:  # skip the table work on all-unsteered steps
             state.tables.fill(total, segments)
@@ -120,6 +123,16 @@ def _make_worker(base: type) -> type:
             super().load_model(*args, **kwargs)
             with torch.no_grad():
                 _setup(self)
+
+        def steerserve_stats(self) -> dict[str, int]:
+            """Bank and request counts of this worker (``collective_rpc("steerserve_stats")``)."""
+            state = steer_ops.current()
+            reqs = self.model_runner._steer_reqs
+            if state is None:
+                return {"requests": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
+            return {"requests": len(reqs), "pinned_rows": state.bank.pinned_rows(),
+                    "cached_rows": state.bank.used_rows(), "capacity": state.bank.capacity,
+                    "compactions": state.bank.generation}
 
     return SteerWorker
 

@@ -1,0 +1,145 @@
+"""``VLLMEngine``: the ``engines.base.Engine`` protocol on vLLM's ``AsyncLLM`` (stock vLLM, our worker).
+
+Per request: the compiled ops travel in ``SamplingParams.extra_args`` (``wire``), the prompt carries a
+prefix-cache salt per spec, ``BankGate`` holds the request back until its vectors fit in the workers'
+banks, and outputs come back as deltas (vLLM detokenises and applies stop strings). The EOS token is
+dropped from the token ids (it counts in usage), as on the hf engine. Cancelling the iterator aborts the
+request in vLLM (its bank rows are released by the worker), then frees its place at the gate.
+
+Hidden states for ``actadd`` pairs and offline extraction are computed on a transformers copy of the
+model in this process, loaded on first use: vLLM has no API to read a layer's residual stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerserve.config import Settings
+from steerserve.engines.base import GenerationOutput, GenerationRequest
+from steerserve.engines.vllm.gate import BankGate
+from steerserve.engines.vllm.plugin import engine_kwargs
+from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_ops
+from steerserve.model_info import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(path: Path, tokenizer: Any) -> set[int]:
+    """EOS ids as the hf engine uses them: the generation config's and the tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+class VLLMEngine:
+    """Implements ``engines.base.Engine``; vLLM's engine core runs in its own process by default."""
+
+    def __init__(self, path: Path, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
+        self.path, self.tokenizer, self.info, self.settings = path, tokenizer, info, settings
+        self.eos_ids = eos_token_ids(path, tokenizer)
+        self.gate = BankGate(settings.bank_slots - 1)
+        self.llm: Any = None
+        self._reference: tuple[Any, Any] | None = None  # (transformers model, its decoder layers)
+        self._reference_lock = asyncio.Lock()
+
+    @property
+    def bank_capacity(self) -> int:
+        return self.gate.capacity
+
+    def engine_args(self) -> dict[str, Any]:
+        """The ``AsyncEngineArgs`` fields: ours first, the operator's ``engine_args`` on top."""
+        s = self.settings
+        args: dict[str, Any] = {
+            "model": str(self.path), "served_model_name": self.info.name, "dtype": s.dtype,
+            "max_model_len": self.info.max_model_len, "seed": 0,
+            "generation_config": "vllm",  # sampling defaults come from each request, as on the hf engine
+            "disable_log_stats": True,
+            **engine_kwargs(bank_slots=s.bank_slots, max_interventions=s.max_interventions),
+        }
+        if s.max_batch is not None:
+            args["max_num_seqs"] = s.max_batch
+        args.update(s.engine_args)
+        return args
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's own variable)
+        args = AsyncEngineArgs(**self.engine_args())
+        # Building the engine loads the model and compiles it (minutes on CPU): off the event loop.
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    async def stop(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    async def health(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def _params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        return SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+            seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
+            stop_token_ids=sorted(self.eos_ids), output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_KEY: encode_ops(request.ops)} if request.ops else None,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+        if not await self.health():
+            raise RuntimeError("the engine is not running")
+        vectors = {op.vector.key: op.vector.rows for op in request.ops}
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
+        salt = cache_salt(request.ops)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        rid = request.request_id
+        await self.gate.enter(rid, vectors)  # waits while the bank is full
+        stream = self.llm.generate(prompt, self._params(request), rid)
+        completion = 0
+        try:
+            async for out in stream:
+                c = out.outputs[0]
+                ids = tuple(c.token_ids)
+                completion += len(ids)
+                reason = c.finish_reason if out.finished else None
+                if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
+                    ids = ids[:-1]  # EOS ends the text; it is counted, not shown
+                yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion)
+        finally:
+            await stream.aclose()  # if we stopped early: vLLM aborts the request (the worker frees its rows)
+            await self.gate.leave(rid)
+
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
+        from steerserve.model import load_hf
+        from steerserve.runtime.hooks import capture_hidden_states
+
+        async with self._reference_lock:  # one capture at a time: hooks on a shared model
+            if self._reference is None:
+                log.info("loading a transformers copy of %s for hidden states (actadd, extraction)", self.path)
+                model, _, _ = await asyncio.to_thread(load_hf, self.path, self.settings.dtype)
+                self._reference = (model, model.model.layers)
+            model, decoder = self._reference
+            return await asyncio.to_thread(capture_hidden_states, model, decoder, prompts, layers)
