@@ -33,7 +33,7 @@ class Settings:
     default_max_tokens: int = 128
     # engines
     max_batch: int | None = None  # most sequences decoded together; None: 16 on hf, vLLM's own default on vllm
-    bank_slots: int = 512  # vector-bank rows (row 0 is reserved); requests wait when their vectors do not fit
+    bank_slots: int = 4096  # vector-bank rows (row 0 is reserved); requests wait when their vectors do not fit
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments (vllm engine)
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
     models_root: Path | None = None  # where prepared models live; default <home>/models

@@ -55,7 +55,7 @@ class Service:
         return self.engine.info
 
     def sampling(self, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
-                 seed: int | None, stop: str | Sequence[str] | None) -> SamplingParams:
+                 seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool = False) -> SamplingParams:
         """Checked sampling parameters (field names as in the request body)."""
         s = self.settings
         mt = s.default_max_tokens if max_tokens is None else max_tokens
@@ -72,7 +72,7 @@ class Service:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not x for x in stops):
             raise SteerError("at most 4 non-empty strings", field="stop")
-        return SamplingParams(mt, temp, tp, seed, stops)
+        return SamplingParams(mt, temp, tp, seed, stops, ignore_eos)
 
     def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None) -> PromptInfo:
         return self.renderer.render(prompt, messages)

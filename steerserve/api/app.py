@@ -170,6 +170,8 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if await service.engine.health():
+            metrics.set_bank(await service.engine.bank_stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(native.router)

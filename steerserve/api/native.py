@@ -36,7 +36,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     prompt = service.render(body.prompt, messages)
     sampling = service.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed, stop=body.stop)
+                                seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
     sub = await service.submit(prompt, sampling, body.steering)
     metrics.accepted(sub)
     model = service.info.name

@@ -77,7 +77,8 @@ async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[S
     prompt = prompt_fn(service)
     with _renamed("max_tokens", max_field):
         sampling: SamplingParams = service.sampling(max_tokens=max_tokens, temperature=body.temperature,
-                                                    top_p=body.top_p, seed=body.seed, stop=body.stop)
+                                                    top_p=body.top_p, seed=body.seed, stop=body.stop,
+                                                    ignore_eos=body.ignore_eos)
         sub = await service.submit(prompt, sampling, body.steering)
     metrics: Metrics = request.app.state.metrics
     metrics.accepted(sub)

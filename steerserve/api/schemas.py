@@ -43,6 +43,7 @@ class GenerateRequest(_Strict):
     top_p: float | None = None
     seed: Seed = None
     stop: Stop = None
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
     stream: bool = False
     steering: dict[str, Any] | None = None
 
@@ -92,6 +93,7 @@ class CompletionBase(_OpenAI):
     top_p: float | None = None
     seed: Seed = None
     stop: Stop = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens regardless of EOS
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -57,6 +57,12 @@ class Metrics:
                                registry=self.registry)
         self.generations = Counter("steerserve_generation_requests", "Generation requests accepted by the engine",
                                    registry=self.registry)
+        self.bank = Gauge("steerserve_bank", "Vector bank (per engine worker): steered requests holding rows, "
+                          "rows pinned, rows cached, capacity, compactions", ["what"], registry=self.registry)
+
+    def set_bank(self, stats: Mapping[str, int]) -> None:
+        for key, value in stats.items():
+            self.bank.labels(key).set(value)
 
     def accepted(self, sub: Submitted) -> None:
         self.generations.inc()

@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever the model emits (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     async def health(self) -> bool: ...
+
+    async def bank_stats(self) -> dict[str, int]:
+        """The vector bank now: ``requests`` (steered, holding rows), ``pinned_rows``, ``cached_rows``,
+        ``capacity``, ``compactions``."""
+        ...
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         """Unsteered residual stream of each prompt: one ``[len(prompt), len(layers), hidden]`` fp32 tensor each."""

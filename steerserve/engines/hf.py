@@ -117,6 +117,13 @@ class HFEngine:
         self._inbox.put(("call", (fn, fut)))
         return fut
 
+    async def bank_stats(self) -> dict[str, int]:
+        def stats() -> dict[str, int]:
+            steered = sum(1 for s in self._active if s.pin is not None and s.pin.keys)
+            return {"requests": steered, **self.bank.stats()}
+
+        return dict(await asyncio.wrap_future(self.call(stats)))
+
     @property
     def bank_capacity(self) -> int:
         return self.bank.slots - 1
@@ -219,7 +226,7 @@ class HFEngine:
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
         tok = sample(logits, seq.req.sampling, seq.gen)
         seq.last, seq.completion = tok, seq.completion + 1
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
             return self._finish(seq, "stop", text=seq.detok.flush())
         text = seq.detok.push(tok)
         if seq.detok.stopped:

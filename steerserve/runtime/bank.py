@@ -51,6 +51,10 @@ class VectorBank:
     def pinned_rows(self) -> int:
         return sum(e.rows for e in self._entries.values() if e.refs > 0)
 
+    def stats(self) -> dict[str, int]:
+        return {"pinned_rows": self.pinned_rows(), "cached_rows": self.used_rows(), "capacity": self.capacity,
+                "compactions": self.generation}
+
     def rows_of(self, keys: Iterable[str]) -> dict[str, int]:
         """Current first row of each cached vector (they move only when ``generation`` changes)."""
         return {k: self._entries[k].start for k in keys}

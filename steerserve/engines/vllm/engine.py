@@ -95,6 +95,10 @@ class VLLMEngine:
         if self.llm is not None:
             await self.llm.abort(request_id)
 
+    async def bank_stats(self) -> dict[str, int]:
+        """The first worker's bank (tensor-parallel workers hold identical banks)."""
+        return dict((await self.llm.collective_rpc("steerserve_stats"))[0])
+
     def _params(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -103,7 +107,8 @@ class VLLMEngine:
         return SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
-            stop_token_ids=sorted(self.eos_ids), output_kind=RequestOutputKind.DELTA,
+            stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_KEY: encode_ops(request.ops)} if request.ops else None,
         )
 
@@ -127,7 +132,10 @@ class VLLMEngine:
                 reason = c.finish_reason if out.finished else None
                 if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
                     ids = ids[:-1]  # EOS ends the text; it is counted, not shown
-                yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion)
+                extra: dict[str, object] = {}
+                if out.finished and out.num_cached_tokens is not None:
+                    extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
+                yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
         finally:
             await stream.aclose()  # if we stopped early: vLLM aborts the request (the worker frees its rows)
             await self.gate.leave(rid)

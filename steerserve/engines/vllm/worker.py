@@ -127,12 +127,9 @@ def _make_worker(base: type) -> type:
         def steerserve_stats(self) -> dict[str, int]:
             """Bank and request counts of this worker (``collective_rpc("steerserve_stats")``)."""
             state = steer_ops.current()
-            reqs = self.model_runner._steer_reqs
             if state is None:
                 return {"requests": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
-            return {"requests": len(reqs), "pinned_rows": state.bank.pinned_rows(),
-                    "cached_rows": state.bank.used_rows(), "capacity": state.bank.capacity,
-                    "compactions": state.bank.generation}
+            return {"requests": len(self.model_runner._steer_reqs), **state.bank.stats()}
 
     return SteerWorker
 

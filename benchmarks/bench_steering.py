@@ -1,0 +1,222 @@
+"""Steering cost on either engine, measured side by side in one run: two conditions, same requests.
+
+``--compare steering`` (default): N concurrent requests unsteered vs the same N requests each with its
+own random vector on every decoder layer (so the batch holds N x layers distinct vectors).
+``--compare specs``: the N requests all sharing ONE steering spec vs each with its own distinct spec
+(same layers, same coefficient): cost must not depend on how many distinct specs share a batch.
+
+Each round runs both conditions back to back (the order flips every round, so slow drift of the machine
+falls on both sides equally). A condition submits all N requests at once so the engine decodes them in
+one continuous batch; its throughput is generated tokens divided by the wall time from submission to
+the last finish. Decoding is greedy with ``ignore_eos``: every request generates exactly max_tokens, so
+both conditions do the same amount of work and only the steering differs.
+
+    python benchmarks/bench_steering.py --engine vllm --requests 16 --max-tokens 64 --rounds 3
+    python benchmarks/bench_steering.py --engine vllm --compare specs --requests 32
+    python benchmarks/bench_steering.py --engine hf --requests 8
+
+The vectors are unit-norm per layer with a small coefficient (``add`` semantics, every position), so the
+text stays close to the unsteered one; the report says how many outputs the steering changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steerserve.config import Settings
+from steerserve.engines.base import Engine, GenerationRequest, SamplingParams
+from steerserve.model import load_hf, model_info, prepare_default_model
+from steerserve.prompts import PromptRenderer
+from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+
+PROMPTS = (
+    "Tell me about your weekend.",
+    "Describe the weather.",
+    "Write a sentence about my neighbour.",
+    "Explain how a bicycle works.",
+    "Give me a recipe for pancakes.",
+    "What is the capital of France?",
+    "Write a short story about a robot.",
+    "List some tips for studying.",
+    "Why is the sky blue?",
+    "Write a poem about autumn.",
+    "How do I make a paper plane?",
+    "Describe your favourite city.",
+    "What should I pack for a hike?",
+    "Summarise the plot of a fairy tale.",
+    "Give me three facts about octopuses.",
+    "How does a refrigerator keep food cold?",
+)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One condition in one round: generated tokens (per request) and wall time for the whole batch."""
+
+    tokens: tuple[int, ...]
+    texts: tuple[str, ...]
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.total / self.seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="vllm", help="engine to measure (default: vllm)")
+    p.add_argument("--compare", choices=("steering", "specs"), default="steering",
+                   help="steering: unsteered vs distinct vectors; specs: one shared spec vs distinct specs")
+    p.add_argument("--requests", type=int, default=16, help="concurrent requests per condition")
+    p.add_argument("--max-tokens", type=int, default=64, help="max new tokens per request (greedy)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs both conditions")
+    p.add_argument("--model", type=Path, default=None,
+                   help="transformers model directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--coeff", type=float, default=0.5, help="scale of each unit steering vector")
+    p.add_argument("--max-batch", type=int, default=64, help="the engine's batch limit (Settings.max_batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random steering vectors")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch default)")
+    return p.parse_args(argv)
+
+
+def default_model_dir() -> Path:
+    """The same cache the tests use, so a prepared model is reused rather than rebuilt."""
+    return Path(os.environ.get("STEERSERVE_TEST_MODELS", Path.home() / ".cache" / "steerserve" / "models"))
+
+
+def build_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: int, coeff: float, seed: int,
+                   vectors: int, tag: str) -> list[GenerationRequest]:
+    """``n`` chat requests over the fixed prompts (cycled). ``vectors``: 0 = unsteered, 1 = all requests
+    share one spec, n = each request has its own; a spec is a unit vector per layer on every layer."""
+    layers, hidden = engine.info.num_layers, engine.info.hidden_size
+    gen = torch.Generator().manual_seed(seed)  # same vectors every round: only timing varies
+    specs = []
+    for _ in range(vectors):
+        v = torch.randn(layers, hidden, generator=gen)
+        v = v / v.norm(dim=-1, keepdim=True)  # unit per layer, so coeff is the added norm
+        specs.append(tuple(SteerOp(OpKind.ADD, layer, VectorRef.of(v[layer]), coeff) for layer in range(layers)))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out = []
+    for i in range(n):
+        ids = render.render(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).token_ids
+        ops = specs[i % vectors] if vectors else ()
+        out.append(GenerationRequest(f"{tag}-{i}", ids, sampling, ops))
+    return out
+
+
+async def make_engine(args: argparse.Namespace) -> tuple[Engine, PromptRenderer]:
+    path = args.model if args.model is not None else prepare_default_model(default_model_dir())
+    info = model_info(path)
+    # The bank must hold every request's per-layer vectors at once, or requests would queue for rows
+    # and the steered condition would measure waiting, not steering.
+    settings = Settings(max_batch=args.max_batch, bank_slots=max(512, args.requests * info.num_layers + 1))
+    if args.requests > args.max_batch:
+        print(f"note: {args.requests} requests > max batch {args.max_batch}; some will wait for a slot")
+    engine: Engine
+    if args.engine == "hf":
+        from steerserve.engines.hf import HFEngine
+
+        model, tokenizer, info = load_hf(path)
+        engine = HFEngine(model, tokenizer, info, settings)
+    else:
+        from transformers import AutoTokenizer
+
+        from steerserve.engines.vllm.engine import VLLMEngine
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        engine = VLLMEngine(path, tokenizer, info, settings)
+    await engine.start()
+    return engine, PromptRenderer(tokenizer, settings.max_prompt_tokens)
+
+
+async def run_batch(engine: Engine, requests: list[GenerationRequest]) -> RoundResult:
+    """Submit every request at once and wait for all of them; time from submission to the last finish."""
+
+    async def one(req: GenerationRequest) -> tuple[int, str]:
+        text, count, reason = "", 0, None
+        async for out in engine.generate(req):
+            text += out.text
+            count = out.completion_tokens
+            reason = out.finish_reason
+        if reason == "abort":  # an engine failure would otherwise look like a fast round
+            raise RuntimeError(f"request {req.request_id} was aborted")
+        return count, text
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(r) for r in requests))
+    seconds = time.perf_counter() - t0
+    return RoundResult(tuple(c for c, _ in results), tuple(t for _, t in results), seconds)
+
+
+async def bench(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    engine, render = await make_engine(args)
+    n = args.requests
+    names = ("unsteered", "steered") if args.compare == "steering" else ("one spec", f"{n} specs")
+    counts = (0, n) if args.compare == "steering" else (1, n)
+    try:
+        def make(vectors: int, tag: str) -> list[GenerationRequest]:
+            return build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, vectors, tag)
+
+        conditions = dict(zip(names, counts, strict=True))
+        # Warm-up: lazy initialisation, allocator growth, and the bank loads of every vector.
+        for name, vectors in conditions.items():
+            await run_batch(engine, make(vectors, f"warm-{name}"))
+        results: dict[str, list[RoundResult]] = {name: [] for name in conditions}
+        for r in range(args.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                res = await run_batch(engine, make(conditions[name], f"r{r}-{name}"))
+                results[name].append(res)
+                print(f"round {r + 1} {name:>9}: {res.total:5d} tokens in {res.seconds:6.2f} s "
+                      f"= {res.tok_per_s:7.1f} tok/s", flush=True)
+    finally:
+        await engine.stop()
+    report(args, engine.info.name, engine.info.num_layers, results)
+    return 0
+
+
+def report(args: argparse.Namespace, model: str, layers: int, results: dict[str, list[RoundResult]]) -> None:
+    (base_name, base_rs), (test_name, test_rs) = results.items()  # the reference condition first
+    med = {name: statistics.median(r.tok_per_s for r in rs) for name, rs in results.items()}
+    differ = sum(a != b for a, b in zip(base_rs[0].texts, test_rs[0].texts, strict=True))
+    print()
+    print(f"engine {args.engine}, model {model}, {args.requests} concurrent requests, greedy, ignore_eos, "
+          f"max_tokens {args.max_tokens}, {args.rounds} rounds")
+    what = ("unsteered vs a distinct random unit vector per request" if args.compare == "steering"
+            else "all requests sharing one spec vs a distinct spec per request")
+    print(f"compare: {what}; add on all {layers} layers, every position, coeff {args.coeff}")
+    print()
+    print(f"{'condition':<10} {'tokens/round':>12} {'median s':>9} {'median tok/s':>13} {'all rounds tok/s':>28}")
+    for name, rs in results.items():
+        per_round = ", ".join(f"{r.tok_per_s:.1f}" for r in rs)
+        print(f"{name:<10} {rs[0].total:>12d} {statistics.median(r.seconds for r in rs):>9.2f} "
+              f"{med[name]:>13.1f} {per_round:>28}")
+    print()
+    print(f"ratio {test_name}/{base_name} (median tok/s): {med[test_name] / med[base_name]:.3f}")
+    # Each round's two runs are back to back, so their ratio cancels slow drift of a shared machine.
+    paired = [t.tok_per_s / b.tok_per_s for t, b in zip(test_rs, base_rs, strict=True)]
+    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)} (median {statistics.median(paired):.3f})")
+    print(f"outputs of '{test_name}' that differ from '{base_name}': {differ}/{args.requests}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(bench(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
