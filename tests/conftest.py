@@ -1,11 +1,15 @@
 """One live server for the whole session: the real default model, the real engine, uvicorn on a free port.
 
+The server's engine is what ``serve`` picks by default (``auto``: vllm where vLLM is installed, else hf);
+``STEERSERVE_TEST_ENGINE=hf|vllm`` forces one. Engine-level tests build their own engines.
+
 The default model is prepared once into a shared cache (``$STEERSERVE_TEST_MODELS`` or
 ``~/.cache/steerserve/models``) so that re-runs start in seconds; the artifact store is a fresh temp dir.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -32,7 +36,9 @@ ADMIN_KEY = "test-key"
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     model = prepare_default_model(models_dir())
-    return Settings(home=tmp_path_factory.mktemp("steerserve-home"), model=model, admin_key=ADMIN_KEY,
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default of 4 is more than tests need
+    return Settings(engine=os.environ.get("STEERSERVE_TEST_ENGINE", "auto"),
+                    home=tmp_path_factory.mktemp("steerserve-home"), model=model, admin_key=ADMIN_KEY,
                     max_batch=8, max_tokens_cap=256, vectors_dir=None)
 
 
@@ -53,7 +59,7 @@ def base_url(service: Service, settings: Settings) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # the vllm engine compiles the model at start (minutes on CPU)
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")

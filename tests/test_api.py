@@ -171,15 +171,26 @@ def test_concurrent_requests_batch(client: httpx.Client, base_url: str, concurre
     assert all(o["usage"]["completion_tokens"] >= 1 for o in outs)
 
 
-def _engine_idle(service: Service, timeout: float = 10.0) -> bool:
-    """The hf engine's queues (private, but the only way to see an abort from outside) drain in time."""
-    engine: Any = service.engine
+def engine_stats(client: httpx.Client) -> dict[str, float]:
+    """The engine gauges of /metrics (``running``, ``steered``, ``pinned_rows``, ...)."""
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("steerserve_engine{"):
+            what = line.split('what="')[1].split('"')[0]
+            out[what] = float(line.split()[-1])
+    return out
+
+
+def _engine_idle(client: httpx.Client, timeout: float = 10.0) -> bool:
+    """Nothing left in the engine: no request running, no bank row pinned."""
     deadline = time.monotonic() + timeout
-    while engine._active or engine._waiting:
+    while True:
+        stats = engine_stats(client)
+        if stats["running"] == 0 and stats["pinned_rows"] == 0 and stats["steered"] == 0:
+            return True
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-    return True
 
 
 def _tokens_generated(client: httpx.Client) -> float:
@@ -189,14 +200,21 @@ def _tokens_generated(client: httpx.Client) -> float:
     raise AssertionError("no token counter")
 
 
-def test_stream_disconnect_aborts_the_request(client: httpx.Client, base_url: str, service: Service) -> None:
+def test_stream_disconnect_aborts_the_request(client: httpx.Client, base_url: str,
+                                              fresh_vector: Callable[[str], dict[str, Any]]) -> None:
+    """A steered stream whose client hangs up leaves the engine and gives its bank rows back."""
+    fresh_vector("disconnect")
+    steering = {"interventions": [{"method": "add", "vector": "disconnect", "coeff": 0.5}]}
     before = _tokens_generated(client)
     with httpx.Client(base_url=base_url, timeout=60) as own, own.stream(
-            "POST", "/generate", json={"messages": STORY, "temperature": 0, "max_tokens": 250, "stream": True}) as r:
+            "POST", "/generate", json={"messages": STORY, "temperature": 0, "max_tokens": 250, "stream": True,
+                                       "steering": steering}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
+                stats = engine_stats(client)
+                assert stats["steered"] == 1 and stats["pinned_rows"] >= 30  # in flight: rows held
                 break  # one token in: hang up
-    assert _engine_idle(service)
+    assert _engine_idle(client)
     assert _tokens_generated(client) - before < 100
     assert generate(client, prompt="Hello", temperature=0, max_tokens=2)["usage"]["completion_tokens"] >= 1
 
@@ -205,19 +223,22 @@ def test_non_stream_disconnect_aborts_the_request(client: httpx.Client, base_url
     before = _tokens_generated(client)
     with httpx.Client(base_url=base_url, timeout=1.0) as own, pytest.raises(httpx.ReadTimeout):
         own.post("/generate", json={"messages": STORY, "temperature": 0, "max_tokens": 250})
-    assert _engine_idle(service)
+    assert _engine_idle(client)
     assert _tokens_generated(client) - before < 100
 
 
-def test_cli_parser_and_unavailable_engine(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_parser_and_bad_arguments(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     from steerserve.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.engine, args.admin_key) == ("127.0.0.1", 8000, None, None)
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--engine", "vllm", "--model", str(settings.model), "--home", str(settings.home)])
-    assert info.value.code == 2
-    assert "not available" in capsys.readouterr().err
+    for argv, message in (
+            (["--engine-args", "[1]"], "--engine-args must be a JSON object"),
+            (["--model", str(settings.home / "no-such-model")], "not a transformers model directory")):
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--home", str(settings.home), *argv])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_cli_prepare_reuses_the_prepared_model(settings: Settings, monkeypatch: pytest.MonkeyPatch,

@@ -174,9 +174,23 @@ class _ExplodingRenderer(PromptRenderer):
         raise RuntimeError("secret internal detail")
 
 
+class _IdleEngine:
+    """Stands in for the live server's engine, which belongs to the server thread's event loop."""
+
+    def __init__(self, engine: Any) -> None:
+        self.info, self.hidden_states = engine.info, engine.hidden_states
+
+    async def health(self) -> bool:
+        return True
+
+    async def stats(self) -> dict[str, int]:
+        return {}
+
+
 async def test_unexpected_error_is_a_generic_500(service: Service, settings: Settings) -> None:
     """A bug behind the edge answers 500 in the error shape, without its details, and the app keeps serving."""
-    broken = Service(settings, service.engine, service.store, _ExplodingRenderer(service.renderer.tokenizer, 2048))
+    engine: Any = _IdleEngine(service.engine)
+    broken = Service(settings, engine, service.store, _ExplodingRenderer(service.renderer.tokenizer, 2048))
     app = create_app(broken, settings)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as ac:
         for path, body in (("/generate", {"prompt": "Hi"}), ("/v1/completions", {"prompt": "Hi"})):

@@ -173,7 +173,7 @@ async def test_full_bank_makes_requests_wait_not_fail(engine: VLLMEngine, prompt
     async def watch() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, (await engine.bank_stats())["pinned_rows"])
+            peak = max(peak, (await engine.stats())["pinned_rows"])
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
@@ -191,14 +191,14 @@ async def test_abort_releases_bank_rows(engine: VLLMEngine, prompts: list[tuple[
     stream = engine.generate(req)
     got = [await anext(stream), await anext(stream)]
     assert all(o.finish_reason is None for o in got)
-    assert (await engine.bank_stats())["pinned_rows"] >= 30
+    assert (await engine.stats())["pinned_rows"] >= 30
     await stream.aclose()  # the client went away
     for _ in range(100):
-        stats = await engine.bank_stats()
-        if stats["requests"] == 0:
+        stats = await engine.stats()
+        if stats["steered"] == 0:
             break
         await asyncio.sleep(0.05)
-    assert stats["requests"] == 0 and stats["pinned_rows"] == 0
+    assert stats["steered"] == 0 and stats["pinned_rows"] == 0 and stats["running"] == 0
     assert engine.gate.used == 0
     assert await _tokens(engine, prompts[1], ()) != []  # and the engine keeps serving
 
@@ -213,3 +213,50 @@ def test_runs_under_default_compilation_in_its_own_process(engine: VLLMEngine) -
     assert config.scheduler_config.max_num_batched_tokens == CHUNK
     assert config.cache_config.enable_prefix_caching and config.cache_config.block_size == BLOCK
     assert type(engine.llm.engine_core).__name__ == "AsyncMPClient"  # engine core in another process
+
+
+def test_compile_cache_key_covers_our_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM keys its compile caches by ``VllmConfig.compute_hash()``: a graph compiled without our op (or
+    with another version of it) must never be loaded for a steered model, nor the reverse."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from steerserve.engines.vllm import plugin
+
+    path = str(prepare_default_model(models_dir()))
+
+    def key(**kwargs: Any) -> str:
+        return str(EngineArgs(model=path, dtype="float32", **kwargs).create_engine_config().compute_hash())
+
+    plain, ours = key(), key(**plugin.engine_kwargs())
+    assert plain != ours
+    assert key(**plugin.engine_kwargs()) == ours  # stable: a warm start reuses its own cache
+    monkeypatch.setattr(plugin, "code_fingerprint", lambda: "another-version")
+    assert key(**plugin.engine_kwargs()) not in (plain, ours)
+
+
+async def test_resolved_method_specs_match_hf(engine: VLLMEngine, hf_engine: HFEngine, tmp_path: Any) -> None:
+    """Specs as clients send them (``actadd`` with its positional front injection, ``add`` of a stored
+    vector, ``ablate``, and a composition), resolved by the server's own code, on both engines."""
+    from steerserve.spec import ResolveContext, SteerSpec, resolve
+    from steerserve.store.artifacts import ArtifactStore
+
+    info = hf_engine.info
+    store = ArtifactStore(tmp_path / "store", info)
+    g = torch.Generator().manual_seed(5)
+    store.put_vector("dir", {layer: torch.randn(info.hidden_size, generator=g) for layer in range(30)})
+    renderer = PromptRenderer(hf_engine.tokenizer, 2048)
+    ctx = ResolveContext(Settings(), info, store, renderer.tokenize, hf_engine.hidden_states)
+    actadd = {"method": "actadd", "positive": "Love", "negative": "Hate", "layer": 6, "coeff": 5}
+    specs = [
+        [actadd],
+        [{"method": "add", "vector": "dir", "coeff": 2.0, "layers": [4, 8, 12]}],
+        [{"method": "ablate", "vector": "dir"}],
+        [actadd, {"method": "add", "vector": "dir", "coeff": -1.0, "layers": "all", "positions": "generated"}],
+    ]
+    prompt = renderer.render(messages=[{"role": "user", "content": "Tell me about your day."}])
+    jobs = [(prompt.token_ids, (await resolve(SteerSpec.from_dict({"interventions": s}), prompt, ctx)).ops)
+            for s in specs]
+    plain = await _tokens(engine, prompt.token_ids, ())
+    got = await _together(engine, jobs)
+    assert got == [await _tokens(hf_engine, ids, ops) for ids, ops in jobs]
+    assert all(g != plain for g in got)

@@ -7,6 +7,7 @@ an unknown route -> 404; anything unexpected -> 500 with a generic message (trac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -171,7 +172,10 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         if await service.engine.health():
-            metrics.set_bank(await service.engine.bank_stats())
+            try:  # a scrape must not hang on a busy or wedged engine
+                metrics.set_engine(await asyncio.wait_for(service.engine.stats(), timeout=5))
+            except (asyncio.TimeoutError, RuntimeError) as exc:
+                log.warning("engine stats unavailable: %r", exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(native.router)

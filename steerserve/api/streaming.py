@@ -57,12 +57,13 @@ class Metrics:
                                registry=self.registry)
         self.generations = Counter("steerserve_generation_requests", "Generation requests accepted by the engine",
                                    registry=self.registry)
-        self.bank = Gauge("steerserve_bank", "Vector bank (per engine worker): steered requests holding rows, "
-                          "rows pinned, rows cached, capacity, compactions", ["what"], registry=self.registry)
+        self.engine = Gauge("steerserve_engine", "Engine now: requests running, steered requests holding bank "
+                            "rows, and the vector bank's pinned/cached rows, capacity, compactions", ["what"],
+                            registry=self.registry)
 
-    def set_bank(self, stats: Mapping[str, int]) -> None:
+    def set_engine(self, stats: Mapping[str, int]) -> None:
         for key, value in stats.items():
-            self.bank.labels(key).set(value)
+            self.engine.labels(key).set(value)
 
     def accepted(self, sub: Submitted) -> None:
         self.generations.inc()

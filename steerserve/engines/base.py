@@ -62,9 +62,9 @@ class Engine(Protocol):
 
     async def health(self) -> bool: ...
 
-    async def bank_stats(self) -> dict[str, int]:
-        """The vector bank now: ``requests`` (steered, holding rows), ``pinned_rows``, ``cached_rows``,
-        ``capacity``, ``compactions``."""
+    async def stats(self) -> dict[str, int]:
+        """Now: ``running`` (requests in the engine, waiting or generating), ``steered`` (holding bank
+        rows), and the vector bank's ``pinned_rows``, ``cached_rows``, ``capacity``, ``compactions``."""
         ...
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:

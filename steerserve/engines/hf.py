@@ -117,10 +117,10 @@ class HFEngine:
         self._inbox.put(("call", (fn, fut)))
         return fut
 
-    async def bank_stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, int]:
         def stats() -> dict[str, int]:
             steered = sum(1 for s in self._active if s.pin is not None and s.pin.keys)
-            return {"requests": steered, **self.bank.stats()}
+            return {"running": len(self._active) + len(self._waiting), "steered": steered, **self.bank.stats()}
 
         return dict(await asyncio.wrap_future(self.call(stats)))
 

@@ -95,9 +95,10 @@ class VLLMEngine:
         if self.llm is not None:
             await self.llm.abort(request_id)
 
-    async def bank_stats(self) -> dict[str, int]:
-        """The first worker's bank (tensor-parallel workers hold identical banks)."""
-        return dict((await self.llm.collective_rpc("steerserve_stats"))[0])
+    async def stats(self) -> dict[str, int]:
+        """Requests in vLLM, and the first worker's bank (tensor-parallel workers hold identical banks)."""
+        worker = (await self.llm.collective_rpc("steerserve_stats"))[0]
+        return {"running": self.llm.get_num_unfinished_requests(), **worker}
 
     def _params(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams

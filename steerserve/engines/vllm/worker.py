@@ -128,8 +128,8 @@ def _make_worker(base: type) -> type:
             """Bank and request counts of this worker (``collective_rpc("steerserve_stats")``)."""
             state = steer_ops.current()
             if state is None:
-                return {"requests": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
-            return {"requests": len(self.model_runner._steer_reqs), **state.bank.stats()}
+                return {"steered": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
+            return {"steered": len(self.model_runner._steer_reqs), **state.bank.stats()}
 
     return SteerWorker
 
