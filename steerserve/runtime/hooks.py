@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer
+from steerserve.runtime.ops import steer_
 from steerserve.runtime.tables import StepTables
 
 
@@ -36,8 +36,9 @@ class SteeringHooks:
             if not self.tables.active:
                 return None  # nothing steered this step: leave the output untouched
             h = _hidden(output)  # [B, S, H]
-            flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order
-            return _replace(output, steer(flat, self.bank.weight, *self.tables.layer(index)).view_as(h))
+            flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
+            steer_(flat, self.bank.weight, *self.tables.layer(index))
+            return _replace(output, flat.view_as(h))
 
         return hook
 

@@ -84,6 +84,8 @@ class StepTables:
         self.num_tokens = 0
         self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
+        self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
+        self.fill(0, [])
 
     @property
     def max_tokens(self) -> int:
@@ -108,6 +110,13 @@ class StepTables:
         for kind in OpKind:  # one copy per table
             self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
             self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
+        # Slice once per step, not once per layer: the op then only picks its layer's views.
+        ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
+        add, abl = OpKind.ADD, OpKind.ABLATE
+        self._views = list(zip(self.rows[add][:, :num_tokens, :ka].unbind(0),
+                               self.scales[add][:, :num_tokens, :ka].unbind(0),
+                               self.rows[abl][:, :num_tokens, :kb].unbind(0),
+                               self.scales[abl][:, :num_tokens, :kb].unbind(0), strict=True))
 
     def _scatter(self, segments: Sequence[Segment]) -> None:
         """Every (token, op) pair of the step at once: expand each op over its segment's tokens."""
@@ -140,9 +149,8 @@ class StepTables:
         ``sliced`` trims to this step's tokens and used slot widths (eager engines); graph-captured engines
         pass ``sliced=False`` and keep the fixed shapes.
         """
-        t = self.num_tokens if sliced else self.max_tokens
-        ka = self.width[OpKind.ADD] if sliced else self.slots
-        kb = self.width[OpKind.ABLATE] if sliced else self.slots
-        a, s = self.rows[OpKind.ADD][layer, :t, :ka], self.scales[OpKind.ADD][layer, :t, :ka]
-        ar, as_ = self.rows[OpKind.ABLATE][layer, :t, :kb], self.scales[OpKind.ABLATE][layer, :t, :kb]
-        return a, s, ar, as_
+        if sliced:
+            a, s, ar, as_ = self._views[layer]
+            return a, s, ar, as_
+        add, abl = OpKind.ADD, OpKind.ABLATE
+        return self.rows[add][layer], self.scales[add][layer], self.rows[abl][layer], self.scales[abl][layer]

@@ -3,7 +3,7 @@ opaque, in-place call per decoder layer instead of freezing the tables into the 
 
 Why a custom op: vLLM traces the model once (``fullgraph=True``) and compiles it with Inductor. Plain
 Python inside the layer would be traced with the tables' *values at trace time* and any host branch
-(``tables.active``) frozen. An opaque ``torch.library.custom_op`` is called on every step with the live
+(``tables.active``) frozen. An opaque torch library op (``steerserve::steer_``) is called on every step with the live
 module-level state, so table contents written by the host between steps take effect.
 
 vLLM's residual stream: a vLLM decoder layer returns ``(hidden_states, residual)`` separately (the add
@@ -12,7 +12,7 @@ layer convention of ``model_info.LAYER_CONVENTION``) is their SUM ``x = hidden +
 
 - ``add``: ``x + c v = (hidden + c v) + residual``: added to ``hidden`` only, in place.
 - ``ablate``: the projection must be of the SUM: ``hidden += steer(x) - x`` where ``steer`` is
-  ``runtime.ops.steer`` (ablate-then-add on ``x``); ``residual`` is left as is, so the next layer sees
+  ``runtime.ops.steer_`` (ablate-then-add on ``x``); ``residual`` is left as is, so the next layer sees
   ``hidden' + residual = steer(x)`` up to one rounding. Unsteered tokens give ``steer(x) - x == 0``
   exactly (row 0, scale 0), so ``hidden`` stays bit-identical.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer
+from steerserve.runtime.ops import steer_
 from steerserve.runtime.tables import StepTables
 
 
@@ -56,8 +56,7 @@ def current() -> SteerState | None:
     return _STATE
 
 
-@torch.library.custom_op("steerserve::steer_", mutates_args=("h",), device_types=None)
-def steer_(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """Steer the residual stream ``h + residual`` after decoder block ``layer``, writing into ``h``.
 
     ``h, residual [T, H]``: the flat step (``T`` = tokens laid out this step, possibly padded; padded
@@ -71,20 +70,31 @@ def steer_(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
         return  # nothing steered this step: not even a read of the tables
     n = h.shape[0] if state.static else min(h.shape[0], tables.num_tokens)
     add_rows, add_scales, abl_rows, abl_scales = tables.layer(layer, sliced=not state.static)
-    add_rows, add_scales, abl_rows, abl_scales = add_rows[:n], add_scales[:n], abl_rows[:n], abl_scales[:n]
+    if n != add_rows.shape[0]:
+        add_rows, add_scales, abl_rows, abl_scales = add_rows[:n], add_scales[:n], abl_rows[:n], abl_scales[:n]
     bank = state.bank.weight
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
     hn = h[:n]  # [n, H] view into the layer output
     if abl_rows.shape[1]:
-        x = hn + residual[:n]  # [n, H] the residual stream: projections read the sum
-        hn.add_(steer(x, bank, add_rows, add_scales, abl_rows, abl_scales) - x)
+        x0 = hn + residual[:n]  # [n, H] the residual stream: projections read the sum
+        x = x0.clone()
+        steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales)
+        hn.add_(x - x0)
     elif add_rows.shape[1]:
-        no = add_rows[:, :0]  # [n, 0]: no ablation slots
-        hn.copy_(steer(hn, bank, add_rows, add_scales, no, add_scales[:, :0]))
+        steer_(hn, bank, add_rows, add_scales, abl_rows, abl_scales)  # additions commute with the split
 
 
-@steer_.register_fake
 def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """Shape-only version for Dynamo/Inductor tracing: mutates ``h`` in place, returns nothing."""
     return None
+
+
+# Registered with the low-level ``torch.library`` API rather than ``@custom_op``: the op runs under
+# inference mode only (no autograd, no version counters to bump), and skipping custom_op's Python
+# autograd / inplace-view / dynamo-disable wrappers cuts its per-call overhead several times; it is
+# called once per decoder layer per step.
+_LIB = torch.library.Library("steerserve", "DEF")
+_LIB.define("steer_(Tensor(a!) h, Tensor residual, int layer) -> ()")
+_LIB.impl("steer_", _steer_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("steerserve::steer_", _steer_fake, lib=_LIB)
