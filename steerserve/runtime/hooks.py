@@ -37,7 +37,7 @@ class SteeringHooks:
                 return None  # nothing steered this step: leave the output untouched
             h = _hidden(output)  # [B, S, H]
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
-            steer_(flat, self.bank.weight, *self.tables.layer(index))
+            steer_(flat, self.bank.weight, *self.tables.layer(index), self.tables.delta(index))
             return _replace(output, flat.view_as(h))
 
         return hook

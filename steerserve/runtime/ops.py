@@ -11,6 +11,20 @@ from __future__ import annotations
 import torch
 
 
+def add_delta(bank: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``sum_k scales[..., k] * bank[rows[..., k]]``: ``rows, scales [..., K]`` -> ``[..., H]``.
+
+    The slots are summed first and added to ``h`` once: so ``v`` and ``-v`` in two slots cancel exactly,
+    and coefficient 0 adds exactly 0, leaving ``h`` bit-identical. Works on one layer's ``[T, K]`` or on
+    all layers' ``[L, T, K]`` at once (same arithmetic, element for element).
+    """
+    shape = (*rows.shape[:-1], bank.shape[1])
+    delta = bank.index_select(0, rows[..., 0].reshape(-1)).view(shape).mul_(scales[..., 0:1])
+    for k in range(1, rows.shape[-1]):
+        delta.add_(bank.index_select(0, rows[..., k].reshape(-1)).view(shape).mul_(scales[..., k : k + 1]))
+    return delta
+
+
 def steer_(
     h: torch.Tensor,
     bank: torch.Tensor,
@@ -18,23 +32,21 @@ def steer_(
     add_scales: torch.Tensor,
     abl_rows: torch.Tensor,
     abl_scales: torch.Tensor,
+    delta: torch.Tensor | None = None,
 ) -> None:
-    """In place: ablate, ``h -= s_k (h . r_k) r_k`` per ablation slot, then add, ``h += c_k v_k`` per slot.
+    """In place: ablate, ``h -= s_k (h . r_k) r_k`` per ablation slot, then add ``add_delta(...)``.
 
-    Ka, Kb are small fixed table widths (unrolled at trace time); a slot costs a row gather
-    (``index_select``), a scale and an in-place update.
+    Ka, Kb are small fixed table widths (unrolled at trace time). ``delta [T, H]``: the addition, if
+    the caller computed it already for all layers of the step at once (``StepTables.delta``).
     """
     for k in range(abl_rows.shape[1]):
         r = bank.index_select(0, abl_rows[:, k])  # [T, H] unit directions (zeros where unused)
         proj = (h * r).sum(dim=-1, keepdim=True)  # [T, 1]
         h.sub_((abl_scales[:, k : k + 1] * proj) * r)
-    if add_rows.shape[1]:
-        # The slots are summed first, then added once: so v and -v in two slots cancel exactly (0), and
-        # coefficient 0 adds exactly 0, leaving h bit-identical.
-        delta = bank.index_select(0, add_rows[:, 0]).mul_(add_scales[:, 0:1])  # [T, H] c_0 v_0
-        for k in range(1, add_rows.shape[1]):
-            delta.add_(bank.index_select(0, add_rows[:, k]).mul_(add_scales[:, k : k + 1]))
+    if delta is not None:
         h.add_(delta)
+    elif add_rows.shape[1]:
+        h.add_(add_delta(bank, add_rows, add_scales))
 
 
 def steer(

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from steerserve.runtime.ops import add_delta
 from steerserve.runtime.plan import OpKind, SteerOp
 
 KINDS = tuple(OpKind)
+DELTA_MAX_ELEMENTS = 1 << 22  # 16 MiB in fp32: steps up to a few hundred tokens (decode) gather all layers at once
 _NO_STOP = np.iinfo(np.int64).max
 # columns of Placement.ints
 _KIND, _LAYER, _SLOT, _ROW, _START, _STOP, _POSITIONAL = range(7)
@@ -85,14 +87,19 @@ class StepTables:
         self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
         self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
+        self._delta: list[torch.Tensor] | None = None  # this step's per-layer additions, when gathered
         self.fill(0, [])
 
     @property
     def max_tokens(self) -> int:
         return int(self._rows[OpKind.ADD].shape[1])
 
-    def fill(self, num_tokens: int, segments: Sequence[Segment]) -> None:
-        """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0."""
+    def fill(self, num_tokens: int, segments: Sequence[Segment], bank: torch.Tensor | None = None) -> None:
+        """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0.
+
+        With ``bank``, small steps (decode) also get every layer's addition ``[L, T, H]`` gathered at
+        once (``delta``): one gather per step instead of one per layer.
+        """
         if num_tokens > self.max_tokens:
             raise ValueError(f"step has {num_tokens} tokens; tables hold {self.max_tokens}")
         # Clear what the last step wrote too, and copy that span below: consumers that keep fixed shapes
@@ -113,6 +120,11 @@ class StepTables:
         # Slice once per step, not once per layer: the op then only picks its layer's views.
         ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
         add, abl = OpKind.ADD, OpKind.ABLATE
+        self._delta = None
+        layers = self.rows[OpKind.ADD].shape[0]
+        if bank is not None and ka and layers * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS:
+            rows, scales = self._views_src(ka)
+            self._delta = list(add_delta(bank, rows, scales).unbind(0))  # L x [T, H]
         self._views = list(zip(self.rows[add][:, :num_tokens, :ka].unbind(0),
                                self.scales[add][:, :num_tokens, :ka].unbind(0),
                                self.rows[abl][:, :num_tokens, :kb].unbind(0),
@@ -142,6 +154,14 @@ class StepTables:
             self._rows[kind][at] = row[m]
             self._scales[kind][at] = scales[op[m]]
             self.width[kind] = int(e[m, _SLOT].max()) + 1
+
+    def _views_src(self, ka: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.num_tokens
+        return self.rows[OpKind.ADD][:, :t, :ka], self.scales[OpKind.ADD][:, :t, :ka]  # [L, T, Ka] each
+
+    def delta(self, layer: int) -> torch.Tensor | None:
+        """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None."""
+        return None if self._delta is None else self._delta[layer]
 
     def layer(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(add_rows, add_scales, abl_rows, abl_scales)`` for one layer, ``[T, K]`` each.

@@ -75,14 +75,17 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     bank = state.bank.weight
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
+    delta = None if state.static else tables.delta(layer)  # [T, H] gathered for all layers at once
+    if delta is not None and delta.shape[0] != n:
+        delta = delta[:n]
     hn = h[:n]  # [n, H] view into the layer output
     if abl_rows.shape[1]:
         x0 = hn + residual[:n]  # [n, H] the residual stream: projections read the sum
         x = x0.clone()
-        steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales)
+        steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales, delta)
         hn.add_(x - x0)
     elif add_rows.shape[1]:
-        steer_(hn, bank, add_rows, add_scales, abl_rows, abl_scales)  # additions commute with the split
+        steer_(hn, bank, add_rows, add_scales, abl_rows, abl_scales, delta)  # additions commute with the split
 
 
 def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

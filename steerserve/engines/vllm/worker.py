@@ -79,7 +79,7 @@ class SteeringRunnerMixin:
                                         pin.placement(state.bank)))
         total = int(scheduler_output.total_num_scheduled_tokens)
         if segments or state.tables.active:  # skip the table work on all-unsteered steps
-            state.tables.fill(total, segments)
+            state.tables.fill(total, segments, state.bank.weight)
         return out
 
 
