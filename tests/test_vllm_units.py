@@ -103,3 +103,33 @@ async def test_bank_gate_waits_in_order_and_never_overfills() -> None:
     await gate.leave("c")
     await gate.leave("d")
     assert gate.used == 0
+
+
+def test_graph_safe_form_matches_the_eager_form() -> None:
+    """``SteerState.static`` (what a CUDA-graph capture records): full fixed-shape tables, no branch on
+    ``tables.active``; the same result as the eager form, bit for bit where nothing is ablated."""
+    ops = _ops()
+    adds = tuple(op for op in ops if op.kind == OpKind.ADD)
+    bank, tables = VectorBank(8, H), StepTables(2, 16, 4)
+    g = torch.Generator().manual_seed(3)
+    hidden, residual = torch.randn(7, H, generator=g), torch.randn(7, H, generator=g)
+    for spec, exact in ((adds, True), (ops, False)):
+        rows = bank.acquire(op.vector for op in spec)
+        assert rows is not None
+        tables.fill(6, [Segment(1, 0, 5, Placement.build(spec, rows, tables.slots))])
+        out = {}
+        for static in (False, True):
+            vops.install(vops.SteerState(bank, tables, static=static))
+            try:
+                h = hidden.clone()
+                for layer in range(2):
+                    torch.ops.steerserve.steer_(h, residual, layer)
+                out[static] = h
+            finally:
+                vops.install(None)
+        assert torch.equal(out[True][0], hidden[0])  # unsteered token: untouched in both forms
+        if exact:
+            assert torch.equal(out[True], out[False])
+        else:
+            torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(out[True], hidden)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer_
+from steerserve.runtime.ops import add_delta, steer_
 from steerserve.runtime.tables import StepTables
 
 
@@ -75,7 +75,10 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     bank = state.bank.weight
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
-    delta = None if state.static else tables.delta(layer)  # [T, H] gathered for all layers at once
+    if state.static:  # graph-safe: every slot, every token up to the captured size; no data-dependent branch
+        _steer_static(h[:n], residual[:n], bank, add_rows, add_scales, abl_rows, abl_scales)
+        return
+    delta = tables.delta(layer)  # [T, H] gathered for all layers at once, for small steps
     if delta is not None and delta.shape[0] != n:
         delta = delta[:n]
     hn = h[:n]  # [n, H] view into the layer output
@@ -86,6 +89,20 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
         hn.add_(x - x0)
     elif add_rows.shape[1]:
         steer_(hn, bank, add_rows, add_scales, abl_rows, abl_scales, delta)  # additions commute with the split
+
+
+def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, add_rows: torch.Tensor,
+                  add_scales: torch.Tensor, abl_rows: torch.Tensor, abl_scales: torch.Tensor) -> None:
+    """The same steering with a fixed sequence of kernels (for CUDA-graph capture and replay).
+
+    Ablations on the sum ``x = hn + residual`` (a token with scale 0 gets ``x - x0 == 0`` exactly), then
+    the additions on ``hn`` (row 0 / scale 0 adds exactly 0), so unsteered tokens stay bit-identical.
+    """
+    x0 = hn + residual  # [T, H]
+    x = x0.clone()
+    steer_(x, bank, add_rows[:, :0], add_scales[:, :0], abl_rows, abl_scales)
+    hn.add_(x - x0)
+    hn.add_(add_delta(bank, add_rows, add_scales))
 
 
 def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

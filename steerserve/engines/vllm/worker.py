@@ -108,7 +108,11 @@ def _setup(worker: Any) -> None:
     max_tokens = worker.vllm_config.scheduler_config.max_num_batched_tokens
     bank = VectorBank(int(conf.get("bank_slots", 512)), hidden, dtype=dtype, device=runner.device)
     tables = StepTables(num_layers, max_tokens, int(conf.get("max_interventions", 4)), device=runner.device)
-    steer_ops.install(steer_ops.SteerState(bank, tables))
+    # Where vLLM may capture CUDA graphs (any device but CPU, unless enforce_eager), the op must take its
+    # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
+    # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
+    static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
+    steer_ops.install(steer_ops.SteerState(bank, tables, static=static))
     log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
              type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
 
