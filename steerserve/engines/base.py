@@ -1,4 +1,4 @@
-"""The engine protocol: what the API layer may ask of any engine (hf today, vllm next)."""
+"""The engine protocol: what the API layer may ask of any engine (``hf.HFEngine``, ``vllm.engine.VLLMEngine``)."""
 
 from __future__ import annotations
 
