@@ -122,8 +122,9 @@ class VLLMEngine:
         if salt is not None:
             prompt["cache_salt"] = salt
         rid = request.request_id
+        params = self._params(request)  # before the gate: if it raises, nothing is held
         await self.gate.enter(rid, vectors)  # waits while the bank is full
-        stream = self.llm.generate(prompt, self._params(request), rid)
+        stream = self.llm.generate(prompt, params, rid)
         completion = 0
         try:
             async for out in stream:
