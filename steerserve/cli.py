@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and vLLM's max_num_seqs default on vllm)")
     serve.add_argument("--bank-slots", type=int, default=None, metavar="N",
                        help="vector-bank rows per engine; requests wait when their vectors do not fit "
-                            "(default: $STEERSERVE_BANK_SLOTS or 512)")
+                            "(default: $STEERSERVE_BANK_SLOTS or 4096)")
     serve.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

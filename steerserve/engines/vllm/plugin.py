@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from steerserve.config import Settings
 from steerserve.engines.vllm import ops as _ops  # noqa: F401  (registers torch.ops.steerserve.steer_)
 
 _STEERED: dict[type[nn.Module], type[nn.Module]] = {}
@@ -88,7 +89,8 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def engine_kwargs(*, bank_slots: int = 512, max_interventions: int = 4) -> dict[str, Any]:
+def engine_kwargs(*, bank_slots: int = Settings.bank_slots,
+                  max_interventions: int = Settings.max_interventions) -> dict[str, Any]:
     """Arguments for ``vllm.LLM(...)`` / ``AsyncEngineArgs(...)`` that enable steering.
 
     ``additional_config`` is both the channel to the worker (sizes) and a compile-cache key factor:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
 from steerserve.engines.vllm.wire import ops_from_extra_args
@@ -106,8 +107,10 @@ def _setup(worker: Any) -> None:
     hidden = worker.vllm_config.model_config.get_hidden_size()
     dtype = worker.vllm_config.model_config.dtype
     max_tokens = worker.vllm_config.scheduler_config.max_num_batched_tokens
-    bank = VectorBank(int(conf.get("bank_slots", 512)), hidden, dtype=dtype, device=runner.device)
-    tables = StepTables(num_layers, max_tokens, int(conf.get("max_interventions", 4)), device=runner.device)
+    slots = int(conf.get("bank_slots", Settings.bank_slots))
+    bank = VectorBank(slots, hidden, dtype=dtype, device=runner.device)
+    width = int(conf.get("max_interventions", Settings.max_interventions))
+    tables = StepTables(num_layers, max_tokens, width, device=runner.device)
     # Where vLLM may capture CUDA graphs (any device but CPU, unless enforce_eager), the op must take its
     # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
     # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
