@@ -80,6 +80,8 @@ class VLLMEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB of KV cache on CPU (vLLM's own variable)
         args = AsyncEngineArgs(**self.engine_args())
+        log.info("starting vLLM (the first start compiles the model, 1-2 minutes on CPU; later starts reuse "
+                 "vLLM's compile cache)")
         # Building the engine loads the model and compiles it (minutes on CPU): off the event loop.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
