@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from steerserve.config import Settings
 from steerserve.engines.base import Engine
@@ -14,6 +15,7 @@ from steerserve.model import prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.service import Service
 from steerserve.store.artifacts import ArtifactStore
+from steerserve.tools import norms
 
 
 def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
@@ -39,6 +41,7 @@ def build_service(settings: Settings, log: Callable[[str], None] = print) -> Ser
     engine_name = pick_engine(settings.engine)
     log(f"Loading {path} (engine={engine_name}, dtype={settings.dtype})")
     engine: Engine
+    hf_model: Any = None  # the transformers model, when the engine has one (norms are measured on it)
     if engine_name == "vllm":
         from transformers import AutoTokenizer
 
@@ -52,12 +55,26 @@ def build_service(settings: Settings, log: Callable[[str], None] = print) -> Ser
         from steerserve.engines.hf import HFEngine
         from steerserve.model import load_hf
 
-        model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
-        engine = HFEngine(model, tokenizer, info, settings)
+        hf_model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
+        engine = HFEngine(hf_model, tokenizer, info, settings)
     store = ArtifactStore(settings.store_dir / info.fingerprint, info)
+    store.max_description_chars = settings.max_description_chars
+    renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens, settings.max_prompt_chars)
+
+    def measure() -> list[float]:
+        from steerserve.model import load_hf
+        from steerserve.runtime.hooks import capture_hidden_states
+
+        log(f"Measuring {info.name}'s typical activation norms (once per model)")
+        model = hf_model if hf_model is not None else load_hf(path, "float32")[0]
+        return norms.measure(lambda p, layers: capture_hidden_states(model, model.model.layers, p, layers),
+                             renderer.tokenize, info.num_layers)
+
+    store.set_norm_policy(norms.load_or_measure(store.root, info.fingerprint, measure),
+                          settings.max_vector_norm_ratio)
     if settings.vectors_dir is not None:
         import_vectors(store, settings.vectors_dir, log)
-    return Service(settings, engine, store, PromptRenderer(tokenizer, settings.max_prompt_tokens))
+    return Service(settings, engine, store, renderer)
 
 
 def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None] = print) -> None:

@@ -31,6 +31,17 @@ class Settings:
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
+    # Edge limits (checked before parsing or tokenising anything): request bodies and prompt text.
+    max_body_bytes: int = 4 * 1024 * 1024  # generation and other JSON routes -> 413 beyond it
+    max_upload_bytes: int = 64 * 1024 * 1024  # POST /admin/vectors bodies
+    max_prompt_chars: int = 65536  # characters of prompt/messages text, checked before tokenising
+    max_description_chars: int = 1024  # artifact descriptions
+    # Upload vetting: a vector's per-layer norm may be at most this multiple of the model's typical
+    # residual-stream norm at that layer (measured once per model, recorded next to the store).
+    max_vector_norm_ratio: float = 10.0
+    # A dead engine is restarted in-process this many times (per 10 minutes); beyond that the server
+    # exits non-zero so that a supervisor restarts it.
+    engine_restarts: int = 3
     # engines
     max_batch: int | None = None  # most sequences decoded together; None: 16 on hf, vLLM's own default on vllm
     bank_slots: int = 4096  # vector-bank rows (row 0 is reserved); requests wait when their vectors do not fit
@@ -58,5 +69,10 @@ class Settings:
             max_batch=int(env["STEERSERVE_MAX_BATCH"]) if env.get("STEERSERVE_MAX_BATCH") else None,
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),
             models_root=Path(env["STEERSERVE_MODELS_DIR"]) if env.get("STEERSERVE_MODELS_DIR") else None,
+            max_body_bytes=int(env.get("STEERSERVE_MAX_BODY_BYTES", cls.max_body_bytes)),
+            max_upload_bytes=int(env.get("STEERSERVE_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
+            max_prompt_chars=int(env.get("STEERSERVE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),
+            max_vector_norm_ratio=float(env.get("STEERSERVE_MAX_VECTOR_NORM_RATIO", cls.max_vector_norm_ratio)),
+            engine_restarts=int(env.get("STEERSERVE_ENGINE_RESTARTS", cls.engine_restarts)),
         )
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})

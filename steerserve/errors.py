@@ -29,3 +29,12 @@ class NotFound(SteerError):
 class Conflict(SteerError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message, field=field, status=409, code="conflict")
+
+
+class EngineUnavailable(SteerError):
+    """The engine is down (restarting): a 503 that the edge sends with ``Retry-After``."""
+
+    retry_after = 30  # seconds: about what a restart of the vllm engine takes on CPU with a warm compile cache
+
+    def __init__(self, message: str = "the engine is restarting; retry shortly") -> None:
+        super().__init__(message, status=503, code="engine_unavailable")

@@ -8,13 +8,33 @@ from typing import Any
 from steerserve.errors import SteerError
 from steerserve.spec import PromptInfo
 
+# Settings.max_prompt_chars' default, for callers that do not pass the server's setting.
+DEFAULT_MAX_PROMPT_CHARS = 65536
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` holds a lone UTF-16 surrogate (``"\\ud800"`` in JSON), which no tokenizer can encode."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
 
 class PromptRenderer:
-    """Wraps a transformers tokenizer. Chat requests use the model's own chat template."""
+    """Wraps a transformers tokenizer. Chat requests use the model's own chat template.
 
-    def __init__(self, tokenizer: Any, max_prompt_tokens: int) -> None:
+    Text is checked (length in characters, encodability) before the tokenizer sees it: tokenizing costs
+    time in proportion to the text, and the token limit alone would only be checked after paying it.
+    """
+
+    def __init__(self, tokenizer: Any, max_prompt_tokens: int,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> None:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_chars = max_prompt_chars
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -28,17 +48,22 @@ class PromptRenderer:
         if (prompt is None) == (messages is None):
             raise SteerError("give exactly one of 'prompt' and 'messages'", field=where)
         if prompt is not None:
+            self._check_text(prompt, len(prompt), where, "is")
             if not prompt.strip():
                 raise SteerError("must not be empty", field=where)
             return self._checked(PromptInfo(tuple(self.tokenize(prompt)), 0), where)
         assert messages is not None
         if not messages:
             raise SteerError("must not be empty", field="messages")
+        total = 0
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant"):
                 raise SteerError("must be 'system', 'user' or 'assistant'", field=f"messages.{i}.role")
-            if not isinstance(m.get("content"), str):
+            content = m.get("content")
+            if not isinstance(content, str):
                 raise SteerError("must be a string", field=f"messages.{i}.content")
+            total += len(content)  # the limit is on all messages together: they are tokenized as one text
+            self._check_text(content, total, f"messages.{i}.content", "brings the messages to")
         if not any(m["content"].strip() for m in messages):
             raise SteerError("every message is empty", field="messages")
         text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
@@ -47,6 +72,15 @@ class PromptRenderer:
         ids = list(enc["input_ids"])
         return self._checked(PromptInfo(tuple(ids), self._user_start(text, messages, enc["offset_mapping"])),
                              "messages")
+
+    def _check_text(self, text: str, total: int, where: str, verb: str) -> None:
+        """Refuse text that would be slow to tokenize (``total`` characters so far) or cannot be encoded."""
+        if total > self.max_prompt_chars:
+            raise SteerError(f"{verb} {total} characters; the limit is {self.max_prompt_chars}", field=where,
+                             code="prompt_too_long")
+        if has_lone_surrogate(text):
+            raise SteerError("contains a lone UTF-16 surrogate (not valid Unicode text)", field=where,
+                             code="invalid_unicode")
 
     @staticmethod
     def _user_start(text: str, messages: Sequence[Mapping[str, str]], offsets: Sequence[tuple[int, int]]) -> int:

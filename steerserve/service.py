@@ -14,7 +14,10 @@ from typing import Any
 
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
-from steerserve.errors import SteerError
+from steerserve.engines.supervisor import EngineSupervisor
+from steerserve.errors import EngineUnavailable, SteerError
+from steerserve.methods.actadd import MAX_PAIR_TOKENS
+from steerserve.methods.base import coeff_value
 from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec, resolve
@@ -47,12 +50,25 @@ class Submitted:
 class Service:
     def __init__(self, settings: Settings, engine: Engine, store: ArtifactStore, renderer: PromptRenderer) -> None:
         self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
+        self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    async def start(self) -> None:
+        """Start the engine and the supervisor that restarts it if it dies (``engines.supervisor``)."""
+        await self.engine.start()
+        self.supervisor.start()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        await self.engine.stop()
+
+    async def healthy(self) -> bool:
+        return not self.supervisor.restarting and await self.engine.health()
 
     def sampling(self, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
                  seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool = False) -> SamplingParams:
@@ -79,7 +95,10 @@ class Service:
 
     async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
                      request_id: str | None = None) -> Submitted:
-        """Resolve the steering against model, store and policy, then queue. Raises SteerError (4xx)."""
+        """Resolve the steering against model, store and policy, then queue. Raises SteerError (4xx, or
+        503 ``EngineUnavailable`` while the engine is down)."""
+        if not await self.healthy():
+            raise EngineUnavailable()
         spec = SteerSpec.from_dict(steering)
         resolved = await resolve(spec, prompt, self.ctx)
         rows = sum(v.rows for v in {op.vector.key: op.vector for op in resolved.ops}.values())
@@ -92,6 +111,24 @@ class Service:
         rid = request_id or uuid.uuid4().hex
         request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops)
         return Submitted(rid, prompt, resolved, self.engine.generate(request))
+
+    async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,
+                          description: str = "") -> ArtifactMeta:
+        """Store an ActAdd pair, refusing what no request could ever use: prompts that are blank or longer
+        than ``actadd`` accepts, a layer outside the model, a coefficient that is not finite or is over the cap."""
+        for key, text in (("positive", positive), ("negative", negative)):
+            if not text.strip():
+                raise SteerError("must not be blank", field=key)
+            if len(text) > 16 * MAX_PAIR_TOKENS:  # before tokenising: bounded work for any input
+                raise SteerError(f"is {len(text)} characters; actadd takes at most {MAX_PAIR_TOKENS} tokens",
+                                 field=key)
+            n = len(await asyncio.to_thread(self.renderer.tokenize, text))
+            if n > MAX_PAIR_TOKENS:
+                raise SteerError(f"is {n} tokens long; actadd takes at most {MAX_PAIR_TOKENS}", field=key)
+        if coeff is not None:
+            coeff_value(coeff, self.settings.max_coeff, "coeff")
+        return await asyncio.to_thread(self.store.put_pair, name, positive, negative, layer=layer, coeff=coeff,
+                                       description=description)
 
     async def compute_vector(self, name: str, positive: Sequence[str], negative: Sequence[str],
                              layers: Sequence[int] | None, description: str = "",

@@ -6,7 +6,7 @@ import torch
 
 from steerserve.engines.sampling import Detokenizer
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer, steer_
+from steerserve.runtime.ops import add_delta, steer, steer_, steer_guarded_, vetted_delta
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.runtime.tables import Placement, Segment, StepTables, slot_numbers
@@ -40,6 +40,61 @@ def test_steer_add_and_ablate_math() -> None:
     assert abs(float(out[1] @ r)) < 1e-5
     expected = h[2] - (h[2] @ r) * r - v
     assert torch.allclose(out[2], expected, atol=1e-6)
+
+
+def test_guarded_steer_refuses_only_overflowing_tokens() -> None:
+    """Tokens whose steered stream overflows keep their value and are flagged; every other token equals
+    ``steer`` bit for bit (unsteered ones equal ``h``), with the stream split (vLLM) or whole (hf)."""
+    h, residual = torch.randn(5, 8), torch.randn(5, 8)
+    r = torch.randn(8)
+    bank = torch.stack([torch.zeros(8), torch.randn(8), torch.full((8,), 3e38), torch.full((8,), float("nan")),
+                        r / r.norm()])
+    add_rows = torch.tensor([[1], [2], [0], [0], [1]])
+    add_scales = torch.tensor([[2.0], [10.0], [0.0], [0.0], [-1.0]])
+    for abl_row in (0, 4):  # additions only, then with an ablation on some tokens
+        abl_rows = torch.tensor([[0], [0], [3], [0], [abl_row]])
+        abl_scales = torch.tensor([[0.0], [0.0], [1.0], [0.0], [1.0 if abl_row else 0.0]])
+        if not abl_row:
+            abl_rows, abl_scales = abl_rows[:, :0], abl_scales[:, :0]
+        for split in (None, residual):
+            out, bad = h.clone(), torch.zeros(5, dtype=torch.bool)
+            steer_guarded_(out, bank, add_rows, add_scales, abl_rows, abl_scales, bad, residual=split)
+            # additions alone go to h (h + delta, exactly); ablations are of the whole stream h + residual
+            stream = h if split is None or not abl_rows.shape[1] else h + split
+            want = steer(stream, bank, add_rows, add_scales, abl_rows, abl_scales)
+            refused = [1, 2] if abl_rows.shape[1] else [1]
+            assert bad.tolist() == [i in refused for i in range(5)]
+            assert torch.equal(out[refused], h[refused])  # kept as they were
+            kept = [i for i in range(5) if i not in refused]
+            if split is None or not abl_rows.shape[1]:
+                assert torch.equal(out[kept], want[kept])
+            else:
+                assert torch.allclose(out[kept] + split[kept], want[kept], atol=1e-5)
+            assert torch.equal(out[3], h[3])  # unsteered: bit-identical
+            assert bool(torch.isfinite(out).all())
+
+
+def test_vetted_delta_zeroes_and_flags_only_bad_tokens() -> None:
+    bank = torch.stack([torch.zeros(8), torch.randn(8), torch.full((8,), 3e38), torch.full((8,), float("nan"))])
+    rows = torch.tensor([[[1], [2], [0], [1]], [[0], [0], [3], [1]]])  # [L=2, T=4, K=1]
+    scales = torch.tensor([[[2.0], [10.0], [0.0], [1.0]], [[0.0], [0.0], [1.0], [-1.0]]])
+    bad = torch.zeros(4, dtype=torch.bool)
+    got = vetted_delta(bank, rows, scales, bad)
+    assert bad.tolist() == [False, True, True, False]  # overflow on layer 0, NaN on layer 1
+    assert torch.equal(got[:, [0, 3]], add_delta(bank, rows, scales)[:, [0, 3]])
+    assert torch.equal(got[:, [1, 2]], torch.zeros(2, 2, 8))
+
+
+def test_tables_report_flagged_segments() -> None:
+    t = StepTables(2, 16, 2)
+    p = Placement.build([SteerOp(OpKind.ADD, 0, _ref(1), 1.0)], {_ref(1).key: 1}, 2)
+    segments = [Segment(0, 0, 3, p), Segment(3, 5, 4, p), Segment(7, 9, 2, p)]
+    t.fill(9, segments)
+    assert t.flagged(segments) == []
+    t.bad[4] = True
+    assert t.flagged(segments) == [1]
+    t.fill(9, segments)  # the next step starts clean
+    assert t.flagged(segments) == []
 
 
 def test_bank_shares_content_evicts_lru_and_is_all_or_nothing() -> None:

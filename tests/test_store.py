@@ -165,7 +165,8 @@ def test_bad_names(store: ArtifactStore, name: str) -> None:
         ({0: torch.full((8,), 1e300, dtype=torch.float64)}, {}, "tensors.layer.0", "infinite"),
         ({0: torch.ones(2, 4)}, {}, "tensors.layer.0", "1-D"),
         ({0: torch.ones(8, dtype=torch.int64)}, {}, "tensors.layer.0", "floating"),
-        ({0: torch.zeros(8), 1: torch.zeros(8)}, {}, "tensors", "all zeros"),
+        ({0: torch.zeros(8), 1: torch.zeros(8)}, {}, "tensors.layer.0", "all zeros"),
+        ({0: torch.ones(8), 1: torch.zeros(8)}, {}, "tensors.layer.1", "all zeros"),  # one zero layer is enough
         ({}, {}, "tensors", "at least one"),
         ({0: torch.ones(8)}, {"hidden_size": 768}, "hidden_size",
          "hidden size 768 does not match the loaded model's 8"),
@@ -181,8 +182,25 @@ def test_put_vector_rejects(store: ArtifactStore, tensors: dict[int, torch.Tenso
     assert store.list() == []
 
 
-def test_a_zero_layer_is_fine_if_another_is_not(store: ArtifactStore) -> None:
-    assert store.put_vector("v", {0: torch.zeros(8), 1: torch.ones(8)}).layers == (0, 1)
+def test_norm_policy_refuses_with_the_figures(store: ArtifactStore) -> None:
+    store.set_norm_policy([1.0, 2.0, 3.0, 4.0], 10.0)
+    ok = torch.full((8,), 7.0 / 8**0.5)  # norm 7: under 10 x 1
+    assert store.put_vector("v", {0: ok, 1: ok * 2}).layers == (0, 1)
+    with pytest.raises(SteerError) as e:
+        store.put_vector("v", {0: ok, 2: torch.full((8,), 11.0)})  # norm 31.1 > 10 x 3
+    check(e, "tensors.layer.2")
+    assert "norm 31.11 exceeds 10 x the model's typical activation norm at layer 2 (3), i.e. 30" in str(e.value)
+    with pytest.raises(SteerError) as e:
+        store.put_vector_file("f", safetensors.torch.save({"layer.3": torch.full((8,), 3e38)}))
+    check(e, "tensors.layer.3")
+    assert store.list() and len(store.list()) == 1
+
+
+def test_long_descriptions_are_refused(store: ArtifactStore) -> None:
+    with pytest.raises(SteerError) as e:
+        store.put_vector("v", vecs(), description="x" * 1025)
+    check(e, "description")
+    assert store.put_vector("v", vecs(), description="x" * 1024).version == 1
 
 
 def test_put_vector_file_round_trip(store: ArtifactStore) -> None:
@@ -278,6 +296,7 @@ def test_delete_one_version_then_all(store: ArtifactStore, tmp_path: Path) -> No
     assert store.put_vector("v", vecs(4)).version == 4
     assert [m.ref() for m in store.delete("v")] == ["v@1", "v@2", "v@4"]
     assert store.list() == [] and files(tmp_path) == []
+    assert not (tmp_path / "artifacts" / "v").exists()  # no empty folder left behind
     with pytest.raises(SteerError) as e:
         store.load_vector("v", field="f")
     check(e, "f", "unknown_artifact")

@@ -2,7 +2,9 @@
 
 Every error leaves in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
 ``SteerError`` -> its own status and field; a body that does not parse -> 400 naming the dotted field;
-an unknown route -> 404; anything unexpected -> 500 with a generic message (traceback in the log).
+an unknown route -> 404; a body over the route's limit -> 413, and an admin request without the key ->
+401/403, both before the body is read (``guard.EdgeGuard``); anything unexpected -> 500 with a generic
+message (traceback in the log). The OpenAPI document lists exactly these (``apidoc``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve import __version__
-from steerserve.api import admin, native, openai
+from steerserve.api import admin, apidoc, native, openai
+from steerserve.api.guard import EdgeGuard
 from steerserve.api.streaming import ClientGone, Metrics, error_body
 from steerserve.config import Settings
 from steerserve.errors import SteerError
@@ -62,9 +65,9 @@ def validation_error(errors: Sequence[Any]) -> JSONResponse:
     first = errors[0]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
-        where = first.get("loc", ("body", 0))[-1]
-        return error_response(400, f"request body is not valid JSON: {detail} (at character {where})".strip(),
-                              None, "invalid_json")
+        loc = tuple(first.get("loc") or ())  # FastAPI's: ("body", offset); pydantic's own parser: ()
+        where = f" (at character {loc[-1]})" if loc and isinstance(loc[-1], int) else ""
+        return error_response(400, f"request body is not valid JSON: {detail}{where}", None, "invalid_json")
     unions = len(errors) > 1
     param = _loc_param(first.get("loc", ()), unions)
     msgs = [str(first.get("msg", "invalid value"))]
@@ -117,13 +120,14 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.engine.start()
+        await service.start()
         try:
             yield
         finally:
-            await service.engine.stop()
+            await service.stop()
 
-    app = FastAPI(title="steerserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="steerserve", version=__version__, lifespan=lifespan, responses=apidoc.APP_ERRORS)
+    apidoc.install_openapi(app, settings, service.info.num_layers)
     metrics = Metrics()
     app.state.service = service
     app.state.settings = settings
@@ -134,8 +138,11 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     async def steer_error(request: Request, exc: SteerError) -> Response:
         if exc.status >= 500:
             log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, str(exc), exc.field, exc.code, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        retry_after = getattr(exc, "retry_after", None)  # EngineUnavailable: when to try again
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return error_response(exc.status, str(exc), exc.field, exc.code, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
@@ -157,21 +164,24 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses={200: {"model": apidoc.Health}, **apidoc.errors(503)})
     async def health() -> Response:
-        if await service.engine.health():
+        if await service.healthy():
             return JSONResponse({"status": "ok"})
         return error_response(503, "the engine is not running", None, "unavailable")
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=None, responses={200: {"model": apidoc.Ready}, **apidoc.errors(503)})
     async def ready() -> Response:
-        if await service.engine.health():
+        if await service.healthy():
             return JSONResponse({"status": "ready", "model": service.info.name})
         return error_response(503, "the engine is not running", None, "unavailable")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
-        if await service.engine.health():
+        metrics.set_engine({"restarts": service.supervisor.restarts})
+        if await service.healthy():
             try:  # a scrape must not hang on a busy or wedged engine
                 metrics.set_engine(await asyncio.wait_for(service.engine.stats(), timeout=5))
             except (asyncio.TimeoutError, RuntimeError) as exc:
@@ -181,5 +191,6 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
-    app.add_middleware(EdgeMiddleware, metrics=metrics)
+    app.add_middleware(EdgeGuard, settings=settings)
+    app.add_middleware(EdgeMiddleware, metrics=metrics)  # added last: outermost, so it counts the guard's refusals
     return app

@@ -7,18 +7,21 @@ carries ``finish_reason``, ``usage``, ``steering`` and ``model``; then ``data: [
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
+from steerserve.api.apidoc import GENERATE_EXAMPLES, GenerateChunk, GenerateResponse, streamed
 from steerserve.api.schemas import GenerateRequest
 from steerserve.api.streaming import (
     Metrics,
     SSEResponse,
     Tally,
+    check_steering_text,
     checked_outputs,
     collect_while_connected,
     sse_events,
@@ -29,12 +32,14 @@ from steerserve.service import Service, Submitted
 router = APIRouter(tags=["native"])
 
 
-@router.post("/generate")
-async def generate(body: GenerateRequest, request: Request) -> Response:
+@router.post("/generate", response_model=None, responses=streamed(GenerateResponse, GenerateChunk))
+async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)],
+                   request: Request) -> Response:
     service: Service = request.app.state.service
     metrics: Metrics = request.app.state.metrics
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
-    prompt = service.render(body.prompt, messages)
+    check_steering_text(body.steering, service.settings.max_prompt_chars, service.settings.max_interventions)
+    prompt = await asyncio.to_thread(service.render, body.prompt, messages)  # CPU work: off the event loop
     sampling = service.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
     sub = await service.submit(prompt, sampling, body.steering)

@@ -9,19 +9,33 @@ In a stream it rides on the first chunk.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
+from steerserve.api.apidoc import (
+    CHAT_EXAMPLES,
+    COMPLETION_EXAMPLES,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    ModelCard,
+    ModelList,
+    errors,
+    streamed,
+)
 from steerserve.api.schemas import ChatCompletionRequest, CompletionBase, CompletionRequest
 from steerserve.api.streaming import (
     Metrics,
     SSEResponse,
     Tally,
+    check_steering_text,
     checked_outputs,
     collect_while_connected,
     sse_events,
@@ -41,12 +55,12 @@ def _model_card(request: Request) -> dict[str, Any]:
             "owned_by": "steerserve"}
 
 
-@router.get("/models")
+@router.get("/models", response_model=None, responses={200: {"model": ModelList}})
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(request)]}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(404)})
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     _check_model(model, request.app.state.service)
     return _model_card(request)
@@ -74,7 +88,8 @@ async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[S
     service: Service = request.app.state.service
     _check_model(body.model, service)
     body.unsupported()
-    prompt = prompt_fn(service)
+    check_steering_text(body.steering, service.settings.max_prompt_chars, service.settings.max_interventions)
+    prompt = await asyncio.to_thread(prompt_fn, service)  # tokenizing is CPU work: keep the event loop free
     with _renamed("max_tokens", max_field):
         sampling: SamplingParams = service.sampling(max_tokens=max_tokens, temperature=body.temperature,
                                                     top_p=body.top_p, seed=body.seed, stop=body.stop,
@@ -89,8 +104,10 @@ def _include_usage(body: CompletionBase) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+@router.post("/chat/completions", response_model=None,
+             responses={**streamed(ChatCompletion, ChatCompletionChunk), **errors(404)})
+async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_examples=CHAT_EXAMPLES)],
+                           request: Request) -> Response:
     max_tokens, max_field = body.max_new_tokens()
     sub = await _submit(request, body, lambda s: s.render(messages=body.plain_messages()), max_tokens, max_field)
     service: Service = request.app.state.service
@@ -131,8 +148,10 @@ async def _chat_chunks(sub: Submitted, cid: str, created: int, model: str, inclu
                "system_fingerprint": None, "choices": [], "usage": tally.usage()}
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
+@router.post("/completions", response_model=None,
+             responses={**streamed(Completion, CompletionChunk), **errors(404)})
+async def completions(body: Annotated[CompletionRequest, Body(openapi_examples=COMPLETION_EXAMPLES)],
+                      request: Request) -> Response:
     sub = await _submit(request, body, lambda s: s.render(prompt=body.prompt_text()), body.max_tokens, "max_tokens")
     service: Service = request.app.state.service
     metrics: Metrics = request.app.state.metrics

@@ -1,22 +1,119 @@
 """Every request body the HTTP edge accepts, as pydantic models (pydantic never leaves steerserve.api).
 
-Models parse types only (strict: no "1" for 1, no "true" for true); ranges, prompt rules and the steering
-spec are checked by the service, which names the offending field itself. OpenAI-compatible bodies allow
-unknown fields (clients send many); ``unsupported()`` rejects the values of known fields we cannot honour.
+Models parse types (strict: no "1" for 1, no "true" for true) and carry the constraints that do not depend
+on the loaded model or the settings (ranges, name patterns, non-empty lists), so that the OpenAPI document
+states them; everything else (the token cap, the model's layer count, prompt rules, the steering spec) is
+checked by the service, which names the offending field itself. OpenAI-compatible bodies allow unknown
+fields (clients send many); ``unsupported()`` rejects the values of known fields we cannot honour.
+
+Every body model refuses a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but not Unicode text) anywhere
+in it, naming the field: no tokenizer can encode one, and neither can the error response that echoes it.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from steerserve.config import Settings
 from steerserve.errors import SteerError
+from steerserve.prompts import has_lone_surrogate
+from steerserve.store.db import NAME_RE
 
-Stop = str | list[str] | None
+
+def _accepts(schema: dict[str, Any], nullable: bool = True) -> WithJsonSchema:
+    """Document the values the service accepts for a field the model parses more loosely.
+
+    The model takes any value of the type, so that the service can refuse the others with its own message
+    naming the field; the OpenAPI document states the rule for clients all the same.
+    """
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}]} if nullable else schema)
+
+
+def _required(*names: str) -> Any:
+    """``json_schema_extra`` for fields the service requires although the model has a default for them."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["required"] = sorted({*schema.get("required", []), *names})
+
+    return extra
+
+
+NON_BLANK = {"type": "string", "pattern": "\\S"}
+STEERING = _accepts({
+    "type": "object", "additionalProperties": False,
+    "description": "Steering for this request: interventions applied together (see the README's methods).",
+    "properties": {"interventions": {
+        "type": "array", "maxItems": Settings.max_interventions,
+        "items": {"type": "object", "required": ["method"],
+                  "properties": {"method": {"type": "string", "description": "add, actadd, ablate, ..."}},
+                  "description": "the method's name and its own parameters"}}},
+})
+Stop = Annotated[str | Annotated[list[str], Field(max_length=4)] | None, _accepts({"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
 # A 64-bit signed seed: torch cannot seed from wider integers, and the error would surface in the engine's
 # thread rather than here.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None
+MaxTokens = Annotated[int, Field(ge=1, description="at most the server's max_tokens_cap")] | None
+Temperature = Annotated[float, Field(ge=0.0, le=5.0, description="0 means greedy")] | None
+TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
+Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", description="1-64 of A-Z a-z 0-9 _ . -, starting "
+                            "alphanumeric")]
+Description = Annotated[str, Field(max_length=Settings.max_description_chars)]
+Layer = Annotated[int, Field(ge=0, description="0-based; below the model's layer count")]
+Text = Annotated[str, Field(min_length=1)]
+SURROGATE = "contains a lone UTF-16 surrogate (not valid Unicode text)"
+
+
+def json_text(value: Any) -> str | None:
+    """``value`` as JSON text, or None if it is not plain JSON data.
+
+    The validators below run on the event loop over bodies of up to ``max_body_bytes``; serializing is one
+    pass at C speed, which settles the common case (nothing to refuse) without walking the value in Python.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def find_string(value: Any, bad: Callable[[str], bool]) -> tuple[str, bool] | None:
+    """Where the first string (or object key) of a parsed JSON value for which ``bad`` holds is:
+    (dotted path, whether it is a key), or None. Iterative: a deeply nested body must not exhaust the stack.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if bad(v):
+                return path, False
+        elif isinstance(v, dict):
+            if any(isinstance(k, str) and bad(k) for k in v):
+                return path, True
+            stack.extend(reversed([(f"{path}.{k}" if path else str(k), item) for k, item in v.items()]))
+        elif isinstance(v, list):
+            stack.extend(reversed([(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(v)]))
+    return None
+
+
+class _Body(BaseModel):
+    """A whole request body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # SteerError is not a ValueError: pydantic lets it through to the app's handler, field and all.
+        text = json_text(data)
+        found = find_string(data, has_lone_surrogate) if text is None or has_lone_surrogate(text) else None
+        if found is not None:
+            path, in_key = found
+            raise SteerError(f"an object key {SURROGATE}" if in_key else SURROGATE, field=path or None,
+                             code="invalid_unicode")
+        return data
 
 
 class _Strict(BaseModel):
@@ -31,21 +128,23 @@ class _OpenAI(BaseModel):
 
 
 class Message(_Strict):
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str
 
 
-class GenerateRequest(_Strict):
-    prompt: str | None = None
+class GenerateRequest(_Strict, _Body):
+    """Exactly one of ``prompt`` and ``messages``."""
+
+    prompt: Annotated[str | None, _accepts(NON_BLANK)] = None
     messages: list[Message] | None = None
-    max_tokens: int | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = None
+    max_tokens: MaxTokens = None
+    temperature: Temperature = 1.0
+    top_p: TopP = None
     seed: Seed = None
     stop: Stop = None
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
     stream: bool = False
-    steering: dict[str, Any] | None = None
+    steering: Annotated[dict[str, Any] | None, STEERING] = None
 
 
 # ---- OpenAI-compatible ------------------------------------------------------------------------------
@@ -60,9 +159,16 @@ class ContentPart(_OpenAI):
     text: str | None = None
 
 
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+
+
 class ChatMessage(_OpenAI):
-    role: str
-    content: str | list[ContentPart] | None = None
+    model_config = ConfigDict(json_schema_extra=_required("content"))
+
+    role: Literal["system", "user", "assistant", "developer"]  # developer: OpenAI's newer name for system
+    content: Annotated[str | list[ContentPart] | None, _accepts(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}, nullable=False)] = None
 
     def text(self, where: str) -> str:
         """The message's text; content parts other than text are refused, naming the part."""
@@ -84,24 +190,25 @@ def _refuse(field: str, value: Any, ok: bool, why: str) -> None:
         raise SteerError(why, field=field, code="unsupported_value")
 
 
-class CompletionBase(_OpenAI):
+class CompletionBase(_OpenAI, _Body):
     """Fields shared by chat completions and completions."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
     seed: Seed = None
     stop: Stop = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens regardless of EOS
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    steering: dict[str, Any] | None = None
+    steering: Annotated[dict[str, Any] | None, STEERING] = None
+    # OpenAI's knobs this server cannot honour: only their neutral values are accepted (see unsupported()).
+    n: Annotated[int | None, _accepts({"const": 1})] = None
+    presence_penalty: Annotated[float | None, _accepts({"const": 0})] = None
+    frequency_penalty: Annotated[float | None, _accepts({"const": 0})] = None
+    logit_bias: Annotated[dict[str, Any] | None, _accepts({"type": "object", "maxProperties": 0})] = None
 
     def unsupported(self) -> None:
         """Refuse values this server cannot honour, naming the field (a 400, never a silent ignore)."""
@@ -113,14 +220,16 @@ class CompletionBase(_OpenAI):
 
 
 class ChatCompletionRequest(CompletionBase):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens = None
+    logprobs: Annotated[bool | None, _accepts({"const": False})] = None
+    top_logprobs: Annotated[int | None, _accepts({"const": 0})] = None
+    tools: Annotated[list[Any] | None, _accepts({"type": "array", "maxItems": 0})] = None
+    tool_choice: Annotated[Any, _accepts({"enum": ["none", "auto"]})] = None
+    response_format: Annotated[dict[str, Any] | None, _accepts(
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})] = None
+    modalities: Annotated[list[str] | None, _accepts(
+        {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1})] = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -149,11 +258,14 @@ class ChatCompletionRequest(CompletionBase):
 
 
 class CompletionRequest(CompletionBase):
-    prompt: Any = None  # a string or a list of one string; checked by prompt_text()
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    model_config = ConfigDict(json_schema_extra=_required("prompt"))
+
+    prompt: Annotated[Any, _accepts({"anyOf": [  # checked by prompt_text()
+        NON_BLANK, {"type": "array", "items": NON_BLANK, "minItems": 1, "maxItems": 1}]}, nullable=False)] = None
+    logprobs: Annotated[int | None, _accepts({"const": 0})] = None
+    echo: Annotated[bool | None, _accepts({"const": False})] = None
+    best_of: Annotated[int | None, _accepts({"const": 1})] = None
+    suffix: Annotated[str | None, _accepts({"const": ""})] = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -178,33 +290,33 @@ class CompletionRequest(CompletionBase):
 # ---- admin ------------------------------------------------------------------------------------------
 
 
-class VectorUpload(_Strict):
-    name: str
-    description: str = ""
-    vectors: dict[str, list[float]] = Field(description='{"<layer>": [hidden_size floats]}')
+class VectorUpload(_Strict, _Body):
+    name: Name
+    description: Description = ""
+    vectors: dict[str, list[float]] = Field(description='{"<layer>": [hidden_size floats]}',
+                                            json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"},
+                                                               "minProperties": 1})
 
 
-class ComputeVector(_Strict):
-    name: str
-    positive: list[str]
-    negative: list[str]
-    layers: list[int] | None = None
-    description: str = ""
+class ComputeVector(_Strict, _Body):
+    name: Name
+    positive: Annotated[list[Text], Field(min_length=1)]
+    negative: Annotated[list[Text], Field(min_length=1)]
+    layers: Annotated[list[Layer], Field(min_length=1)] | None = None  # None: every layer
+    description: Description = ""
     pooling: Literal["mean", "last"] = "mean"  # mean over each prompt's tokens, or its last token
     chat: bool = False  # render each prompt as a user message with the chat template
 
 
-class EnableVector(_Strict):
+class EnableVector(_Strict, _Body):
     enabled: bool
-    version: int | None = None
+    version: Annotated[int, Field(ge=1)] | None = None
 
 
-class PairCreate(_Strict):
-    name: str
-    positive: str
-    negative: str
-    layer: int | None = None
-    coeff: float | None = None
-    description: str = ""
-
-
+class PairCreate(_Strict, _Body):
+    name: Name
+    positive: Text
+    negative: Text
+    layer: Layer | None = None
+    coeff: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    description: Description = ""

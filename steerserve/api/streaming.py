@@ -71,6 +71,24 @@ class Metrics:
             self.steered.inc()
 
 
+def check_steering_text(steering: Any, limit: int, max_interventions: int) -> None:
+    """Refuse an intervention's text parameter longer than ``limit`` characters, naming it.
+
+    Methods tokenize their text parameters (ActAdd's prompt pair) while the spec is resolved, on the event
+    loop, and tokenizing costs time in proportion to the text: it is bounded here first, like the prompt.
+    Only the first ``max_interventions`` are looked at: a spec with more is refused before any is resolved.
+    The spec's own parser reports a malformed ``steering``.
+    """
+    items = steering.get("interventions") if isinstance(steering, Mapping) else None
+    if not isinstance(items, list):
+        return
+    for i, item in enumerate(items[:max_interventions]):
+        for key, value in item.items() if isinstance(item, Mapping) else ():
+            if isinstance(value, str) and len(value) > limit:
+                raise SteerError(f"is {len(value)} characters; the limit is {limit}",
+                                 field=f"steering.interventions.{i}.{key}", code="too_long")
+
+
 def steering_report(sub: Submitted) -> dict[str, Any]:
     return {"applied": [{"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail)}
                         for a in sub.resolved.applied]}
@@ -97,10 +115,17 @@ async def checked_outputs(sub: Submitted, tally: Tally, metrics: Metrics) -> Asy
             tally.completion_tokens = out.completion_tokens
             if out.prompt_tokens:
                 tally.prompt_tokens = out.prompt_tokens
-            if out.extra.get("error"):
-                log.error("request %s failed in the engine: %s", sub.request_id, out.extra["error"])
-                raise GenerationFailed("generation failed in the engine; see the server log", status=500,
-                                       code="generation_failed")
+            error = out.extra.get("error")
+            if error:
+                status = int(out.extra.get("status", 500))  # type: ignore[call-overload]
+                log.log(logging.ERROR if status >= 500 else logging.WARNING, "request %s failed in the engine: %s",
+                        sub.request_id, error)
+                # A client's own fault (4xx: its steering overflowed) and a dead engine (503) say what
+                # happened; anything else is an internal error whose details stay in the log.
+                shown = status < 500 or status == 503
+                message = str(error) if shown else "generation failed in the engine; see the server log"
+                raise GenerationFailed(message, status=status, code=str(out.extra.get("code", "generation_failed")),
+                                       field="steering" if status < 500 else None)
             if out.finish_reason == "abort":
                 raise GenerationFailed("the request was aborted (the server may be shutting down)", status=503,
                                        code="aborted")

@@ -25,9 +25,11 @@ from steerserve.config import Settings
 from steerserve.engines.base import GenerationOutput, GenerationRequest
 from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator, sample
+from steerserve.errors import EngineUnavailable
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
+from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.tables import Segment, StepTables
 
@@ -69,12 +71,19 @@ class HFEngine:
 
     # ---- async API (any thread's event loop) ----
     async def start(self) -> None:
+        """Start the engine thread; after a crash of the last one, first end what it left in flight with
+        an error (commands still in the inbox, i.e. requests not yet taken, are served by the new thread)."""
+        if self._thread is not None and not self._thread.is_alive():
+            for seq in [*self._active, *self._waiting]:
+                self._finish(seq, "abort", error="the engine failed while this request was in flight; retry",
+                             status=503, code="engine_failed")
+            self._active, self._waiting, self._kv = [], deque(), KVBatch()
         self._thread = threading.Thread(target=self._run, name="steerserve-hf-engine", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
-        self._inbox.put(("stop", None))
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():  # a dead thread would leave "stop" queued
+            self._inbox.put(("stop", None))                          # for the next one
             await asyncio.to_thread(self._thread.join)
 
     async def health(self) -> bool:
@@ -88,7 +97,7 @@ class HFEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         if not await self.health():
-            raise RuntimeError("the engine is not running")
+            raise EngineUnavailable()
         self._inbox.put(("add", (request, emit)))
         finished = False
         try:
@@ -98,7 +107,10 @@ class HFEngine:
                 except asyncio.TimeoutError:
                     if await self.health():
                         continue  # still queued or decoding slowly
-                    raise RuntimeError("the engine stopped while this request was in flight") from None
+                    yield GenerationOutput(request.request_id, (), "", "abort", len(request.prompt_token_ids), 0,
+                                           {"error": "the engine stopped while this request was in flight",
+                                            "status": 503, "code": "engine_failed"})
+                    return
                 finished = out.finish_reason is not None
                 yield out
         finally:
@@ -194,12 +206,21 @@ class HFEngine:
             self._prefill(seq)
 
     def _prefill(self, seq: _Seq) -> None:
-        ids = torch.tensor([seq.req.prompt_token_ids])
-        n = ids.shape[1]
-        self.tables.fill(n, [self._segment(seq, 0, n)], self.bank.weight)
-        out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        seq.pos = n
-        self._token(seq, out.logits[0, -1])
+        """The prompt's forward pass, alone. Whatever goes wrong fails this request only: it answers with
+        an error and releases its bank rows; the batch in flight is not touched."""
+        try:
+            ids = torch.tensor([seq.req.prompt_token_ids])
+            n = ids.shape[1]
+            segments = [self._segment(seq, 0, n)]
+            self.tables.fill(n, segments, self.bank.weight)
+            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            if self.tables.flagged(segments):
+                return self._refuse(seq)
+            seq.pos = n
+            self._token(seq, out.logits[0, -1])
+        except Exception as exc:
+            log.exception("request %s failed in prefill", seq.req.request_id)
+            return self._finish(seq, "abort", error=str(exc) or type(exc).__name__)
         if not seq.done:
             self._kv.join(out.past_key_values)
             self._active.append(seq)
@@ -209,14 +230,28 @@ class HFEngine:
         ids = torch.tensor([[s.last] for s in seqs])
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
-        self.tables.fill(len(seqs), [self._segment(s, i, 1) for i, s in enumerate(seqs)], self.bank.weight)
+        segments = [self._segment(s, i, 1) for i, s in enumerate(seqs)]
+        self.tables.fill(len(seqs), segments, self.bank.weight)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
+        for i in self.tables.flagged(segments):
+            self._refuse(seqs[i])
         for i, seq in enumerate(seqs):
+            if seq.done:
+                continue
             seq.pos += 1
-            self._token(seq, out.logits[i, -1])
+            try:  # a failure in one row's sampling or detokenising ends that request alone
+                self._token(seq, out.logits[i, -1])
+            except Exception as exc:
+                log.exception("request %s failed while sampling", seq.req.request_id)
+                self._finish(seq, "abort", error=str(exc) or type(exc).__name__)
         self._drop_done()
+
+    def _refuse(self, seq: _Seq) -> None:
+        """End a request whose steering the op refused (non-finite); its rows kept their unsteered values."""
+        log.warning("request %s: %s", seq.req.request_id, NON_FINITE)
+        self._finish(seq, "abort", error=NON_FINITE, status=400, code=NON_FINITE_CODE)
 
     def _segment(self, seq: _Seq, offset: int, count: int) -> Segment:
         assert seq.pin is not None
@@ -224,6 +259,8 @@ class HFEngine:
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
+        if not bool(torch.isfinite(logits).all()):  # never sample from NaN: say so instead
+            raise RuntimeError("the model produced non-finite logits for this request")
         tok = sample(logits, seq.req.sampling, seq.gen)
         seq.last, seq.completion = tok, seq.completion + 1
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
@@ -236,14 +273,15 @@ class HFEngine:
         seq.emit(self._output(seq, (tok,), text, None))
 
     def _finish(self, seq: _Seq, reason: str, text: str = "", token: int | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, status: int = 500, code: str = "generation_failed") -> None:
         if seq.done:
             return
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
         ids = (token,) if token is not None else ()
-        seq.emit(self._output(seq, ids, text, reason, {"error": error} if error else {}))
+        extra: dict[str, object] = {"error": error, "status": status, "code": code} if error else {}
+        seq.emit(self._output(seq, ids, text, reason, extra))
 
     def _drop_done(self) -> None:
         rows = [i for i, s in enumerate(self._active) if s.done]

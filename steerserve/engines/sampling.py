@@ -22,10 +22,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from ``logits [vocab]``: argmax when greedy, else temperature + nucleus (top_p)."""
     if params.temperature <= 0 or generator is None:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # float64 and max-subtracted: a temperature near the smallest float (1e-45) must not underflow to NaN
+    z = logits.double()
+    probs = torch.softmax((z - z.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
+        keep[0] = True  # the top token always stays, however small top_p is (5e-324 compares as 0 otherwise)
         probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator).item())
 

@@ -7,6 +7,7 @@ recipe); a multi-layer vector supplies its own direction per layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,5 +37,9 @@ class Ablate:
                 raise SteerError(
                     f"vector {stored.meta.ref()!r} has no direction for layer {layer}", field=f"{where}.layers"
                 )
-            ops.append(SteerOp(OpKind.ABLATE, layer, VectorRef.of(v / v.norm()), 1.0))
+            norm = float(v.norm())
+            if not math.isfinite(norm) or norm < 1e-12:  # a zero direction has no unit vector: never divide
+                raise SteerError(f"vector {stored.meta.ref()!r} has a zero or non-finite direction at layer {layer}",
+                                 field=f"{where}.vector")
+            ops.append(SteerOp(OpKind.ABLATE, layer, VectorRef.of(v / norm), 1.0))
         return Compiled(tuple(ops), (stored.meta.ref(),), {"layers": list(layers)})

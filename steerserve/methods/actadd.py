@@ -68,8 +68,8 @@ class ActAdd:
             texts = []
             for key in ("positive", "negative"):
                 text = params.get(key)
-                if not isinstance(text, str) or not text:
-                    raise SteerError("is required (or name a stored 'pair') and must be a non-empty string",
+                if not isinstance(text, str) or not text.strip():
+                    raise SteerError("is required (or name a stored 'pair') and must be a non-blank string",
                                      field=f"{where}.{key}")
                 texts.append(text)
             (pos, neg), layer_default, coeff_default = texts, None, None

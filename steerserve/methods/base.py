@@ -44,11 +44,15 @@ def coeff(params: Mapping[str, Any], ctx: ResolveContext, where: str, key: str =
     f = f"{where}.{key}"
     if value is None:
         raise SteerError("is required", field=f)
+    return coeff_value(value, ctx.settings.max_coeff, f)
+
+
+def coeff_value(value: Any, cap: float, f: str) -> float:
+    """``value`` as a float if it is a finite number with ``|value| <= cap``; else a 400 naming ``f``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SteerError(f"must be a number, got {type(value).__name__}", field=f)
     if not math.isfinite(value):
         raise SteerError("must be finite", field=f)
-    cap = ctx.settings.max_coeff
     if abs(value) > cap:
         raise SteerError(f"|{value}| exceeds the server's limit of {cap}", field=f)
     return float(value)

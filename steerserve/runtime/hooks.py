@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import steer_
+from steerserve.runtime.ops import steer_guarded_
 from steerserve.runtime.tables import StepTables
 
 
@@ -23,7 +23,8 @@ def _replace(output: Any, h: torch.Tensor) -> Any:
 
 
 class SteeringHooks:
-    """Applies ``ops.steer`` at the output of every decoder layer, reading the current step's tables."""
+    """Applies ``ops.steer_guarded_`` at the output of every decoder layer, reading the current step's tables
+    (tokens whose steering would be non-finite stay unsteered and are marked in ``tables.bad``)."""
 
     def __init__(self, layers: Sequence[nn.Module], bank: VectorBank, tables: StepTables) -> None:
         self.bank, self.tables = bank, tables
@@ -37,7 +38,9 @@ class SteeringHooks:
                 return None  # nothing steered this step: leave the output untouched
             h = _hidden(output)  # [B, S, H]
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
-            steer_(flat, self.bank.weight, *self.tables.layer(index), self.tables.delta(index))
+            n = flat.shape[0]
+            steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
+                           self.tables.delta(index))
             return _replace(output, flat.view_as(h))
 
         return hook

@@ -4,11 +4,21 @@ request, no data-dependent shapes. The same function runs in the hf engine and i
 Shapes: ``h [T, H]`` (all tokens of the step, flattened), ``bank [R, H]`` (row 0 all zeros),
 ``add_rows/add_scales [T, Ka]``, ``abl_rows/abl_scales [T, Kb]``. Unsteered tokens read row 0 with
 scale 0 in every slot, which leaves ``h`` unchanged: ``h - (0 * p) * 0 == h`` and ``h + 0 * 0 == h``.
+
+The engines call ``steer_guarded_``: a token whose steered residual stream is non-finite, or so large
+that the next RMSNorm's sum of squares overflows (it would turn into NaN one layer later, inside vLLM's
+kernels, and from there into the KV cache), keeps its unsteered value and is marked in ``bad [T]``; the
+engine then fails that token's request alone. Non-finite values never leave the op.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Why a request whose steering the op refused is ended (both engines say the same; the API answers 400).
+NON_FINITE = ("its steering made the residual stream non-finite (it would overflow float32): lower the "
+              "coefficient or check the vector's norms")
+NON_FINITE_CODE = "steering_non_finite"
 
 
 def add_delta(bank: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -61,3 +71,65 @@ def steer(
     out = h.clone()
     steer_(out, bank, add_rows, add_scales, abl_rows, abl_scales)
     return out
+
+
+# A per-step addition is refused beyond this norm per layer: any finite vector within it, added at every
+# layer of even a very deep model to a finite stream, keeps the stream's sum of squares finite in fp32
+# (1e3 layers x 1e16 = 1e19 < sqrt(3.4e38)). Vetted uploads at the coefficient cap stay below 1e7.
+MAX_DELTA_NORM = 1e16
+
+
+def vetted_delta(bank: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``add_delta`` for all layers of a step at once (``rows, scales [L, T, K]`` -> ``[L, T, H]``), with
+    every token whose addition at any layer is non-finite or over ``MAX_DELTA_NORM`` set to exactly 0
+    (unsteered) and OR-ed into ``bad [T]``. One check per step, so the per-layer op can just add it."""
+    delta = add_delta(bank, rows, scales)  # [L, T, H]
+    ok = (delta.square().sum(dim=-1) <= MAX_DELTA_NORM**2).all(dim=0)  # [T]; NaN compares False
+    bad.logical_or_(~ok)
+    return torch.where(ok[None, :, None], delta, torch.zeros((), dtype=delta.dtype))
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[T, H] -> [T]`` bool: the row's sum of squares is finite in fp32 (what an RMSNorm computes)."""
+    return torch.isfinite(x.float().square().sum(dim=-1))
+
+
+def steer_guarded_(
+    h: torch.Tensor,
+    bank: torch.Tensor,
+    add_rows: torch.Tensor,
+    add_scales: torch.Tensor,
+    abl_rows: torch.Tensor,
+    abl_scales: torch.Tensor,
+    bad: torch.Tensor,
+    delta: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> None:
+    """``steer_`` on the residual stream ``h (+ residual)``, writing into ``h``, keeping the old value of
+    any token whose steered stream would not be finite, and OR-ing those tokens into ``bad [T]`` (bool).
+
+    ``residual [T, H]``: vLLM's layers return the stream split in two (``h + residual``); additions go to
+    ``h`` alone (bit-exact ``h + delta``), ablations project the sum. Fixed shapes, no host sync: a
+    ``torch.where`` per call, so it is valid under graph capture. Tokens that pass are bit-identical to
+    ``steer_``'s result (unsteered tokens: to ``h``).
+
+    ``delta``: this layer's slice of a ``vetted_delta`` (already checked for the whole step); with no
+    ablation to do, it is simply added.
+    """
+    if delta is not None and not abl_rows.shape[1]:
+        h.add_(delta)
+        return
+    if abl_rows.shape[1]:
+        x0 = h if residual is None else h + residual  # [T, H] the stream: projections read the sum
+        x = x0.clone()
+        steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales, delta)
+        new = x if residual is None else h + (x - x0)
+        stream = x
+    else:
+        if delta is None:
+            delta = add_delta(bank, add_rows, add_scales)
+        new = h + delta  # [T, H]
+        stream = new if residual is None else new + residual
+    ok = finite_rows(stream)  # [T]
+    bad.logical_or_(~ok)
+    h.copy_(torch.where(ok.unsqueeze(-1), new, h))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from steerserve.runtime.ops import add_delta
+from steerserve.runtime.ops import vetted_delta
 from steerserve.runtime.plan import OpKind, SteerOp
 
 KINDS = tuple(OpKind)
@@ -83,6 +83,9 @@ class StepTables:
         self._scales = {k: np.zeros(shape, dtype=np.float32) for k in OpKind}
         self.rows = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
         self.scales = {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in OpKind}
+        # Tokens whose steering the op refused this step (non-finite result): written by the op on the device,
+        # read by the host after the step (``flagged``), cleared by ``fill``.
+        self.bad = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.num_tokens = 0
         self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
@@ -98,7 +101,8 @@ class StepTables:
         """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0.
 
         With ``bank``, small steps (decode) also get every layer's addition ``[L, T, H]`` gathered at
-        once (``delta``): one gather per step instead of one per layer.
+        once (``delta``): one gather per step instead of one per layer, and vetted once per step
+        (``ops.vetted_delta``) instead of once per layer.
         """
         if num_tokens > self.max_tokens:
             raise ValueError(f"step has {num_tokens} tokens; tables hold {self.max_tokens}")
@@ -114,6 +118,7 @@ class StepTables:
             self._scatter(segments)
         self.num_tokens = num_tokens
         self.active = any(self.width.values())
+        self.bad[:dirty].zero_()
         for kind in OpKind:  # one copy per table
             self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
             self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
@@ -123,7 +128,7 @@ class StepTables:
         add_scales = self.scales[OpKind.ADD][:, :num_tokens, :ka]
         self._delta = None
         if bank is not None and ka and add_rows.shape[0] * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS:
-            self._delta = list(add_delta(bank, add_rows, add_scales).unbind(0))  # L x [T, H]
+            self._delta = list(vetted_delta(bank, add_rows, add_scales, self.bad[:num_tokens]).unbind(0))
         self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
                                self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
                                self.scales[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0), strict=True))
@@ -152,6 +157,19 @@ class StepTables:
             self._rows[kind][at] = row[m]
             self._scales[kind][at] = scales[op[m]]
             self.width[kind] = int(e[m, _SLOT].max()) + 1
+
+    def flagged(self, segments: Sequence[Segment]) -> list[int]:
+        """Indices of ``segments`` (this step's, as given to ``fill``) with a token the op refused.
+
+        Call after the step's forward pass. One device-to-host copy of ``bad`` (a sync on GPU), so only on
+        steered steps (``active``); unsteered steps are never refused.
+        """
+        if not self.active or not segments:
+            return []
+        bad = self.bad[: self.num_tokens].cpu().numpy()
+        if not bad.any():
+            return []
+        return [i for i, s in enumerate(segments) if bad[s.offset : s.offset + s.count].any()]
 
     def delta(self, layer: int) -> torch.Tensor | None:
         """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None."""

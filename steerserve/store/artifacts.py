@@ -68,11 +68,22 @@ class ArtifactStore:
         self.dir = self.root / "artifacts"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._engine = db.make_engine(self.root / "manifest.sqlite")
+        self.typical_norms: list[float] | None = None  # per layer; see set_norm_policy
+        self.max_norm_ratio = float("inf")
+        self.max_description_chars = 1024
         # SQLite's write lock already serialises writers, across processes too; this lock only queues our
         # own threads in Python instead of letting them wait on SQLITE_BUSY.
         self._lock = threading.Lock()
         with self._lock, db.write(self._engine) as conn:
             db.remove_orphans(conn, self.dir)
+
+    def set_norm_policy(self, typical_norms: list[float], max_ratio: float) -> None:
+        """Refuse vectors whose norm at a layer exceeds ``max_ratio`` x the model's typical residual-stream
+        norm there (``tools.norms``): such a vector would swamp the stream (or overflow it) at any useful
+        coefficient. Without a policy only non-finite values and zero layers are refused."""
+        if len(typical_norms) != self.model.num_layers:
+            raise ValueError(f"{len(typical_norms)} norms for a model of {self.model.num_layers} layers")
+        self.typical_norms, self.max_norm_ratio = list(typical_norms), float(max_ratio)
 
     def close(self) -> None:
         """Release the database connections (the store must not be used afterwards)."""
@@ -171,8 +182,12 @@ class ArtifactStore:
                 db.delete_rows(conn, name, [m.version for m in metas])
             for m in metas:
                 self._path(m.name, m.version).unlink(missing_ok=True)
-            if (self.dir / name).is_dir():
-                db.fsync_dir(self.dir / name)
+            folder = self.dir / name
+            if folder.is_dir():
+                db.fsync_dir(folder)
+                if not any(folder.iterdir()):  # the last version went: no empty folder stays behind
+                    folder.rmdir()
+                    db.fsync_dir(self.dir)
         return metas
 
     def get(self, ref: str, kind: str | None = None, *, field: str = "name",
@@ -239,10 +254,17 @@ class ArtifactStore:
             v = t.detach().to("cpu", torch.float32).contiguous()
             # Checked after the cast: a finite float64 can still overflow to inf in float32.
             if not bool(torch.isfinite(v).all()):
-                raise SteerError("contains NaN or infinite values", field=f)
+                bad = int((~torch.isfinite(v)).sum())
+                raise SteerError(f"contains {bad} NaN or infinite value(s) (in float32)", field=f)
+            norm = float(v.double().norm())
+            if norm == 0.0:
+                raise SteerError("is all zeros: it has no direction (ablation would divide by zero); leave the "
+                                 "layer out instead", field=f)
+            if self.typical_norms is not None and norm > self.max_norm_ratio * self.typical_norms[layer]:
+                typical, ratio = self.typical_norms[layer], self.max_norm_ratio
+                raise SteerError(f"norm {norm:.4g} exceeds {ratio:g} x the model's typical activation norm at "
+                                 f"layer {layer} ({typical:.4g}), i.e. {ratio * typical:.4g}", field=f)
             out[layer] = v
-        if not any(bool(v.any()) for v in out.values()):
-            raise SteerError("every layer's vector is all zeros: it would steer nothing", field="tensors")
         return out
 
     def _commit(self, name: str, kind: str, data: bytes, vecs: dict[int, torch.Tensor], method: str | None,
@@ -254,6 +276,9 @@ class ArtifactStore:
             raise SteerError(f"must be a JSON object: {e}", field="provenance") from None
         if not isinstance(description, str):
             raise SteerError("must be a string", field="description")
+        if len(description) > self.max_description_chars:
+            raise SteerError(f"is {len(description)} characters; the limit is {self.max_description_chars}",
+                             field="description")
         sha, m = hashlib.sha256(data).hexdigest(), self.model
         layers, norms = tuple(sorted(vecs)), {i: float(v.norm()) for i, v in sorted(vecs.items())}
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from steerserve.engines.base import GenerationOutput, GenerationRequest
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_ops
+from steerserve.errors import EngineUnavailable
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.ops import NON_FINITE_CODE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,32 @@ def eos_token_ids(path: Path, tokenizer: Any) -> set[int]:
     return ids
 
 
+class FailurePoll:
+    """Which requests the workers refused to steer (``steerserve_take_failed``), asked for at most once at a
+    time: concurrent callers share one round trip to the engine core."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.failed: dict[str, str] = {}
+        self._last = 0.0
+        self._lock = asyncio.Lock()
+
+    async def since(self, t: float) -> dict[str, str]:
+        """The failures reported by a poll that started after ``t`` (``time.monotonic()``)."""
+        async with self._lock:
+            if self._last <= t:
+                self._last = time.monotonic()
+                for worker in await self.llm.collective_rpc("steerserve_take_failed"):
+                    for req_id, why in worker.items():
+                        # vLLM runs a request as "<our id>-<8 random chars>" (unless told not to): both keys
+                        self.failed[req_id] = self.failed[req_id.rsplit("-", 1)[0]] = why
+        return self.failed
+
+    def forget(self, request_id: str) -> None:
+        for key in [k for k in self.failed if k == request_id or k.startswith(f"{request_id}-")]:
+            del self.failed[key]
+
+
 class VLLMEngine:
     """Implements ``engines.base.Engine``; vLLM's engine core runs in its own process by default."""
 
@@ -52,6 +81,7 @@ class VLLMEngine:
         self.eos_ids = eos_token_ids(path, tokenizer)
         self.gate = BankGate(settings.bank_slots - 1)
         self.llm: Any = None
+        self._poll: FailurePoll | None = None
         self._reference: tuple[Any, Any] | None = None  # (transformers model, its decoder layers)
         self._reference_lock = asyncio.Lock()
 
@@ -84,11 +114,12 @@ class VLLMEngine:
                  "vLLM's compile cache)")
         # Building the engine loads the model and compiles it (minutes on CPU): off the event loop.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._poll = FailurePoll(self.llm)
 
     async def stop(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+        llm, self.llm, self._poll = self.llm, None, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
 
     async def health(self) -> bool:
         return self.llm is not None and not self.llm.errored
@@ -99,8 +130,11 @@ class VLLMEngine:
 
     async def stats(self) -> dict[str, int]:
         """Requests in vLLM, and the first worker's bank (tensor-parallel workers hold identical banks)."""
-        worker = (await self.llm.collective_rpc("steerserve_stats"))[0]
-        return {"running": self.llm.get_num_unfinished_requests(), **worker}
+        llm = self.llm
+        if llm is None or llm.errored:
+            raise RuntimeError("the engine is not running")
+        worker = (await llm.collective_rpc("steerserve_stats"))[0]
+        return {"running": llm.get_num_unfinished_requests(), **worker, **self.gate.stats()}
 
     def _params(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
@@ -116,8 +150,10 @@ class VLLMEngine:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         if not await self.health():
-            raise RuntimeError("the engine is not running")
+            raise EngineUnavailable()
         vectors = {op.vector.key: op.vector.rows for op in request.ops}
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
         salt = cache_salt(request.ops)
@@ -126,23 +162,45 @@ class VLLMEngine:
         rid = request.request_id
         params = self._params(request)  # before the gate: if it raises, nothing is held
         await self.gate.enter(rid, vectors)  # waits while the bank is full
-        stream = self.llm.generate(prompt, params, rid)
-        completion = 0
+        llm, poll, completion, checked = self.llm, self._poll, 0, time.monotonic()
+        stream = None
         try:
+            if llm is None or llm.errored:  # died (or is restarting) while this request waited at the gate
+                raise EngineUnavailable()
+            stream = llm.generate(prompt, params, rid)
             async for out in stream:
                 c = out.outputs[0]
                 ids = tuple(c.token_ids)
                 completion += len(ids)
                 reason = c.finish_reason if out.finished else None
+                if request.ops and poll is not None and (out.finished or time.monotonic() - checked > 1.0):
+                    # After the step that produced this output: did a worker refuse this request's steering?
+                    checked = time.monotonic()
+                    why = (await poll.since(checked)).get(rid)
+                    if why is not None:
+                        yield GenerationOutput(rid, (), "", "abort", len(request.prompt_token_ids), completion,
+                                               {"error": why, "status": 400, "code": NON_FINITE_CODE})
+                        return
                 if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
                     ids = ids[:-1]  # EOS ends the text; it is counted, not shown
                 extra: dict[str, object] = {}
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
                 yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
+        except EngineDeadError:
+            log.error("request %s: the engine core died while it was in flight", rid)
+            yield GenerationOutput(rid, (), "", "abort", len(request.prompt_token_ids), completion,
+                                   {"error": "the engine failed while this request was in flight; retry",
+                                    "status": 503, "code": "engine_failed"})
         finally:
-            await stream.aclose()  # if we stopped early: vLLM aborts the request (the worker frees its rows)
+            if stream is not None:
+                try:
+                    await stream.aclose()  # if we stopped early: vLLM aborts it (the worker frees its rows)
+                except Exception:  # a dead engine has nothing left to abort
+                    log.debug("closing the stream of %s failed", rid, exc_info=True)
             await self.gate.leave(rid)
+            if poll is not None:
+                poll.forget(rid)
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         from steerserve.model import load_hf

@@ -32,6 +32,12 @@ class BankGate:
         """Distinct rows pinned (or about to be) by requests in flight."""
         return sum(self._rows[k] for k in self._refs)
 
+    def stats(self) -> dict[str, int]:
+        """``gate_rows`` (distinct rows held by requests in flight), ``gate_requests`` (requests in flight
+        through the gate), ``gate_waiting`` (requests queued for rows): a leak here would otherwise be
+        invisible."""
+        return {"gate_rows": self.used, "gate_requests": len(self._held), "gate_waiting": len(self._queue)}
+
     def _need(self, vectors: Mapping[str, int]) -> int:
         return sum(rows for key, rows in vectors.items() if key not in self._refs)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import add_delta, steer_
+from steerserve.runtime.ops import add_delta, finite_rows, steer_, steer_guarded_
 from steerserve.runtime.tables import StepTables
 
 
@@ -76,23 +76,21 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
     if state.static:  # graph-safe: every slot, every token up to the captured size; no data-dependent branch
-        _steer_static(h[:n], residual[:n], bank, add_rows, add_scales, abl_rows, abl_scales)
+        _steer_static(h[:n], residual[:n], bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n])
         return
     delta = tables.delta(layer)  # [T, H] gathered for all layers at once, for small steps
     if delta is not None and delta.shape[0] != n:
         delta = delta[:n]
-    hn = h[:n]  # [n, H] view into the layer output
-    if abl_rows.shape[1]:
-        x0 = hn + residual[:n]  # [n, H] the residual stream: projections read the sum
-        x = x0.clone()
-        steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales, delta)
-        hn.add_(x - x0)
-    elif add_rows.shape[1]:
-        steer_(hn, bank, add_rows, add_scales, abl_rows, abl_scales, delta)  # additions commute with the split
+    if abl_rows.shape[1] or add_rows.shape[1]:
+        # Ablations project the sum hidden + residual; additions go to hidden alone (they commute with
+        # the split). Refused tokens keep their value and are marked in tables.bad.
+        steer_guarded_(h[:n], bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n], delta,
+                       residual[:n])
 
 
 def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, add_rows: torch.Tensor,
-                  add_scales: torch.Tensor, abl_rows: torch.Tensor, abl_scales: torch.Tensor) -> None:
+                  add_scales: torch.Tensor, abl_rows: torch.Tensor, abl_scales: torch.Tensor,
+                  bad: torch.Tensor) -> None:
     """The same steering with a fixed sequence of kernels (for CUDA-graph capture and replay).
 
     Ablations on the sum ``x = hn + residual`` (a token with scale 0 gets ``x - x0 == 0`` exactly), then
@@ -101,8 +99,11 @@ def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, 
     x0 = hn + residual  # [T, H]
     x = x0.clone()
     steer_(x, bank, add_rows[:, :0], add_scales[:, :0], abl_rows, abl_scales)
-    hn.add_(x - x0)
-    hn.add_(add_delta(bank, add_rows, add_scales))
+    new = hn + (x - x0)
+    new.add_(add_delta(bank, add_rows, add_scales))
+    ok = finite_rows(new + residual)  # [T] refused tokens keep hn and are marked, as in steer_guarded_
+    bad.logical_or_(~ok)
+    hn.copy_(torch.where(ok.unsqueeze(-1), new, hn))
 
 
 def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

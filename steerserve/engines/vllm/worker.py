@@ -14,6 +14,14 @@ overrides, both calling the stock method first:
   ``input_batch.num_computed_tokens_cpu[i]`` (vLLM's own ``positions`` are computed the same way), so it
   is exactly a ``runtime.tables.Segment``. Chunked prefill and prefix-cache hits just give
   ``first > 0``. Tokens beyond the step's count (padding) are never steered by the op.
+- ``execute_model``: after the forward pass of a steered step, the requests with a token the op refused
+  (its steering would have made the residual stream non-finite: ``runtime.ops.steer_guarded_``) lose
+  their steering for the rest of their life and are reported through ``steerserve_take_failed``; the
+  front end ends them with an error. Their KV, like everyone else's, stays finite.
+- ``_sample`` / ``_bookkeeping_sync``: vLLM 0.32 rewinds a seeded request's generator after sampling a
+  token it discards (a partial prefill chunk) with ``Generator.set_offset``, which CPU generators do not
+  have: the engine core died (``CPU Generator does not use offset``). For CPU generators we save the
+  state before sampling and restore it instead, and hide them from the stock rewind.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
 from steerserve.engines.vllm.wire import ops_from_extra_args
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.tables import Segment, StepTables
 
@@ -42,6 +51,10 @@ class SteeringRunnerMixin:
     input_batch: Any
     query_start_loc: Any
     _steer_reqs: dict[str, Pin]  # req_id -> its vectors in the bank and its ops' placement
+    _steer_step: list[tuple[str, Segment]]  # this step's steered requests, as laid out in the tables
+    _steer_failed: dict[str, str]  # req_id -> why its steering was refused (until the front end takes it)
+    _rewound: dict[int, torch.Generator]  # batch index -> CPU generator restored after a discarded sample
+    discard_request_mask: Any
 
     def _update_states(self, scheduler_output: Any) -> Any:
         state = steer_ops.current()
@@ -72,16 +85,57 @@ class SteeringRunnerMixin:
         batch = self.input_batch
         starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
-        segments = []
+        step = []
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
             pin = self._steer_reqs.get(req_id)
             if pin is not None:
-                segments.append(Segment(int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i]),
-                                        pin.placement(state.bank)))
+                step.append((req_id, Segment(int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i]),
+                                             pin.placement(state.bank))))
         total = int(scheduler_output.total_num_scheduled_tokens)
-        if segments or state.tables.active:  # skip the table work on all-unsteered steps
-            state.tables.fill(total, segments, state.bank.weight)
+        if step or state.tables.active:  # skip the table work on all-unsteered steps
+            state.tables.fill(total, [seg for _, seg in step], state.bank.weight)
+        self._steer_step = step
         return out
+
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().execute_model(*args, **kwargs)  # type: ignore[misc]
+        state = steer_ops.current()
+        step, self._steer_step = getattr(self, "_steer_step", []), []
+        if state is not None and step:
+            for i in state.tables.flagged([seg for _, seg in step]):
+                req_id = step[i][0]
+                pin = self._steer_reqs.pop(req_id, None)
+                if pin is not None:  # unsteered from now on: its next steps cannot be refused again
+                    pin.release(state.bank)
+                log.warning("steerserve: request %s: steering made the residual stream non-finite; "
+                            "its steering is dropped and the front end will end it", req_id)
+                self._steer_failed[req_id] = NON_FINITE
+                while len(self._steer_failed) > 10_000:  # nobody collects them (a bare vLLM client)
+                    del self._steer_failed[next(iter(self._steer_failed))]
+        return out
+
+    def _sample(self, *args: Any, **kwargs: Any) -> Any:
+        gens = self.input_batch.generators  # batch index -> torch.Generator (seeded requests)
+        num_reqs = self.input_batch.num_reqs
+        saved = {}
+        for i in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]:
+            gen = gens.get(int(i))
+            if gen is not None and gen.device.type == "cpu":
+                saved[int(i)] = (gen, gen.get_state())
+        out = super()._sample(*args, **kwargs)  # type: ignore[misc]
+        for gen, rng in saved.values():
+            gen.set_state(rng)  # as if the discarded token had never been drawn
+        self._rewound = {i: gen for i, (gen, _) in saved.items()}
+        return out
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        gens = self.input_batch.generators
+        hidden = {i: gens.pop(i) for i in getattr(self, "_rewound", {}) if i in gens}
+        self._rewound = {}
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            gens.update(hidden)
 
 
 _RUNNER_CLASSES: dict[type, type] = {}
@@ -95,7 +149,7 @@ def _steer_runner(runner: Any) -> None:
     if cls not in _RUNNER_CLASSES:
         _RUNNER_CLASSES[cls] = type(f"Steering{cls.__name__}", (SteeringRunnerMixin, cls), {})
     runner.__class__ = _RUNNER_CLASSES[cls]
-    runner._steer_reqs = {}
+    runner._steer_reqs, runner._steer_step, runner._steer_failed, runner._rewound = {}, [], {}, {}
 
 
 def _setup(worker: Any) -> None:
@@ -137,6 +191,11 @@ def _make_worker(base: type) -> type:
             if state is None:
                 return {"steered": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
             return {"steered": len(self.model_runner._steer_reqs), **state.bank.stats()}
+
+        def steerserve_take_failed(self) -> dict[str, str]:
+            """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
+            failed, self.model_runner._steer_failed = self.model_runner._steer_failed, {}
+            return dict(failed)
 
     return SteerWorker
 
