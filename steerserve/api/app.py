@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve import __version__
-from steerserve.api import admin, apidoc, native, openai
+from steerserve.api import admin_pairs, admin_vectors, apidoc, document, native, openai
 from steerserve.api.guard import EdgeGuard
 from steerserve.api.streaming import ClientGone, Metrics, error_body
 from steerserve.config import Settings
@@ -127,7 +127,7 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
             await service.stop()
 
     app = FastAPI(title="steerserve", version=__version__, lifespan=lifespan, responses=apidoc.APP_ERRORS)
-    apidoc.install_openapi(app, settings, service.info.num_layers)
+    document.install_openapi(app, settings, service.info.num_layers)
     metrics = Metrics()
     app.state.service = service
     app.state.settings = settings
@@ -190,7 +190,8 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
 
     app.include_router(native.router)
     app.include_router(openai.router)
-    app.include_router(admin.router)
+    app.include_router(admin_vectors.router)
+    app.include_router(admin_pairs.router)
     app.add_middleware(EdgeGuard, settings=settings)
     app.add_middleware(EdgeMiddleware, metrics=metrics)  # added last: outermost, so it counts the guard's refusals
     return app

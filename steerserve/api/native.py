@@ -15,7 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from steerserve.api.apidoc import GENERATE_EXAMPLES, GenerateChunk, GenerateResponse, streamed
+from steerserve.api.apidoc import GenerateChunk, GenerateResponse, streamed
+from steerserve.api.document import GENERATE_EXAMPLES
 from steerserve.api.schemas import GenerateRequest
 from steerserve.api.streaming import (
     Metrics,

@@ -19,8 +19,6 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
 from steerserve.api.apidoc import (
-    CHAT_EXAMPLES,
-    COMPLETION_EXAMPLES,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -30,6 +28,7 @@ from steerserve.api.apidoc import (
     errors,
     streamed,
 )
+from steerserve.api.document import CHAT_EXAMPLES, COMPLETION_EXAMPLES
 from steerserve.api.schemas import ChatCompletionRequest, CompletionBase, CompletionRequest
 from steerserve.api.streaming import (
     Metrics,

@@ -1,0 +1,199 @@
+"""The admin routes for stored steering vectors: upload, compute, list, show, enable/disable, delete.
+
+Uploading a vector, ``POST /admin/vectors``, takes one of
+- JSON ``{"name", "description"?, "vectors": {"<layer>": [hidden_size floats], ...}}``;
+- raw safetensors bytes (tensors ``layer.<i>``) as ``application/octet-stream``, with ``?name=...`` and
+  optionally ``&description=...`` in the query string, e.g.
+  ``curl --data-binary @v.safetensors -H 'Content-Type: application/octet-stream' '.../admin/vectors?name=v'``.
+  ``multipart/form-data`` is not accepted (415): parsing it needs python-multipart, which this server
+  does not depend on.
+
+Auth, the router's settings and the artifact lookups shared with the pair routes are in ``admin``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import torch
+from fastapi import Body, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from steerserve.api.admin import (
+    Ref,
+    Version,
+    admin_router,
+    check_description,
+    delete_selected,
+    latest_versions,
+    listing,
+    run_sync,
+    select_target,
+    select_versions,
+    service_of,
+    settings_of,
+)
+from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
+from steerserve.api.document import COMPUTE_EXAMPLES, ENABLE_EXAMPLES
+from steerserve.api.schemas import ComputeVector, EnableVector, VectorUpload
+from steerserve.config import Settings
+from steerserve.errors import SteerError
+from steerserve.prompts import PromptRenderer
+from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, check_name
+from steerserve.store.db import NAME_RE
+
+_LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
+
+router = admin_router()
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, at most ``max_upload_bytes`` (EdgeGuard enforces it first; this holds without it too)."""
+    limit = settings_of(request).max_upload_bytes
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise SteerError(f"upload exceeds {limit} bytes", field="file", status=413, code="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_upload(data: bytes) -> VectorUpload:
+    """A JSON upload, parsed as FastAPI parses the other routes' bodies (so errors read the same)."""
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": exc.msg}}]) from None
+    except UnicodeDecodeError:
+        raise SteerError("request body is not UTF-8 text", code="invalid_json") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise SteerError("request body is nested too deeply", code="invalid_json") from None
+    try:
+        return VectorUpload.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _json_field(field: str | None) -> str | None:
+    """The store names JSON-uploaded tensors ``tensors.layer.<i>``; the client sent ``vectors.<i>``."""
+    if field is None:
+        return None
+    if field.startswith("tensors.layer."):
+        return "vectors." + field.removeprefix("tensors.layer.")
+    return "vectors" if field == "tensors" else field
+
+
+async def _upload_json(request: Request, store: ArtifactStore) -> ArtifactMeta:
+    body = await run_sync(_parse_upload, await _read_body(request))  # up to 64 MiB of JSON: not on the event loop
+    check_description(body.description, request)
+    tensors: dict[int, torch.Tensor] = {}
+    for key, values in body.vectors.items():
+        if not _LAYER_KEY.fullmatch(key):
+            raise SteerError(f"key {key!r} must be a 0-based layer index", field=f"vectors.{key}")
+        tensors[int(key)] = torch.tensor(values, dtype=torch.float64)
+    try:
+        return await run_sync(store.put_vector, body.name, tensors, method="upload",
+                             provenance={"source": "POST /admin/vectors (json)"}, description=body.description)
+    except SteerError as exc:
+        exc.field = _json_field(exc.field)
+        raise
+
+
+_UPLOAD_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": VectorUpload.model_json_schema()},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }},
+    "parameters": [
+        {"name": "name", "in": "query", "required": False, "description": "the name, for a safetensors upload",
+         "schema": {"type": "string", "pattern": f"^{NAME_RE.pattern}$"}},
+        {"name": "description", "in": "query", "required": False, "description": "for a safetensors upload",
+         "schema": {"type": "string", "maxLength": Settings.max_description_chars}},
+    ],
+}
+
+
+@router.post("/vectors", status_code=201, openapi_extra=_UPLOAD_BODY, response_model=None,
+             responses={201: {"model": ArtifactOut}, **errors(415)})
+async def upload_vector(request: Request) -> dict[str, Any]:
+    """Upload a vector: JSON, or raw safetensors bytes with ``?name=`` (see the module docstring)."""
+    store = service_of(request).store
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        meta = await _upload_json(request, store)
+    elif content_type == "multipart/form-data":
+        raise SteerError("multipart uploads are not supported (this server does not depend on python-multipart): "
+                         "send the safetensors bytes as the body, Content-Type application/octet-stream, with "
+                         "?name=...&description=...", status=415, code="unsupported_media_type")
+    elif content_type == "application/octet-stream":
+        name = request.query_params.get("name")
+        if name is None:
+            raise SteerError("is required in the query string (?name=...)", field="name")
+        description = request.query_params.get("description", "")
+        check_description(description, request)
+        data = await _read_body(request)
+        meta = await run_sync(store.put_vector_file, name, data, description=description)
+    else:
+        raise SteerError(f"unsupported content type {content_type or '(none)'!r}: send application/json or "
+                         "safetensors bytes as application/octet-stream", status=415,
+                         code="unsupported_media_type")
+    return meta.to_dict()
+
+
+def _check_prompts(renderer: PromptRenderer, body: ComputeVector) -> None:
+    """Render every prompt as the service will, so that a refusal names the prompt (``positive.3``)."""
+    for key, prompts in (("positive", body.positive), ("negative", body.negative)):
+        for i, p in enumerate(prompts):
+            try:
+                renderer.render(messages=[{"role": "user", "content": p}]) if body.chat else renderer.render(p)
+            except SteerError as exc:
+                exc.field = f"{key}.{i}"
+                raise
+
+
+@router.post("/vectors/compute", status_code=201, response_model=None, responses={201: {"model": ArtifactOut}})
+async def compute_vector(body: Annotated[ComputeVector, Body(openapi_examples=COMPUTE_EXAMPLES)],
+                         request: Request) -> dict[str, Any]:
+    """Mean-difference vector from contrastive prompts, stored as the next version of ``name``."""
+    check_name(body.name)  # before spending compute on a name the store would refuse
+    check_description(body.description, request)
+    await run_sync(_check_prompts, service_of(request).renderer, body)
+    meta = await service_of(request).compute_vector(body.name, body.positive, body.negative, body.layers,
+                                                     body.description, pooling=body.pooling, chat=body.chat)
+    return meta.to_dict()
+
+
+@router.get("/vectors", response_model=None, responses={200: {"model": ArtifactList}})
+async def list_vectors(request: Request, all_versions: bool = Query(False, alias="all")) -> dict[str, Any]:
+    metas = await run_sync(service_of(request).store.list, "vector")
+    return listing(metas) if all_versions else {"object": "list", "data": latest_versions(metas)}
+
+
+@router.get("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
+async def show_vector(name: Ref, request: Request) -> dict[str, Any]:
+    """Every version of ``name``, or the one version ``name@v`` names."""
+    return listing(await run_sync(select_versions, service_of(request).store, "vector", name))
+
+
+@router.patch("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
+async def enable_vector(name: Ref, body: Annotated[EnableVector, Body(openapi_examples=ENABLE_EXAMPLES)],
+                        request: Request) -> dict[str, Any]:
+    """Enable or disable every version of ``name``, or one (``name@v`` or ``"version"``)."""
+    store = service_of(request).store
+
+    def work() -> list[ArtifactMeta]:
+        target, version = select_target(store, "vector", name, body.version)
+        return store.set_enabled(target, body.enabled, version)
+
+    return listing(await run_sync(work))
+
+
+@router.delete("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
+async def delete_vector(name: Ref, request: Request, version: Version = None) -> dict[str, Any]:
+    """Delete every version of ``name``, or one (``name@v`` or ``?version=``); returns what was deleted."""
+    return listing(await run_sync(delete_selected, service_of(request).store, "vector", name, version))
