@@ -148,11 +148,21 @@ class Service:
             if not 0 <= layer < n:
                 raise SteerError(f"layer {layer} is out of range [0, {n - 1}]", field=f"layers.{i}")
 
-        def ids(p: str) -> tuple[int, ...]:
-            return (self.render(messages=[{"role": "user", "content": p}]) if chat else self.render(prompt=p)).token_ids
+        def ids(key: str, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+            out = []
+            for i, p in enumerate(prompts):
+                try:
+                    rendered = self.render(messages=[{"role": "user", "content": p}]) if chat else self.render(prompt=p)
+                except SteerError as exc:  # name the prompt, not the renderer's own field
+                    exc.field = f"{key}.{i}"
+                    raise
+                out.append(rendered.token_ids)
+            return out
 
-        vectors = await mean_difference(self.engine.hidden_states, [ids(p) for p in positive],
-                                        [ids(p) for p in negative], chosen, pooling)
+        # Tokenising many prompts takes a while: in a thread, so the event loop keeps serving.
+        pos_ids = await asyncio.to_thread(ids, "positive", positive)
+        neg_ids = await asyncio.to_thread(ids, "negative", negative)
+        vectors = await mean_difference(self.engine.hidden_states, pos_ids, neg_ids, chosen, pooling)
         provenance = {"method": "mean_diff", "positive": len(positive), "negative": len(negative),
                       "pooling": pooling, "chat_template": chat, "source": "POST /admin/vectors/compute"}
         return await asyncio.to_thread(self.store.put_vector, name, vectors, method="mean_diff",

@@ -5,8 +5,8 @@ included; each response must be no 5xx, a documented status, a documented conten
 matches its documented schema (for event streams, every event). The run is bounded (a fixed number of
 examples per operation and mode, derandomized) so that it takes a couple of minutes on two cores.
 
-The app under test is built from the session's engine (the live server's, which this test keeps running)
-with an artifact store of its own, so that fuzzed deletes cannot touch other tests' vectors.
+The app under test runs on an hf engine of its own (``hf_engine``) with an artifact store of its own, so
+that fuzzed deletes cannot touch other tests' vectors.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from steerserve.api import create_app
 from steerserve.config import Settings
+from steerserve.engines.hf import HFEngine
+from steerserve.prompts import PromptRenderer
 from steerserve.service import Service
 from steerserve.store.artifacts import ArtifactStore
 
@@ -68,11 +70,13 @@ class WithoutLifespan:
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(base_url: str, service: Service, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``base_url``: the live server is what starts (and finally stops) the shared engine."""
-    store = ArtifactStore(tmp_path_factory.mktemp("fuzz-store") / service.info.fingerprint, service.info)
-    fuzz_settings = replace(settings, max_tokens_cap=MAX_TOKENS, default_max_tokens=DEFAULT_MAX_TOKENS)
-    own = Service(fuzz_settings, service.engine, store, service.renderer)
+def fuzz_app(hf_engine: HFEngine, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The app on an hf engine of this module's own (schemathesis calls it from its own event loop, which
+    the vllm engine's front end, bound to the live server's loop, cannot serve), with its own store."""
+    store = ArtifactStore(tmp_path_factory.mktemp("fuzz-store") / hf_engine.info.fingerprint, hf_engine.info)
+    fuzz_settings = replace(settings, engine="hf", max_tokens_cap=MAX_TOKENS, default_max_tokens=DEFAULT_MAX_TOKENS)
+    renderer = PromptRenderer(hf_engine.tokenizer, fuzz_settings.max_prompt_tokens, fuzz_settings.max_prompt_chars)
+    own = Service(fuzz_settings, hf_engine, store, renderer)
     yield create_app(own, fuzz_settings)
     store.close()
 
