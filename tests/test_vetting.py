@@ -39,7 +39,7 @@ def test_norms_are_measured_once_and_recorded(service: Service) -> None:
     assert record["model_fingerprint"] == service.info.fingerprint
     norms = record["median_norm"]
     assert len(norms) == service.info.num_layers and all(10 < n < 2000 for n in norms)
-    assert service.store.typical_norms == norms
+    assert service.store.policy.typical_norms == tuple(norms)
 
 
 @pytest.mark.parametrize(("special", "needle"), [

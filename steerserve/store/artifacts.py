@@ -26,6 +26,7 @@ from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.store import db
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
+from steerserve.store.vetting import NormPolicy, check_vectors
 
 __all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
 
@@ -68,8 +69,7 @@ class ArtifactStore:
         self.dir = self.root / "artifacts"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._engine = db.make_engine(self.root / "manifest.sqlite")
-        self.typical_norms: list[float] | None = None  # per layer; see set_norm_policy
-        self.max_norm_ratio = float("inf")
+        self.policy = NormPolicy()  # no norm limit until set_norm_policy
         self.max_description_chars = 1024
         # SQLite's write lock already serialises writers, across processes too; this lock only queues our
         # own threads in Python instead of letting them wait on SQLITE_BUSY.
@@ -83,7 +83,7 @@ class ArtifactStore:
         coefficient. Without a policy only non-finite values and zero layers are refused."""
         if len(typical_norms) != self.model.num_layers:
             raise ValueError(f"{len(typical_norms)} norms for a model of {self.model.num_layers} layers")
-        self.typical_norms, self.max_norm_ratio = list(typical_norms), float(max_ratio)
+        self.policy = NormPolicy(tuple(typical_norms), float(max_ratio))
 
     def close(self) -> None:
         """Release the database connections (the store must not be used afterwards)."""
@@ -95,7 +95,7 @@ class ArtifactStore:
         """Store per-layer vectors as the next version of ``name``. ``hidden_size``/``num_layers`` are
         what the producer declares; they, and every tensor, are checked against the loaded model."""
         check_name(name)
-        vecs = self._check_vectors(tensors, hidden_size, num_layers)
+        vecs = check_vectors(self.model, tensors, hidden_size, num_layers, self.policy)
         data = safetensors.torch.save({f"layer.{i}": v for i, v in sorted(vecs.items())},
                                       metadata=self._header("vector", method=method))
         return self._commit(name, "vector", data, vecs, method, provenance, description)
@@ -136,7 +136,8 @@ class ArtifactStore:
                 raise SteerError(f"tensor {tname!r} must be named 'layer.<i>' (0-based layer index)",
                                  field=f"tensors.{tname}")
             by_layer[int(m[1])] = t
-        vecs = self._check_vectors(by_layer, declared.get("hidden_size"), declared.get("num_layers"))
+        vecs = check_vectors(self.model, by_layer, declared.get("hidden_size"), declared.get("num_layers"),
+                             self.policy)
         prov = {"source": "file upload", "file_metadata": header, **(provenance or {})}
         return self._commit(name, "vector", data, vecs, header.get("method") or "upload", prov, description)
 
@@ -229,43 +230,6 @@ class ArtifactStore:
 
     def _header(self, kind: str, **extra: str) -> dict[str, str]:
         return file_header(self.model, kind, **extra)
-
-    def _check_vectors(self, tensors: Mapping[int, torch.Tensor], hidden_size: int | None,
-                       num_layers: int | None) -> dict[int, torch.Tensor]:
-        m = self.model
-        if hidden_size is not None and hidden_size != m.hidden_size:
-            raise SteerError(f"hidden size {hidden_size} does not match the loaded model's {m.hidden_size}",
-                             field="hidden_size")
-        if num_layers is not None and num_layers != m.num_layers:
-            raise SteerError(f"layer count {num_layers} does not match the loaded model's {m.num_layers}",
-                             field="num_layers")
-        if not isinstance(tensors, Mapping) or not tensors:
-            raise SteerError("must hold at least one layer's vector", field="tensors")
-        out: dict[int, torch.Tensor] = {}
-        for layer, t in tensors.items():
-            f = f"tensors.layer.{layer}"
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < m.num_layers:
-                raise SteerError(f"layer {layer!r} is outside the model's range [0, {m.num_layers})", field=f)
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 1:
-                raise SteerError("must be a 1-D floating-point tensor", field=f)
-            if t.shape[0] != m.hidden_size:
-                raise SteerError(f"hidden size {t.shape[0]} does not match the loaded model's "
-                                 f"{m.hidden_size}", field=f)
-            v = t.detach().to("cpu", torch.float32).contiguous()
-            # Checked after the cast: a finite float64 can still overflow to inf in float32.
-            if not bool(torch.isfinite(v).all()):
-                bad = int((~torch.isfinite(v)).sum())
-                raise SteerError(f"contains {bad} NaN or infinite value(s) (in float32)", field=f)
-            norm = float(v.double().norm())
-            if norm == 0.0:
-                raise SteerError("is all zeros: it has no direction (ablation would divide by zero); leave the "
-                                 "layer out instead", field=f)
-            if self.typical_norms is not None and norm > self.max_norm_ratio * self.typical_norms[layer]:
-                typical, ratio = self.typical_norms[layer], self.max_norm_ratio
-                raise SteerError(f"norm {norm:.4g} exceeds {ratio:g} x the model's typical activation norm at "
-                                 f"layer {layer} ({typical:.4g}), i.e. {ratio * typical:.4g}", field=f)
-            out[layer] = v
-        return out
 
     def _commit(self, name: str, kind: str, data: bytes, vecs: dict[int, torch.Tensor], method: str | None,
                 provenance: Mapping[str, Any] | None, description: str) -> ArtifactMeta:
