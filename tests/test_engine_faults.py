@@ -82,6 +82,7 @@ async def test_seeded_sampling_is_reproducible(hf_engine: HFEngine, prompts: lis
     assert _tokens(other) != _tokens(first[0])
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the kill is the point
 async def test_a_dead_engine_thread_is_restarted(hf_engine: HFEngine, prompts: list[tuple[int, ...]]) -> None:
     """Kill the engine thread the way a fatal error would (an exception no ``except Exception`` catches):
     the request in flight ends with a 503 error, health turns false, the supervisor starts a new thread,
