@@ -7,7 +7,8 @@ What it does, in order:
 
 1. uploads ``--vectors`` random unit vectors (every layer) as ``loadvec-<i>`` through the admin API;
 2. waits until the engine is idle, then records the engine state from ``/metrics`` (the
-   ``steerserve_engine{what=...}`` gauges and every ``steerserve_gate*`` gauge) and the text of two fixed
+   ``steerserve_engine{what=...}`` gauges, the front end's bank gate included: ``gate_rows``,
+   ``gate_requests``, ``gate_waiting``) and the text of two fixed
    greedy requests (temperature 0, ``--check-tokens`` tokens, one plain and one steered);
 3. starts ``--clients`` streaming requests at once, alternating between ``/generate`` and
    ``/v1/chat/completions`` (both with ``stream: true``). Half of them (``--steered-fraction``) carry a
@@ -57,7 +58,8 @@ PROMPTS = (
 CHECK_PROMPT = "Write one sentence about the sea."
 # Engine gauges that must come back to their value before the load. ``cached_rows`` is left out on
 # purpose: the bank keeps unpinned vectors cached (LRU) after their requests end.
-SETTLED_ENGINE_KEYS = ("running", "steered", "pinned_rows", "capacity")
+SETTLED_ENGINE_KEYS = ("running", "steered", "pinned_rows", "capacity", "gate_rows", "gate_requests", "gate_waiting",
+                       "restarts")
 VECTOR_PREFIX = "loadvec-"
 
 
@@ -168,7 +170,7 @@ async def delete_vectors(client: httpx.AsyncClient, args: argparse.Namespace, re
 
 
 async def engine_state(client: httpx.AsyncClient) -> dict[str, float]:
-    """``engine.<what>`` for the ``steerserve_engine`` gauges, ``<sample>{labels}`` for ``steerserve_gate*``."""
+    """``engine.<what>`` for each ``steerserve_engine`` gauge."""
     r = await client.get("/metrics")
     r.raise_for_status()
     state: dict[str, float] = {}
@@ -176,10 +178,6 @@ async def engine_state(client: httpx.AsyncClient) -> dict[str, float]:
         if family.name == "steerserve_engine":
             for s in family.samples:
                 state[f"engine.{s.labels.get('what', '?')}"] = s.value
-        elif family.name.startswith("steerserve_gate") and family.type == "gauge":
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                state[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return state
 
 
