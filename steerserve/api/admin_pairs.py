@@ -22,9 +22,9 @@ from steerserve.api.admin import (
     select_versions,
     service_of,
 )
+from steerserve.api.admin_schemas import PairCreate
 from steerserve.api.apidoc import ArtifactList, PairList, PairOut, errors
 from steerserve.api.document import PAIR_EXAMPLES
-from steerserve.api.schemas import PairCreate
 from steerserve.errors import SteerError
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
 

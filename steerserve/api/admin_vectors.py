@@ -36,9 +36,9 @@ from steerserve.api.admin import (
     service_of,
     settings_of,
 )
+from steerserve.api.admin_schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
 from steerserve.api.document import COMPUTE_EXAMPLES, ENABLE_EXAMPLES
-from steerserve.api.schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.prompts import PromptRenderer

@@ -100,7 +100,7 @@ def find_string(value: Any, bad: Callable[[str], bool]) -> tuple[str, bool] | No
     return None
 
 
-class _Body(BaseModel):
+class BodyModel(BaseModel):
     """A whole request body."""
 
     @model_validator(mode="before")
@@ -116,7 +116,7 @@ class _Body(BaseModel):
         return data
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
@@ -127,12 +127,12 @@ class _OpenAI(BaseModel):
 # ---- native -----------------------------------------------------------------------------------------
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class GenerateRequest(_Strict, _Body):
+class GenerateRequest(StrictModel, BodyModel):
     """Exactly one of ``prompt`` and ``messages``."""
 
     prompt: Annotated[str | None, _accepts(NON_BLANK)] = None
@@ -190,7 +190,7 @@ def _refuse(field: str, value: Any, ok: bool, why: str) -> None:
         raise SteerError(why, field=field, code="unsupported_value")
 
 
-class CompletionBase(_OpenAI, _Body):
+class CompletionBase(_OpenAI, BodyModel):
     """Fields shared by chat completions and completions."""
 
     model: str | None = None
@@ -285,38 +285,3 @@ class CompletionRequest(CompletionBase):
         if isinstance(p, list) and len(p) > 1:
             raise SteerError("batched prompts are not supported: send one prompt per request", field="prompt")
         raise SteerError("must be a string or a list of one string (token ids are not supported)", field="prompt")
-
-
-# ---- admin ------------------------------------------------------------------------------------------
-
-
-class VectorUpload(_Strict, _Body):
-    name: Name
-    description: Description = ""
-    vectors: dict[str, list[float]] = Field(description='{"<layer>": [hidden_size floats]}',
-                                            json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"},
-                                                               "minProperties": 1})
-
-
-class ComputeVector(_Strict, _Body):
-    name: Name
-    positive: Annotated[list[Text], Field(min_length=1)]
-    negative: Annotated[list[Text], Field(min_length=1)]
-    layers: Annotated[list[Layer], Field(min_length=1)] | None = None  # None: every layer
-    description: Description = ""
-    pooling: Literal["mean", "last"] = "mean"  # mean over each prompt's tokens, or its last token
-    chat: bool = False  # render each prompt as a user message with the chat template
-
-
-class EnableVector(_Strict, _Body):
-    enabled: bool
-    version: Annotated[int, Field(ge=1)] | None = None
-
-
-class PairCreate(_Strict, _Body):
-    name: Name
-    positive: Text
-    negative: Text
-    layer: Layer | None = None
-    coeff: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    description: Description = ""

@@ -45,6 +45,18 @@ class GenerationOutput:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+ENGINE_FAILED = "the engine failed while this request was in flight; retry"
+
+
+def failure(request_id: str, prompt_tokens: int, completion: int, error: str, status: int = 500,
+            code: str = "generation_failed") -> GenerationOutput:
+    """A failed request's last output: ``finish_reason="abort"``, the error (with the HTTP status and code the
+    edge answers) in ``extra``. 4xx: the client's own doing (e.g. its steering overflowed); 503: the engine
+    died; 500: anything else (the message stays in the log)."""
+    return GenerationOutput(request_id, (), "", "abort", prompt_tokens, completion,
+                            {"error": error, "status": status, "code": code})
+
+
 class Engine(Protocol):
     """Batches and generates. Implementations own a thread or process; all methods are async-safe."""
 

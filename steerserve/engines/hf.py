@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from steerserve.config import Settings
-from steerserve.engines.base import GenerationOutput, GenerationRequest
+from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator, sample
 from steerserve.errors import EngineUnavailable
@@ -75,8 +75,7 @@ class HFEngine:
         an error (commands still in the inbox, i.e. requests not yet taken, are served by the new thread)."""
         if self._thread is not None and not self._thread.is_alive():
             for seq in [*self._active, *self._waiting]:
-                self._finish(seq, "abort", error="the engine failed while this request was in flight; retry",
-                             status=503, code="engine_failed")
+                self._finish(seq, "abort", error=ENGINE_FAILED, status=503, code="engine_failed")
             self._active, self._waiting, self._kv = [], deque(), KVBatch()
         self._thread = threading.Thread(target=self._run, name="steerserve-hf-engine", daemon=True)
         self._thread.start()
@@ -107,9 +106,8 @@ class HFEngine:
                 except asyncio.TimeoutError:
                     if await self.health():
                         continue  # still queued or decoding slowly
-                    yield GenerationOutput(request.request_id, (), "", "abort", len(request.prompt_token_ids), 0,
-                                           {"error": "the engine stopped while this request was in flight",
-                                            "status": 503, "code": "engine_failed"})
+                    yield failure(request.request_id, len(request.prompt_token_ids), 0, ENGINE_FAILED, 503,
+                                  "engine_failed")
                     return
                 finished = out.finish_reason is not None
                 yield out
@@ -279,9 +277,10 @@ class HFEngine:
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
-        ids = (token,) if token is not None else ()
-        extra: dict[str, object] = {"error": error, "status": status, "code": code} if error else {}
-        seq.emit(self._output(seq, ids, text, reason, extra))
+        if error:
+            return seq.emit(failure(seq.req.request_id, len(seq.req.prompt_token_ids), seq.completion, error,
+                                    status, code))
+        seq.emit(self._output(seq, (token,) if token is not None else (), text, reason))
 
     def _drop_done(self) -> None:
         rows = [i for i, s in enumerate(self._active) if s.done]
@@ -289,10 +288,8 @@ class HFEngine:
             self._kv.leave(rows)
             self._active = [s for s in self._active if not s.done]
 
-    def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any,
-                extra: dict[str, object] | None = None) -> GenerationOutput:
-        return GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids),
-                                seq.completion, extra or {})
+    def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any) -> GenerationOutput:
+        return GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion)
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

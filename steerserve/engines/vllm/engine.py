@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from steerserve.config import Settings
-from steerserve.engines.base import GenerationOutput, GenerationRequest
+from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_ops
@@ -178,8 +178,7 @@ class VLLMEngine:
                     checked = time.monotonic()
                     why = (await poll.since(checked)).get(rid)
                     if why is not None:
-                        yield GenerationOutput(rid, (), "", "abort", len(request.prompt_token_ids), completion,
-                                               {"error": why, "status": 400, "code": NON_FINITE_CODE})
+                        yield failure(rid, len(request.prompt_token_ids), completion, why, 400, NON_FINITE_CODE)
                         return
                 if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
                     ids = ids[:-1]  # EOS ends the text; it is counted, not shown
@@ -189,9 +188,7 @@ class VLLMEngine:
                 yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
         except EngineDeadError:
             log.error("request %s: the engine core died while it was in flight", rid)
-            yield GenerationOutput(rid, (), "", "abort", len(request.prompt_token_ids), completion,
-                                   {"error": "the engine failed while this request was in flight; retry",
-                                    "status": 503, "code": "engine_failed"})
+            yield failure(rid, len(request.prompt_token_ids), completion, ENGINE_FAILED, 503, "engine_failed")
         finally:
             if stream is not None:
                 try:
