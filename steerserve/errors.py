@@ -34,7 +34,7 @@ class Conflict(SteerError):
 class EngineUnavailable(SteerError):
     """The engine is down (restarting): a 503 that the edge sends with ``Retry-After``."""
 
-    retry_after = 30  # seconds: about what a restart of the vllm engine takes on CPU with a warm compile cache
+    retry_after = 30  # seconds: a client retrying then waits at most a few rounds for a restart (~70 s on CPU)
 
     def __init__(self, message: str = "the engine is restarting; retry shortly") -> None:
         super().__init__(message, status=503, code="engine_unavailable")
