@@ -94,6 +94,14 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.float().square().sum(dim=-1))
 
 
+def keep_finite_(h: torch.Tensor, new: torch.Tensor, stream: torch.Tensor, bad: torch.Tensor) -> None:
+    """``h = new`` for the tokens whose steered ``stream [T, H]`` passes ``finite_rows``; the others keep
+    ``h`` and are OR-ed into ``bad [T]``. Fixed shapes, no host sync (a ``torch.where``)."""
+    ok = finite_rows(stream)  # [T]
+    bad.logical_or_(~ok)
+    h.copy_(torch.where(ok.unsqueeze(-1), new, h))
+
+
 def steer_guarded_(
     h: torch.Tensor,
     bank: torch.Tensor,
@@ -130,6 +138,4 @@ def steer_guarded_(
             delta = add_delta(bank, add_rows, add_scales)
         new = h + delta  # [T, H]
         stream = new if residual is None else new + residual
-    ok = finite_rows(stream)  # [T]
-    bad.logical_or_(~ok)
-    h.copy_(torch.where(ok.unsqueeze(-1), new, h))
+    keep_finite_(h, new, stream, bad)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.runtime.bank import VectorBank
-from steerserve.runtime.ops import add_delta, finite_rows, steer_, steer_guarded_
+from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
 from steerserve.runtime.tables import StepTables
 
 
@@ -101,9 +101,7 @@ def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, 
     steer_(x, bank, add_rows[:, :0], add_scales[:, :0], abl_rows, abl_scales)
     new = hn + (x - x0)
     new.add_(add_delta(bank, add_rows, add_scales))
-    ok = finite_rows(new + residual)  # [T] refused tokens keep hn and are marked, as in steer_guarded_
-    bad.logical_or_(~ok)
-    hn.copy_(torch.where(ok.unsqueeze(-1), new, hn))
+    keep_finite_(hn, new, new + residual, bad)  # refused tokens keep hn and are marked, as in steer_guarded_
 
 
 def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

@@ -100,7 +100,7 @@ class SteeringRunnerMixin:
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         out = super().execute_model(*args, **kwargs)  # type: ignore[misc]
         state = steer_ops.current()
-        step, self._steer_step = getattr(self, "_steer_step", []), []
+        step, self._steer_step = self._steer_step, []
         if state is not None and step:
             for i in state.tables.flagged([seg for _, seg in step]):
                 req_id = step[i][0]
@@ -130,7 +130,7 @@ class SteeringRunnerMixin:
 
     def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
         gens = self.input_batch.generators
-        hidden = {i: gens.pop(i) for i in getattr(self, "_rewound", {}) if i in gens}
+        hidden = {i: gens.pop(i) for i in self._rewound if i in gens}
         self._rewound = {}
         try:
             return super()._bookkeeping_sync(*args, **kwargs)  # type: ignore[misc]
