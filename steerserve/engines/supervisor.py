@@ -1,6 +1,6 @@
 """Keeps the engine alive: a dead engine is restarted in place; one that keeps dying ends the process.
 
-What a client sees while the engine is down (see README, "When the engine dies"):
+What a client sees while the engine is down (see the README, "Failures"):
 - requests in flight when it died end with a 503 (``engine_failed``), or an error event if streaming;
 - new requests get a 503 ``engine_unavailable`` with ``Retry-After`` until the restart completes;
 - ``/health`` and ``/ready`` answer 503 meanwhile.
