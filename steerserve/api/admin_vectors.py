@@ -34,7 +34,6 @@ from steerserve.api.admin import (
     select_target,
     select_versions,
     service_of,
-    settings_of,
 )
 from steerserve.api.admin_schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
@@ -50,16 +49,6 @@ _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
 router = admin_router()
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, at most ``max_upload_bytes`` (EdgeGuard enforces it first; this holds without it too)."""
-    limit = settings_of(request).max_upload_bytes
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise SteerError(f"upload exceeds {limit} bytes", field="file", status=413, code="too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse_upload(data: bytes) -> VectorUpload:
@@ -89,7 +78,7 @@ def _json_field(field: str | None) -> str | None:
 
 
 async def _upload_json(request: Request, store: ArtifactStore) -> ArtifactMeta:
-    body = await run_sync(_parse_upload, await _read_body(request))  # up to 64 MiB of JSON: not on the event loop
+    body = await run_sync(_parse_upload, await request.body())  # up to 64 MiB of JSON: not on the event loop
     check_description(body.description, request)
     tensors: dict[int, torch.Tensor] = {}
     for key, values in body.vectors.items():
@@ -136,7 +125,7 @@ async def upload_vector(request: Request) -> dict[str, Any]:
             raise SteerError("is required in the query string (?name=...)", field="name")
         description = request.query_params.get("description", "")
         check_description(description, request)
-        data = await _read_body(request)
+        data = await request.body()
         meta = await run_sync(store.put_vector_file, name, data, description=description)
     else:
         raise SteerError(f"unsupported content type {content_type or '(none)'!r}: send application/json or "
