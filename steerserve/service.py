@@ -109,7 +109,7 @@ class Service:
             raise SteerError(f"prompt + max_tokens exceeds the model's context of {self.info.max_model_len}",
                              field="max_tokens")
         rid = request_id or uuid.uuid4().hex
-        request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops)
+        request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop)
         return Submitted(rid, prompt, resolved, self.engine.generate(request))
 
     async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,

@@ -17,6 +17,7 @@ import torch
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class AppliedIntervention:
 class ResolvedSpec:
     ops: tuple[SteerOp, ...]
     applied: tuple[AppliedIntervention, ...]
+    loop: LoopSpec | None = None  # at most one closed loop per request
 
 
 async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering") -> ResolvedSpec:
@@ -105,10 +107,15 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
         )
     ops: list[SteerOp] = []
     applied: list[AppliedIntervention] = []
+    loop: LoopSpec | None = None
     for i, iv in enumerate(spec.interventions):
         f = f"{where}.interventions.{i}"
         method = get_method(iv.method, field=f"{f}.method")
         compiled = await method.compile(iv.params, prompt, ctx, f)
+        if compiled.loop is not None:
+            if loop is not None:
+                raise SteerError("only one closed-loop intervention per request", field=f)
+            loop = compiled.loop
         ops.extend(compiled.ops)
         applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
-    return ResolvedSpec(tuple(ops), tuple(applied))
+    return ResolvedSpec(tuple(ops), tuple(applied), loop)

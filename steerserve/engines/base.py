@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import torch
 
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -30,6 +31,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     ops: tuple[SteerOp, ...] = ()  # compiled steering, positions already absolute
+    loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
 
 
 @dataclass(frozen=True)

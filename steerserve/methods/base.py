@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from steerserve.errors import SteerError
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import PromptInfo, ResolveContext
 
@@ -19,6 +20,7 @@ class Compiled:
     ops: tuple[SteerOp, ...]
     artifacts: tuple[str, ...] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
+    loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
 
 
 class Method(Protocol):

@@ -3,7 +3,9 @@
 An op says: at decoder-layer output ``layer``, for every token whose absolute position ``p`` falls in
 ``[start, stop)``, either add ``scale * v`` or ablate direction ``v`` (``h -= scale * (h . v) v``).
 ``v`` is one row of ``vector.data`` (``[n, hidden]``): row 0 for a constant vector, row ``p - start``
-for a positional one (ActAdd injects a different vector at each front position).
+for a positional one (ActAdd injects a different vector at each front position). A ``gain`` op's scale
+is further multiplied, on the device, by its request's gain register (``runtime.loop``): 1 for
+open-loop ops, so their results are bit-identical whatever else runs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SteerOp:
     start: int = 0  # first absolute token position covered
     stop: int | None = None  # exclusive; None = through the end of generation
     positional: bool = False  # token p reads vector row p - start (else row 0)
+    gain: bool = False  # closed loop: the scale is multiplied by the request's gain register (else by 1)
 
     def __post_init__(self) -> None:
         # A positional op must never read past its vector's rows (they would be another vector's).

@@ -3,7 +3,7 @@
 ``v_l = mean_i pool(h_l(pos_i)) - mean_j pool(h_l(neg_j))`` where ``pool`` is the mean over the prompt's
 tokens (``"mean"``) or its last token (``"last"``, the refusal-direction recipe on chat-templated
 instructions: the state that decides how the answer starts). Used by ``POST /admin/vectors/compute``
-and by ``steerserve extract`` alike.
+and by ``steerserve extract mean-diff`` alike.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``steerserve extract``: make a mean-difference vector file offline from prompt files.
+"""``steerserve extract KIND``: make steering artifacts offline. ``mean-diff`` (here): a mean-difference
+vector file from prompt files; the other kinds register their own sub-command in ``add_parser``.
 
 Prompt files: ``.txt`` (one prompt per line), ``.json`` (a list of strings, or of objects with ``--field``)
 or ``.jsonl`` (objects with ``--field``). The output is a safetensors artifact (tensors ``layer.<i>``)
@@ -23,7 +24,14 @@ from steerserve.config import Settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="compute a mean-difference steering vector from prompt files")
+    extract = sub.add_parser("extract", help="make a steering artifact offline (mean-diff, ...)",
+                             description="Make a steering artifact offline with the hf engine.")
+    kinds = extract.add_subparsers(dest="kind", metavar="KIND", required=True)
+    add_mean_diff(kinds)
+
+
+def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("mean-diff", help="a mean-difference steering vector from prompt files")
     p.add_argument("--positive", type=Path, required=True, help="prompts of the wanted behaviour")
     p.add_argument("--negative", type=Path, required=True, help="contrasting prompts")
     p.add_argument("--field", default="instruction", help="key of the prompt in JSON objects")
