@@ -45,6 +45,11 @@ class Settings:
     # engines
     max_batch: int | None = None  # most sequences decoded together; None: 16 on hf, vLLM's own default on vllm
     bank_slots: int = 4096  # vector-bank rows (row 0 is reserved); requests wait when their vectors do not fit
+    # Closed-loop requests (e.g. ``entropic`` with a target) in flight at once: each holds a register slot
+    # in the engine; beyond it a request gets 429. Hidden-state captures (actadd pairs, extraction) read at
+    # most ``capture_tokens`` prompt tokens per request through the serving engine.
+    loop_slots: int = 64
+    capture_tokens: int = 1024
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments (vllm engine)
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
     models_root: Path | None = None  # where prepared models live; default <home>/models
@@ -74,5 +79,6 @@ class Settings:
             max_prompt_chars=int(env.get("STEERSERVE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),
             max_vector_norm_ratio=float(env.get("STEERSERVE_MAX_VECTOR_NORM_RATIO", cls.max_vector_norm_ratio)),
             engine_restarts=int(env.get("STEERSERVE_ENGINE_RESTARTS", cls.engine_restarts)),
+            loop_slots=int(env.get("STEERSERVE_LOOP_SLOTS", cls.loop_slots)),
         )
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})

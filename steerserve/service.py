@@ -14,6 +14,7 @@ from typing import Any
 
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
@@ -51,6 +52,7 @@ class Service:
     def __init__(self, settings: Settings, engine: Engine, store: ArtifactStore, renderer: PromptRenderer) -> None:
         self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
         self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
+        self.loops = LoopSlots(settings.loop_slots)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
@@ -110,7 +112,11 @@ class Service:
                              field="max_tokens")
         rid = request_id or uuid.uuid4().hex
         request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop)
-        return Submitted(rid, prompt, resolved, self.engine.generate(request))
+        outputs = self.engine.generate(request)
+        if resolved.loop is not None:
+            self.loops.check()  # refuse before queueing when every slot is taken (429)
+            outputs = self.loops.holding(rid, outputs)
+        return Submitted(rid, prompt, resolved, outputs)
 
     async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,
                           description: str = "") -> ArtifactMeta:

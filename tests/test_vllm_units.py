@@ -12,10 +12,13 @@ import torch
 
 from steerserve.engines.vllm import ops as vops
 from steerserve.engines.vllm.gate import BankGate
-from steerserve.engines.vllm.wire import cache_salt, decode_ops, encode_ops, ops_from_extra_args
+from steerserve.engines.vllm.wire import Wired, cache_salt, decode_ops, encode_ops, from_extra_args
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.capture import CaptureBuffer
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.ops import steer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.registers import Registers
 from steerserve.runtime.tables import Placement, Segment, StepTables
 
 H = 16
@@ -30,22 +33,33 @@ def _ops() -> tuple[SteerOp, ...]:
             SteerOp(OpKind.ADD, 1, VectorRef.of(v), 0.5, stop=5))
 
 
+def _state(bank: VectorBank, tables: StepTables, static: bool = False) -> vops.SteerState:
+    capture = CaptureBuffer(tables.rows[OpKind.ADD].shape[0], 8, H, tables.max_tokens)
+    return vops.SteerState(bank, tables, Registers(4), capture, static=static)
+
+
 def test_wire_round_trip_keeps_ops_and_keys() -> None:
-    ops = _ops()
-    payload = encode_ops(ops)
+    ops = (*_ops(), SteerOp(OpKind.ADD, 3, _ops()[0].vector, 0.25, 4, gain=True))
+    loop = LoopSpec(0.6, initial=0.1, low=-0.5, high=0.75, kp=0.3, ki=0.2)
+    payload = encode_ops(ops, loop)
     assert len(payload["vectors"]) == 3  # the shared vector travels once
     back = decode_ops(payload)
-    assert [(o.kind, o.layer, o.vector.key, o.scale, o.start, o.stop, o.positional) for o in back] == \
-           [(o.kind, o.layer, o.vector.key, o.scale, o.start, o.stop, o.positional) for o in ops]
-    assert all(torch.equal(a.vector.data, b.vector.data) for a, b in zip(ops, back, strict=True))
-    assert ops_from_extra_args(None) == () and ops_from_extra_args({"other": 1}) == ()
+    def fields(o: SteerOp) -> tuple[object, ...]:
+        return o.kind, o.layer, o.vector.key, o.scale, o.start, o.stop, o.positional, o.gain
+
+    assert [fields(o) for o in back.ops] == [fields(o) for o in ops]
+    assert back.loop == loop and not back.capture
+    assert all(torch.equal(a.vector.data, b.vector.data) for a, b in zip(ops, back.ops, strict=True))
+    assert from_extra_args(None) == Wired() and from_extra_args({"other": 1}) == Wired()
+    assert decode_ops(encode_ops((), capture=True)) == Wired(capture=True)
 
 
 def test_cache_salt_separates_specs() -> None:
     ops = _ops()
     assert cache_salt(()) is None
-    assert cache_salt(ops) == cache_salt(decode_ops(encode_ops(ops)))
+    assert cache_salt(ops) == cache_salt(decode_ops(encode_ops(ops)).ops)
     assert cache_salt(ops) != cache_salt(ops[:2]) != cache_salt(ops[:1])
+    assert cache_salt(ops, LoopSpec(0.5)) not in (cache_salt(ops), cache_salt(ops, LoopSpec(0.6)))
 
 
 def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:
@@ -58,7 +72,7 @@ def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:
     hidden, residual = torch.randn(7, H, generator=g), torch.randn(7, H, generator=g)  # 6 real + 1 padding
     # one request at flat tokens 1..5 (positions 0..4) and an unsteered token at flat index 0
     tables.fill(6, [Segment(1, 0, 5, Placement.build(ops, rows, tables.slots))])
-    vops.install(vops.SteerState(bank, tables))
+    vops.install(_state(bank, tables))
     try:
         for layer in range(2):
             x = hidden[:6] + residual[:6]
@@ -119,7 +133,7 @@ def test_graph_safe_form_matches_the_eager_form() -> None:
         tables.fill(6, [Segment(1, 0, 5, Placement.build(spec, rows, tables.slots))])
         out = {}
         for static in (False, True):
-            vops.install(vops.SteerState(bank, tables, static=static))
+            vops.install(_state(bank, tables, static))
             try:
                 h = hidden.clone()
                 for layer in range(2):

@@ -71,8 +71,18 @@ class Applied(_Doc):
     detail: dict[str, Any]
 
 
+class LoopReport(_Doc):
+    """What a closed-loop request's loop measured (``entropic`` with ``target_entropy``)."""
+
+    mean_entropy_bits: float | None
+    loop_steps: float
+    final_gain: float
+    target_entropy_bits: float
+
+
 class SteeringReport(_Doc):
     applied: list[Applied]
+    report: LoopReport | None = None
 
 
 class GenerateResponse(_Doc):

@@ -183,7 +183,8 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
         metrics.set_engine({"restarts": service.supervisor.restarts})
         if await service.healthy():
             try:  # a scrape must not hang on a busy or wedged engine
-                metrics.set_engine(await asyncio.wait_for(service.engine.stats(), timeout=5))
+                stats = await asyncio.wait_for(service.engine.stats(), timeout=5)
+                metrics.set_engine({**stats, "loop_requests": service.loops.in_use})
             except (asyncio.TimeoutError, RuntimeError) as exc:
                 log.warning("engine stats unavailable: %r", exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -50,7 +50,7 @@ async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERA
         return SSEResponse(sse_events(_events(sub, model, metrics), sub.request_id))
     text, tally = await collect_while_connected(request, sub, metrics)
     return JSONResponse({"id": sub.request_id, "text": text, "finish_reason": tally.finish_reason,
-                         "usage": tally.usage(), "steering": steering_report(sub), "model": model})
+                         "usage": tally.usage(), "steering": steering_report(sub, tally), "model": model})
 
 
 async def _events(sub: Submitted, model: str, metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
@@ -62,4 +62,4 @@ async def _events(sub: Submitted, model: str, metrics: Metrics) -> AsyncGenerato
                     yield {"id": sub.request_id, "text": out.text, "finish_reason": None}
                 continue
             yield {"id": sub.request_id, "text": out.text, "finish_reason": out.finish_reason,
-                   "usage": tally.usage(), "steering": steering_report(sub), "model": model}
+                   "usage": tally.usage(), "steering": steering_report(sub, tally), "model": model}

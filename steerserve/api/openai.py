@@ -120,7 +120,7 @@ async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_e
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                      "finish_reason": tally.finish_reason}],
-        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub),
+        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub, tally),
     })
 
 
@@ -162,7 +162,7 @@ async def completions(body: Annotated[CompletionRequest, Body(openapi_examples=C
     return JSONResponse({
         "id": cid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": tally.finish_reason}],
-        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub),
+        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub, tally),
     })
 
 

@@ -89,9 +89,14 @@ def check_steering_text(steering: Any, limit: int, max_interventions: int) -> No
                                  field=f"steering.interventions.{i}.{key}", code="too_long")
 
 
-def steering_report(sub: Submitted) -> dict[str, Any]:
-    return {"applied": [{"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail)}
-                        for a in sub.resolved.applied]}
+def steering_report(sub: Submitted, tally: Tally | None = None) -> dict[str, Any]:
+    """``{"applied": [...]}``, plus ``"report"`` once a closed-loop request has finished (what its loop
+    measured: mean next-token entropy, steps, final gain)."""
+    out: dict[str, Any] = {"applied": [{"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail)}
+                                       for a in sub.resolved.applied]}
+    if tally is not None and tally.report:
+        out["report"] = dict(tally.report)
+    return out
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Tally:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str | None = None
+    report: Mapping[str, Any] | None = None  # a closed-loop request's measurements, with its last output
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -130,6 +136,9 @@ async def checked_outputs(sub: Submitted, tally: Tally, metrics: Metrics) -> Asy
                 raise GenerationFailed("the request was aborted (the server may be shutting down)", status=503,
                                        code="aborted")
             tally.finish_reason = out.finish_reason
+            report = out.extra.get("report")
+            if isinstance(report, Mapping):
+                tally.report = report
             yield out
     finally:
         aclose = getattr(outputs, "aclose", None)

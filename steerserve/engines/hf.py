@@ -31,6 +31,7 @@ from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
+from steerserve.runtime.registers import Registers, entropy_step_
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class _Seq:
     detok: Detokenizer
     gen: torch.Generator | None
     pin: Pin | None = None  # its vectors in the bank, once admitted
+    cell: int = 0  # its register cell (closed-loop requests), once admitted; 0 = none
     pos: int = 0  # tokens in the KV cache = absolute position of the next input token
     last: int = 0  # last sampled token, the next input
     completion: int = 0
@@ -61,6 +63,7 @@ class HFEngine:
         self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, self.max_batch),
                                  settings.max_interventions)
         self.hooks = SteeringHooks(self.layers, self.bank, self.tables)
+        self.regs = Registers(settings.loop_slots)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -130,7 +133,8 @@ class HFEngine:
     async def stats(self) -> dict[str, int]:
         def stats() -> dict[str, int]:
             steered = sum(1 for s in self._active if s.pin is not None and s.pin.keys)
-            return {"running": len(self._active) + len(self._waiting), "steered": steered, **self.bank.stats()}
+            return {"running": len(self._active) + len(self._waiting), "steered": steered,
+                    "loop_slots": self.regs.in_use, **self.bank.stats()}
 
         return dict(await asyncio.wrap_future(self.call(stats)))
 
@@ -199,6 +203,12 @@ class HFEngine:
                 continue
             if pin is None:
                 return  # the bank is full of vectors in use: wait for a request to finish
+            if seq.req.loop is not None:
+                cell = self.regs.open(seq.req.loop)
+                if cell is None:  # the front end admits at most loop_slots closed-loop requests: not reached
+                    pin.release(self.bank)
+                    return
+                seq.cell = cell
             self._waiting.popleft()
             seq.pin = pin
             self._prefill(seq)
@@ -210,10 +220,12 @@ class HFEngine:
             ids = torch.tensor([seq.req.prompt_token_ids])
             n = ids.shape[1]
             segments = [self._segment(seq, 0, n)]
-            self.tables.fill(n, segments, self.bank.weight)
+            self.tables.fill(n, segments, self.bank.weight, self.regs.gain)
             out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             if self.tables.flagged(segments):
                 return self._refuse(seq)
+            if seq.cell:  # the first token's distribution sets the gain of the first decode step
+                entropy_step_(self.regs, out.logits[0, -1:], torch.tensor([seq.cell]))
             seq.pos = n
             self._token(seq, out.logits[0, -1])
         except Exception as exc:
@@ -229,10 +241,13 @@ class HFEngine:
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
         segments = [self._segment(s, i, 1) for i, s in enumerate(seqs)]
-        self.tables.fill(len(seqs), segments, self.bank.weight)
+        self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
+        if any(s.cell for s in seqs):  # closed loops: decide the next step's gains from these logits
+            cells = torch.tensor([s.cell or self.regs.sink for s in seqs])
+            entropy_step_(self.regs, out.logits[:, -1], cells)
         for i in self.tables.flagged(segments):
             self._refuse(seqs[i])
         for i, seq in enumerate(seqs):
@@ -253,7 +268,7 @@ class HFEngine:
 
     def _segment(self, seq: _Seq, offset: int, count: int) -> Segment:
         assert seq.pin is not None
-        return Segment(offset, seq.pos, count, seq.pin.placement(self.bank))
+        return Segment(offset, seq.pos, count, seq.pin.placement(self.bank), seq.cell)
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
@@ -277,10 +292,17 @@ class HFEngine:
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
+        report = {}
+        if seq.cell:
+            report = self.regs.report(seq.cell)
+            self.regs.close(seq.cell)
         if error:
             return seq.emit(failure(seq.req.request_id, len(seq.req.prompt_token_ids), seq.completion, error,
                                     status, code))
-        seq.emit(self._output(seq, (token,) if token is not None else (), text, reason))
+        out = self._output(seq, (token,) if token is not None else (), text, reason)
+        if report:
+            out.extra["report"] = report
+        seq.emit(out)
 
     def _drop_done(self) -> None:
         rows = [i for i, s in enumerate(self._active) if s.done]

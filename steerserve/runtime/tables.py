@@ -22,7 +22,8 @@ KINDS = tuple(OpKind)
 DELTA_MAX_ELEMENTS = 1 << 22  # 16 MiB in fp32: steps up to a few hundred tokens (decode) gather all layers at once
 _NO_STOP = np.iinfo(np.int64).max
 # columns of Placement.ints
-_KIND, _LAYER, _SLOT, _ROW, _START, _STOP, _POSITIONAL = range(7)
+_KIND, _LAYER, _SLOT, _ROW, _START, _STOP, _POSITIONAL, _GAIN = range(8)
+_COLUMNS = 8
 
 
 def slot_numbers(ops: Sequence[SteerOp], slots: int) -> list[int]:
@@ -41,8 +42,8 @@ def slot_numbers(ops: Sequence[SteerOp], slots: int) -> list[int]:
 
 @dataclass(frozen=True, eq=False)
 class Placement:
-    """One request's ops as arrays: ``ints [n_ops, 7]`` (kind, layer, slot, first bank row, start, stop,
-    positional) and ``scales [n_ops]``. Slots are numbered per (kind, layer) in op order."""
+    """One request's ops as arrays: ``ints [n_ops, 8]`` (kind, layer, slot, first bank row, start, stop,
+    positional, gain) and ``scales [n_ops]``. Slots are numbered per (kind, layer) in op order."""
 
     ints: np.ndarray
     scales: np.ndarray
@@ -50,27 +51,30 @@ class Placement:
     @classmethod
     def build(cls, ops: Sequence[SteerOp], rows: Mapping[str, int], slots: int) -> Placement:
         """``rows``: vector key -> first bank row (from ``VectorBank.acquire``)."""
-        ints = np.zeros((len(ops), 7), dtype=np.int64)
+        ints = np.zeros((len(ops), _COLUMNS), dtype=np.int64)
         for i, (op, slot) in enumerate(zip(ops, slot_numbers(ops, slots), strict=True)):
             stop = _NO_STOP if op.stop is None else op.stop
-            ints[i] = (KINDS.index(op.kind), op.layer, slot, rows[op.vector.key], op.start, stop, op.positional)
+            ints[i] = (KINDS.index(op.kind), op.layer, slot, rows[op.vector.key], op.start, stop, op.positional,
+                       op.gain)
         return cls(ints, np.array([op.scale for op in ops], dtype=np.float32))
 
     def __len__(self) -> int:
         return int(self.ints.shape[0])
 
 
-EMPTY = Placement(np.zeros((0, 7), dtype=np.int64), np.zeros(0, dtype=np.float32))
+EMPTY = Placement(np.zeros((0, _COLUMNS), dtype=np.int64), np.zeros(0, dtype=np.float32))
 
 
 @dataclass(frozen=True)
 class Segment:
-    """``count`` consecutive tokens of the step (flat index ``offset``..) at absolute positions ``first``.."""
+    """``count`` consecutive tokens of the step (flat index ``offset``..) at absolute positions ``first``..;
+    ``cell``: the request's register cell (``runtime.registers``), read by its ``gain`` ops (0: gain 1)."""
 
     offset: int
     first: int
     count: int
     placement: Placement
+    cell: int = 0
 
 
 class StepTables:
@@ -81,8 +85,13 @@ class StepTables:
         self.slots = slots
         self._rows = {k: np.zeros(shape, dtype=np.int64) for k in OpKind}
         self._scales = {k: np.zeros(shape, dtype=np.float32) for k in OpKind}
+        self._cells = {k: np.zeros(shape, dtype=np.int64) for k in OpKind}  # register cell of gain ops, else 0
         self.rows = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
+        # The scales the op reads: the host's, times the gain register of the op's cell for gain ops
+        # (exactly 1 for the others: cell 0), multiplied on the device in ``fill``.
         self.scales = {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in OpKind}
+        self.cells = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
+        self._gained = False  # this step has a gain op
         # Tokens whose steering the op refused this step (non-finite result): written by the op on the device,
         # read by the host after the step (``flagged``), cleared by ``fill``.
         self.bad = torch.zeros(max_tokens, dtype=torch.bool, device=device)
@@ -97,8 +106,13 @@ class StepTables:
     def max_tokens(self) -> int:
         return int(self._rows[OpKind.ADD].shape[1])
 
-    def fill(self, num_tokens: int, segments: Sequence[Segment], bank: torch.Tensor | None = None) -> None:
+    def fill(self, num_tokens: int, segments: Sequence[Segment], bank: torch.Tensor | None = None,
+             gain: torch.Tensor | None = None) -> None:
         """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0.
+
+        ``gain`` (``Registers.gain``, ``[cells]``): when the step has ``gain`` ops, their scales are multiplied
+        by their request's gain on the device, here, before any op reads them: the value the sampler-side op
+        wrote at the previous step (stream order; the host never reads it).
 
         With ``bank``, small steps (decode) also get every layer's addition ``[L, T, H]`` gathered at
         once (``delta``): one gather per step instead of one per layer, and vetted once per step
@@ -112,7 +126,10 @@ class StepTables:
         for kind in OpKind:
             self._rows[kind][:, :dirty] = 0
             self._scales[kind][:, :dirty] = 0
+            if self._gained:
+                self._cells[kind][:, :dirty] = 0
         self.width = {k: 0 for k in OpKind}
+        gained, self._gained = self._gained, False
         segments = [s for s in segments if len(s.placement) and s.count > 0]
         if segments:
             self._scatter(segments)
@@ -122,6 +139,12 @@ class StepTables:
         for kind in OpKind:  # one copy per table
             self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
             self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
+            if self._gained or gained:  # (this step's gain ops, or clearing the last step's cells)
+                cells = self.cells[kind][:, :dirty]
+                cells.copy_(torch.from_numpy(self._cells[kind][:, :dirty]))
+                if self._gained and gain is not None:
+                    scales = self.scales[kind][:, :dirty]
+                    scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
         # Slice once per step, not once per layer: the op then only picks its layer's views.
         ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
         add_rows = self.rows[OpKind.ADD][:, :num_tokens, :ka]  # [L, T, Ka]
@@ -141,6 +164,7 @@ class StepTables:
         count = np.repeat([s.count for s in segments], n_ops)  # [N] tokens of each op's segment
         first = np.repeat([s.first for s in segments], n_ops)
         offset = np.repeat([s.offset for s in segments], n_ops)
+        cell = np.repeat([s.cell for s in segments], n_ops)
         op = np.repeat(np.arange(len(ints)), count)  # [E] op of each (token, op) entry
         i = np.arange(len(op)) - np.repeat(np.cumsum(count) - count, count)  # [E] token index in segment
         pos = first[op] + i  # [E] absolute position
@@ -156,6 +180,10 @@ class StepTables:
             at = (e[m, _LAYER], token[m], e[m, _SLOT])
             self._rows[kind][at] = row[m]
             self._scales[kind][at] = scales[op[m]]
+            gained = e[m, _GAIN] > 0
+            if gained.any():
+                self._cells[kind][at] = np.where(gained, cell[op[m]], 0)
+                self._gained = True
             self.width[kind] = int(e[m, _SLOT].max()) + 1
 
     def flagged(self, segments: Sequence[Segment]) -> list[int]:

@@ -6,8 +6,10 @@ banks, and outputs come back as deltas (vLLM detokenises and applies stop string
 dropped from the token ids (it counts in usage), as on the hf engine. Cancelling the iterator aborts the
 request in vLLM (its bank rows are released by the worker), then frees its place at the gate.
 
-Hidden states for ``actadd`` pairs and offline extraction are computed on a transformers copy of the
-model in this process, loaded on first use: vLLM has no API to read a layer's residual stream.
+Hidden states for ``actadd`` pairs and extraction are read through the serving engine itself: a
+*capture request* (prompt only, one token, a salt of its own so that no prefix-cache hit skips a
+position) whose prompt tokens the worker's read op copies into its capture buffer at every layer
+(``runtime.capture``); the front end fetches them with ``steerserve_take_capture``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationR
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_ops
-from steerserve.errors import EngineUnavailable
+from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.ops import NON_FINITE_CODE
 
@@ -82,8 +85,7 @@ class VLLMEngine:
         self.gate = BankGate(settings.bank_slots - 1)
         self.llm: Any = None
         self._poll: FailurePoll | None = None
-        self._reference: tuple[Any, Any] | None = None  # (transformers model, its decoder layers)
-        self._reference_lock = asyncio.Lock()
+        self._capture_lock = asyncio.Lock()  # one capture request at a time: each fits the buffer alone
 
     @property
     def bank_capacity(self) -> int:
@@ -97,7 +99,8 @@ class VLLMEngine:
             "max_model_len": self.info.max_model_len, "seed": 0,
             "generation_config": "vllm",  # sampling defaults come from each request, as on the hf engine
             "disable_log_stats": True,
-            **engine_kwargs(bank_slots=s.bank_slots, max_interventions=s.max_interventions),
+            **engine_kwargs(bank_slots=s.bank_slots, max_interventions=s.max_interventions,
+                            loop_slots=s.loop_slots, capture_tokens=s.capture_tokens),
         }
         if s.max_batch is not None:
             args["max_num_seqs"] = s.max_batch
@@ -146,7 +149,7 @@ class VLLMEngine:
             seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
             stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_KEY: encode_ops(request.ops)} if request.ops else None,
+            extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop)} if request.ops else None,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
@@ -156,7 +159,7 @@ class VLLMEngine:
             raise EngineUnavailable()
         vectors = {op.vector.key: op.vector.rows for op in request.ops}
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
-        salt = cache_salt(request.ops)
+        salt = cache_salt(request.ops, request.loop)
         if salt is not None:
             prompt["cache_salt"] = salt
         rid = request.request_id
@@ -185,6 +188,10 @@ class VLLMEngine:
                 extra: dict[str, object] = {}
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
+                if out.finished and request.loop is not None:  # what its loop measured (read between steps)
+                    report = (await llm.collective_rpc("steerserve_loop_report", args=(rid,)))[0]
+                    if report is not None:
+                        extra["report"] = report
                 yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
         except EngineDeadError:
             log.error("request %s: the engine core died while it was in flight", rid)
@@ -200,13 +207,31 @@ class VLLMEngine:
                 poll.forget(rid)
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
-        from steerserve.model import load_hf
-        from steerserve.runtime.hooks import capture_hidden_states
+        """Unsteered states of each prompt at ``layers``, read by capture requests through vLLM itself."""
+        limit = self.settings.capture_tokens
+        for i, ids in enumerate(prompts):
+            if len(ids) > limit:
+                raise SteerError(f"prompt {i} is {len(ids)} tokens; hidden states are read for at most {limit}",
+                                 field="prompts")
+        async with self._capture_lock:
+            return [await self._capture(list(ids), list(layers)) for ids in prompts]
 
-        async with self._reference_lock:  # one capture at a time: hooks on a shared model
-            if self._reference is None:
-                log.info("loading a transformers copy of %s for hidden states (actadd, extraction)", self.path)
-                model, _, _ = await asyncio.to_thread(load_hf, self.path, self.settings.dtype)
-                self._reference = (model, model.model.layers)
-            model, decoder = self._reference
-            return await asyncio.to_thread(capture_hidden_states, model, decoder, prompts, layers)
+    async def _capture(self, ids: list[int], layers: list[int]) -> torch.Tensor:
+        from vllm import SamplingParams
+
+        llm = self.llm
+        if llm is None or llm.errored:
+            raise EngineUnavailable()
+        rid = f"capture-{uuid.uuid4().hex}"
+        params = SamplingParams(max_tokens=1, temperature=0.0,
+                                extra_args={EXTRA_KEY: encode_ops((), capture=True)})
+        async for _ in llm.generate({"prompt_token_ids": ids, "cache_salt": rid}, params, rid):
+            pass
+        got = (await llm.collective_rpc("steerserve_take_capture", args=(rid, layers)))[0]
+        if got is None:
+            raise RuntimeError(f"capture {rid}: the worker returned no states")
+        shape, raw = got
+        states = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(*shape)  # [n, L, H]
+        if states.shape[0] != len(ids):
+            raise RuntimeError(f"capture {rid}: {states.shape[0]} of {len(ids)} positions were read")
+        return states

@@ -28,17 +28,21 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.capture import CaptureBuffer
 from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
+from steerserve.runtime.registers import Registers
 from steerserve.runtime.tables import StepTables
 
 
 @dataclass
 class SteerState:
     """What the op reads at run time: one per worker process (``bank.weight [R, H]``, tables
-    ``[layers, max_tokens, slots]``)."""
+    ``[layers, max_tokens, slots]``), with the closed-loop registers and the capture buffer."""
 
     bank: VectorBank
     tables: StepTables
+    regs: Registers
+    capture: CaptureBuffer
     # True under CUDA-graph capture: no host branches, full fixed-shape tables (slots) every call.
     static: bool = False
 
@@ -65,6 +69,14 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     state = _STATE
     if state is None:
         return
+    if state.static or state.capture.active:  # after steering: the stream the next block reads
+        _steer_tables(state, h, residual, layer)
+        state.capture.read_layer(layer, (h + residual)[: h.shape[0] if state.static else state.capture.num_tokens])
+        return
+    _steer_tables(state, h, residual, layer)
+
+
+def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     tables = state.tables
     if not state.static and not tables.active:
         return  # nothing steered this step: not even a read of the tables

@@ -89,8 +89,9 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def engine_kwargs(*, bank_slots: int = Settings.bank_slots,
-                  max_interventions: int = Settings.max_interventions) -> dict[str, Any]:
+def engine_kwargs(*, bank_slots: int = Settings.bank_slots, max_interventions: int = Settings.max_interventions,
+                  loop_slots: int = Settings.loop_slots,
+                  capture_tokens: int = Settings.capture_tokens) -> dict[str, Any]:
     """Arguments for ``vllm.LLM(...)`` / ``AsyncEngineArgs(...)`` that enable steering.
 
     ``additional_config`` is both the channel to the worker (sizes) and a compile-cache key factor:
@@ -102,5 +103,6 @@ def engine_kwargs(*, bank_slots: int = Settings.bank_slots,
     return {
         "worker_cls": f"steerserve.engines.vllm.worker.{worker}",
         "additional_config": {"steerserve": {"bank_slots": bank_slots, "max_interventions": max_interventions,
+                                             "loop_slots": loop_slots, "capture_tokens": capture_tokens,
                                              "code": code_fingerprint()}},
     }

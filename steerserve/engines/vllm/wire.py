@@ -4,9 +4,11 @@ vLLM carries ``SamplingParams.extra_args`` from the front end to the model runne
 (``NewRequestData.sampling_params`` -> ``CachedRequestState.sampling_params``); across processes it is
 MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lists/dicts:
 
-    {"v": 1,
-     "ops": [[kind, layer, key, scale, start, stop, positional], ...],
-     "vectors": {key: [rows, hidden, <float32 little-endian bytes>]}}
+    {"v": 2,
+     "ops": [[kind, layer, key, scale, start, stop, positional, gain], ...],
+     "vectors": {key: [rows, hidden, <float32 little-endian bytes>]},
+     "loop": [target, initial, low, high, kp, ki] | None,   # closed loop (runtime.loop.LoopSpec)
+     "capture": bool}                                      # a capture request (runtime.capture)
 
 Vectors are keyed by content hash (``VectorRef.key``), so 30 layers of one spec cost 30 x H x 4 bytes
 and identical vectors are sent once per request. The worker rebuilds ``SteerOp``s with the same keys,
@@ -20,19 +22,30 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 
 EXTRA_KEY = "steerserve"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
-def encode_ops(ops: Sequence[SteerOp]) -> dict[str, Any]:
-    """The ``extra_args["steerserve"]`` payload for ``ops`` (empty ops -> empty payload)."""
+@dataclass(frozen=True)
+class Wired:
+    """What one request asks of the worker."""
+
+    ops: tuple[SteerOp, ...] = ()
+    loop: LoopSpec | None = None
+    capture: bool = False
+
+
+def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bool = False) -> dict[str, Any]:
+    """The ``extra_args["steerserve"]`` payload for ``ops`` (and a closed loop, or a capture request)."""
     vectors: dict[str, list[Any]] = {}
     rows: list[list[Any]] = []
     for op in ops:
@@ -40,14 +53,15 @@ def encode_ops(ops: Sequence[SteerOp]) -> dict[str, Any]:
         if ref.key not in vectors:
             data = ref.data.to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
             vectors[ref.key] = [int(data.shape[0]), int(data.shape[1]), data.tobytes()]
-        rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional])
-    return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors}
+        rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional, op.gain])
+    return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors,
+            "loop": None if loop is None else list(astuple(loop)), "capture": capture}
 
 
-def decode_ops(payload: Mapping[str, Any] | None) -> tuple[SteerOp, ...]:
+def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
     """Inverse of ``encode_ops``; checks every vector's content against its key."""
     if not payload:
-        return ()
+        return Wired()
     if payload.get("v") != WIRE_VERSION:
         raise ValueError(f"unsupported steerserve wire version {payload.get('v')!r}")
     refs: dict[str, VectorRef] = {}
@@ -57,18 +71,20 @@ def decode_ops(payload: Mapping[str, Any] | None) -> tuple[SteerOp, ...]:
         if ref.key != key:
             raise ValueError(f"vector content does not match its key {key}")
         refs[key] = ref
-    return tuple(
+    ops = tuple(
         SteerOp(OpKind(kind), int(layer), refs[key], float(scale), int(start),
-                None if stop is None else int(stop), bool(positional))
-        for kind, layer, key, scale, start, stop, positional in payload["ops"]
+                None if stop is None else int(stop), bool(positional), bool(gain))
+        for kind, layer, key, scale, start, stop, positional, gain in payload["ops"]
     )
+    loop = payload.get("loop")
+    return Wired(ops, None if loop is None else LoopSpec(*(float(x) for x in loop)), bool(payload.get("capture")))
 
 
-def ops_from_extra_args(extra_args: Mapping[str, Any] | None) -> tuple[SteerOp, ...]:
+def from_extra_args(extra_args: Mapping[str, Any] | None) -> Wired:
     return decode_ops((extra_args or {}).get(EXTRA_KEY))
 
 
-def cache_salt(ops: Sequence[SteerOp]) -> str | None:
+def cache_salt(ops: Sequence[SteerOp], loop: LoopSpec | None = None) -> str | None:
     """A prefix-cache salt that differs between specs (None for unsteered: share with plain traffic).
 
     Coarse on purpose: blocks wholly before every op's ``start`` could be shared, but a salt applies to
@@ -76,8 +92,8 @@ def cache_salt(ops: Sequence[SteerOp]) -> str | None:
     """
     if not ops:
         return None
-    h = hashlib.sha256()
+    h = hashlib.sha256(repr(loop).encode())
     for op in ops:
         h.update(repr((op.kind.value, op.layer, op.vector.key, float(op.scale), op.start, op.stop,
-                       op.positional)).encode())
+                       op.positional, op.gain)).encode())
     return "steerserve-" + h.hexdigest()[:32]

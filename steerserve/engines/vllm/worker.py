@@ -35,10 +35,12 @@ import torch
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
-from steerserve.engines.vllm.wire import ops_from_extra_args
+from steerserve.engines.vllm.wire import from_extra_args
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
+from steerserve.runtime.registers import Registers, entropy_step_
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class SteeringRunnerMixin:
     _steer_reqs: dict[str, Pin]  # req_id -> its vectors in the bank and its ops' placement
     _steer_step: list[tuple[str, Segment]]  # this step's steered requests, as laid out in the tables
     _steer_failed: dict[str, str]  # req_id -> why its steering was refused (until the front end takes it)
+    _steer_cells: dict[str, int]  # req_id -> register cell of a closed-loop request
+    _steer_reports: dict[str, dict[str, float | None]]  # finished closed-loop req_id -> what its loop measured
+    _steer_rows: torch.Tensor | None  # this step's register cell per batch row (closed loops), else None
+    _capture_reqs: set[str]  # capture requests in flight
+    _captures: Captures
     _rewound: dict[int, torch.Generator]  # batch index -> CPU generator restored after a discarded sample
     discard_request_mask: Any
 
@@ -63,9 +70,23 @@ class SteeringRunnerMixin:
                 pin = self._steer_reqs.pop(req_id, None)
                 if pin is not None:
                     pin.release(state.bank)
+                cell = self._steer_cells.pop(req_id, None)
+                if cell is not None:  # a host read, between steps: what the response reports
+                    self._steer_reports[req_id] = state.regs.report(cell)
+                    state.regs.close(cell)
+                    _forget_oldest(self._steer_reports)
+                self._capture_reqs.discard(req_id)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
-                ops = ops_from_extra_args(params.extra_args if params is not None else None)
+                wired = from_extra_args(params.extra_args if params is not None else None)
+                if wired.capture:
+                    self._capture_reqs.add(new.req_id)
+                if wired.loop is not None and new.req_id not in self._steer_cells:
+                    cell = state.regs.open(wired.loop)
+                    if cell is None:  # the front end admits at most loop_slots of them (engines.slots)
+                        raise RuntimeError(f"request {new.req_id}: no free closed-loop register slot")
+                    self._steer_cells[new.req_id] = cell
+                ops = wired.ops
                 if not ops or new.req_id in self._steer_reqs:
                     continue
                 pin = Pin.acquire(state.bank, ops, state.tables.slots)
@@ -85,21 +106,34 @@ class SteeringRunnerMixin:
         batch = self.input_batch
         starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
-        step = []
+        step, reads = [], []
+        cells = self._steer_cells
+        rows = np.full(batch.num_reqs, state.regs.sink, dtype=np.int64) if cells else None
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
             pin = self._steer_reqs.get(req_id)
+            cell = cells.get(req_id, 0)
             if pin is not None:
                 step.append((req_id, Segment(int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i]),
-                                             pin.placement(state.bank))))
+                                             pin.placement(state.bank), cell)))
+            if rows is not None and cell:
+                rows[i] = cell
+            if req_id in self._capture_reqs:
+                reads.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
         total = int(scheduler_output.total_num_scheduled_tokens)
         if step or state.tables.active:  # skip the table work on all-unsteered steps
-            state.tables.fill(total, [seg for _, seg in step], state.bank.weight)
+            state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain)
+        if reads or state.capture.active:
+            for r in state.capture.fill(total, reads):
+                log.warning("steerserve: capture of %s skipped this step (the buffer is full)", r.request)
         self._steer_step = step
+        self._steer_rows = None if rows is None else torch.from_numpy(rows).to(state.regs.gain.device)
         return out
 
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         out = super().execute_model(*args, **kwargs)  # type: ignore[misc]
         state = steer_ops.current()
+        if state is not None and state.capture.active:  # after the forward: copy the read rows out
+            self._captures.add(state.capture.collect())
         step, self._steer_step = self._steer_step, []
         if state is not None and step:
             for i in state.tables.flagged([seg for _, seg in step]):
@@ -110,11 +144,22 @@ class SteeringRunnerMixin:
                 log.warning("steerserve: request %s: steering made the residual stream non-finite; "
                             "its steering is dropped and the front end will end it", req_id)
                 self._steer_failed[req_id] = NON_FINITE
-                while len(self._steer_failed) > 10_000:  # nobody collects them (a bare vLLM client)
-                    del self._steer_failed[next(iter(self._steer_failed))]
+                _forget_oldest(self._steer_failed)
         return out
 
-    def _sample(self, *args: Any, **kwargs: Any) -> Any:
+    def _sample(self, logits: Any, *args: Any, **kwargs: Any) -> Any:
+        state = steer_ops.current()
+        num_reqs = self.input_batch.num_reqs
+        if state is not None and self._steer_rows is not None and logits is not None:
+            # Closed loops: the next step's gains from these logits, on the device. A row whose sample is
+            # discarded (a partial prefill chunk) writes into the sink instead of its request's cell.
+            rows = self._steer_rows.masked_fill(
+                torch.from_numpy(self.discard_request_mask.np[:num_reqs].astype(bool)).to(logits.device),
+                state.regs.sink)
+            entropy_step_(state.regs, logits[:num_reqs], rows)
+        return self._sample_restoring_cpu_generators(logits, *args, **kwargs)
+
+    def _sample_restoring_cpu_generators(self, *args: Any, **kwargs: Any) -> Any:
         gens = self.input_batch.generators  # batch index -> torch.Generator (seeded requests)
         num_reqs = self.input_batch.num_reqs
         saved = {}
@@ -150,6 +195,14 @@ def _steer_runner(runner: Any) -> None:
         _RUNNER_CLASSES[cls] = type(f"Steering{cls.__name__}", (SteeringRunnerMixin, cls), {})
     runner.__class__ = _RUNNER_CLASSES[cls]
     runner._steer_reqs, runner._steer_step, runner._steer_failed, runner._rewound = {}, [], {}, {}
+    runner._steer_cells, runner._steer_reports, runner._steer_rows = {}, {}, None
+    runner._capture_reqs, runner._captures = set(), Captures()
+
+
+def _forget_oldest(d: dict[str, Any], limit: int = 10_000) -> None:
+    """Bound what nobody collects (a bare vLLM client never asks for failures or reports)."""
+    while len(d) > limit:
+        del d[next(iter(d))]
 
 
 def _setup(worker: Any) -> None:
@@ -169,7 +222,10 @@ def _setup(worker: Any) -> None:
     # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
     # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
     static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
-    steer_ops.install(steer_ops.SteerState(bank, tables, static=static))
+    regs = Registers(int(conf.get("loop_slots", Settings.loop_slots)), device=runner.device)
+    capture = CaptureBuffer(num_layers, int(conf.get("capture_tokens", Settings.capture_tokens)), hidden, max_tokens,
+                            device=runner.device)
+    steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, static=static))
     log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
              type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
 
@@ -190,12 +246,36 @@ def _make_worker(base: type) -> type:
             state = steer_ops.current()
             if state is None:
                 return {"steered": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
-            return {"steered": len(self.model_runner._steer_reqs), **state.bank.stats()}
+            return {"steered": len(self.model_runner._steer_reqs), "loop_slots": state.regs.in_use,
+                    **state.bank.stats()}
 
         def steerserve_take_failed(self) -> dict[str, str]:
             """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
             failed, self.model_runner._steer_failed = self.model_runner._steer_failed, {}
             return dict(failed)
+
+        def steerserve_loop_report(self, request_id: str) -> dict[str, float | None] | None:
+            """What a closed-loop request's loop measured so far (finished or not), by our request id; a
+            host read of its registers between two steps."""
+            runner, state = self.model_runner, steer_ops.current()
+            for key in (request_id, *[k for k in runner._steer_reports if k.rsplit("-", 1)[0] == request_id]):
+                if key in runner._steer_reports:
+                    return runner._steer_reports.pop(key)
+            for key, cell in runner._steer_cells.items():
+                if state is not None and request_id in (key, key.rsplit("-", 1)[0]):
+                    return state.regs.report(cell)
+            return None
+
+        def steerserve_take_capture(self, request_id: str, layers: list[int]) -> tuple[list[int], bytes] | None:
+            """A finished capture request's states at ``layers`` (``[n, len(layers), H]`` fp32 bytes, with
+            the shape), by our request id (vLLM runs it as ``<id>-<8 chars>``); then forgotten."""
+            captures = self.model_runner._captures
+            states = captures.take(request_id, layers)
+            for key in [k for k in captures.keys() if k.rsplit("-", 1)[0] == request_id]:  # noqa: SIM118
+                states = captures.take(key, layers)
+            if states is None:
+                return None
+            return list(states.shape), states.numpy().astype("<f4", copy=False).tobytes()
 
     return SteerWorker
 
