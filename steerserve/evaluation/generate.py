@@ -34,6 +34,7 @@ class Reply:
     completion_tokens: int
     finish_reason: str
     report: Mapping[str, float] = field(default_factory=dict)  # numeric fields of steering.report, if any
+    model: str = ""  # the model the server says it served
 
 
 def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling) -> dict[str, Any]:
@@ -68,7 +69,7 @@ async def _one(client: httpx.AsyncClient, payload: dict[str, Any]) -> Reply:
     data = r.json()
     steering = data.get("steering") or {}
     return Reply(str(data["text"]), int(data["usage"]["completion_tokens"]), str(data["finish_reason"]),
-                 _numeric(steering.get("report")))
+                 _numeric(steering.get("report")), str(data.get("model", "")))
 
 
 async def generate_all(client: httpx.AsyncClient, payloads: Sequence[dict[str, Any]], concurrency: int,

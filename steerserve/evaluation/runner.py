@@ -109,7 +109,11 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
             assert service is not None
             probes = make_probes(service.renderer.tokenize, opts.options, opts.sampling.chat)
             scores = await _score_all(service, samples, replies, opts, probes, notes)
-        model = service.info.name if service is not None else opts.server or "?"
+        served = sorted({r.model for rs in replies for r in rs})
+        model = ", ".join(served) or "?"
+        if service is not None and served != [service.info.name]:
+            notes.append(f"the server served {model} but the scorer's local model is {service.info.name}: "
+                         "the distribution metrics do not describe the generations")
     values = tuple(tuple(_sample_values(metrics, samples[j], replies[i][j], scores[i][j], probes, opts.kl)
                          for j in range(n)) for i in range(len(opts.settings)))
     rows = [(m.name, r) for m in metrics for r in m.rows]
