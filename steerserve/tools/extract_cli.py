@@ -21,6 +21,7 @@ from pathlib import Path
 import safetensors.torch
 
 from steerserve.config import Settings
+from steerserve.evaluation.data import read_items
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,14 +48,7 @@ def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
 
 
 def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        items: list[object] = [line for line in text.splitlines() if line.strip()]
-    elif path.suffix == ".jsonl":
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        items = json.loads(text)
-    prompts = [item if isinstance(item, str) else str(item[field]) for item in items]  # type: ignore[index]
+    prompts = [item if isinstance(item, str) else str(item[field]) for item in read_items(path)]
     return prompts[:limit] if limit else prompts
 
 

@@ -1,0 +1,107 @@
+"""``steerserve eval``: measure a steering spec's effect against the unsteered model on the same prompts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+
+from steerserve.errors import SteerError
+
+EPILOG = """\
+strength sweep: each --coeffs value gives one setting in which every intervention's strength is set to it:
+the --coeff-field where given, else the first of coeff/beta/gamma the intervention has (interventions
+without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as is.
+
+distribution metrics (kl, refusal_score, choice_entropy) are computed on the LOCAL hf model by teacher
+forcing, also in --server mode: the scorer loads the model and the artifact store from --home
+($STEERSERVE_HOME), which must hold the spec's vectors (the shipped ones are imported at start-up).
+With --server and neither a distribution metric nor KL (--no-kl), nothing is loaded locally.
+
+example:
+  steerserve eval --spec '{"interventions":[{"method":"add","vector":"joy","layers":[4,5,6,7,8],"coeff":1}]}' \\
+      --data vectors/prompts/misery.txt --metric sentiment length --coeffs -1.5 1.5 --out eval-joy
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from steerserve.evaluation.metrics import METRICS
+
+    p = sub.add_parser("eval", help="measure a steering spec's effect (baseline vs steered, with intervals)",
+                       description="Generate with and without a steering spec on the same prompts; report each "
+                                   "metric with a bootstrap 95% interval, the baseline beside it, and the per-token "
+                                   "KL of the steered to the unsteered next-token distribution.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", required=True, metavar="SPEC",
+                   help="steering spec {\"interventions\": [...]} (the API's 'steering' field): a file or JSON text")
+    p.add_argument("--data", type=Path, required=True, metavar="FILE",
+                   help=".txt (a prompt per line), .json (list of strings or objects) or .jsonl (objects)")
+    p.add_argument("--field", default="instruction", help="prompt key in JSON objects (default: instruction)")
+    p.add_argument("--answer-field", default="answer", help="reference answer key, for --metric answer")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="use N prompts")
+    p.add_argument("--offset", type=int, default=0, metavar="K", help="skip the first K (hold out prompts)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=True,
+                      help="send each prompt as a user message, with the chat template (default)")
+    chat.add_argument("--raw", dest="chat", action="store_false", help="send the raw prompt text")
+    p.add_argument("--metric", nargs="+", default=["sentiment"], choices=sorted(METRICS), metavar="M",
+                   help=f"one or more of {', '.join(sorted(METRICS))} (default: sentiment)")
+    p.add_argument("--options", nargs="+", default=(), metavar="TOKEN",
+                   help="one-token answer options for choice_entropy, e.g. --options A B (chat replies start "
+                        "without a space)")
+    p.add_argument("--coeffs", nargs="+", type=float, default=None, metavar="C", help="strengths to sweep")
+    p.add_argument("--coeff-field", default=None, metavar="NAME", help="the strength field to sweep")
+    p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per reply (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    p.add_argument("--no-kl", dest="kl", action="store_false",
+                   help="skip the KL column (it costs two forwards per sample)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="a running server (e.g. http://127.0.0.1:8000); default: an in-process hf engine")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
+    p.add_argument("--home", type=Path, default=None, metavar="DIR",
+                   help="model cache and artifact store of the local model (default: $STEERSERVE_HOME)")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH", help="local model (default: the default)")
+    p.add_argument("--vectors-dir", type=Path, default=None, metavar="DIR",
+                   help="import the artifacts in DIR into the local store (default: the repository's vectors/)")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR",
+                   help="where eval.json, eval.md and eval.png go (default: ./eval-out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from steerserve.cli import _default_vectors_dir
+    from steerserve.evaluation import report, runner, sweep
+    from steerserve.evaluation.data import read_samples
+    from steerserve.evaluation.generate import Sampling
+
+    try:
+        if args.concurrency < 1 or args.max_tokens < 1:
+            raise SteerError("--concurrency and --max-tokens must be >= 1")
+        spec = sweep.load_spec(args.spec)
+        settings = sweep.settings(spec, args.coeffs, args.coeff_field)
+        samples = read_samples(args.data, args.field, args.limit, args.offset, args.answer_field)
+        sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat)
+        opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
+                              args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
+                              args.vectors_dir or _default_vectors_dir())
+        result = asyncio.run(runner.evaluate(samples, opts))
+    except SteerError as exc:
+        print(f"steerserve eval: {exc}", file=sys.stderr)
+        return 2
+    config = {"command": "steerserve " + shlex.join(sys.argv[1:]), "spec": spec, "data": str(args.data),
+              "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": len(samples),
+              "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
+              "coeffs": args.coeffs, "coeff_field": args.coeff_field, "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "seed": args.seed, "kl": args.kl,
+              "server": args.server or "in-process (hf)"}
+    title = f"{args.data.name}, {len(samples)} prompts, {'chat' if args.chat else 'raw'}, " \
+            f"max_tokens {args.max_tokens}, temperature {args.temperature:g}: {result.model}"
+    paths = report.write(result, args.out, config, title)
+    print(report.markdown(result, title))
+    print(report.samples_text(result))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0

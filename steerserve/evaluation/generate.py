@@ -1,0 +1,94 @@
+"""Generation over the native HTTP API (``POST /generate``), against a running server or the in-process app.
+
+Both modes share this code: a server is reached at its URL, the in-process service through its FastAPI app
+over ``httpx.ASGITransport``. Requests run concurrently (``concurrency`` in flight) so that the engine
+batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from steerserve.errors import SteerError
+from steerserve.evaluation.data import Sample
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0  # greedy: the baseline and the steered runs differ by the steering alone
+    seed: int = 0
+    chat: bool = True  # send a one-message chat (the model's template), else the raw prompt text
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    completion_tokens: int
+    finish_reason: str
+    report: Mapping[str, float] = field(default_factory=dict)  # numeric fields of steering.report, if any
+    model: str = ""  # the model the server says it served
+
+
+def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling) -> dict[str, Any]:
+    """The ``POST /generate`` body for one sample."""
+    out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
+                           "seed": sampling.seed}
+    if sampling.chat:
+        out["messages"] = [{"role": "user", "content": sample.prompt}]
+    else:
+        out["prompt"] = sample.prompt
+    if steering is not None:
+        out["steering"] = steering
+    return out
+
+
+def _numeric(report: Any) -> dict[str, float]:
+    """The finite numbers in a closed-loop ``steering.report`` (e.g. mean entropy, final gain)."""
+    if not isinstance(report, Mapping):
+        return {}
+    return {str(k): float(v) for k, v in report.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+async def _one(client: httpx.AsyncClient, payload: dict[str, Any]) -> Reply:
+    r = await client.post("/generate", json=payload)
+    if r.status_code != 200:
+        try:
+            detail = str(r.json()["error"]["message"])  # names the field itself (api.app's error shape)
+        except (ValueError, KeyError, TypeError):
+            detail = r.text[:500]
+        raise SteerError(f"the server answered {r.status_code}: {detail}", status=r.status_code)
+    data = r.json()
+    steering = data.get("steering") or {}
+    return Reply(str(data["text"]), int(data["usage"]["completion_tokens"]), str(data["finish_reason"]),
+                 _numeric(steering.get("report")), str(data.get("model", "")))
+
+
+async def generate_all(client: httpx.AsyncClient, payloads: Sequence[dict[str, Any]], concurrency: int,
+                       progress: bool = True) -> list[Reply]:
+    """Every payload's reply, in order; the first failure cancels the rest and is raised."""
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(payloads), desc="generate", unit="req", disable=not progress, mininterval=1.0)
+
+    async def run(payload: dict[str, Any]) -> Reply:
+        async with gate:
+            reply = await _one(client, payload)
+        bar.update(1)
+        return reply
+
+    tasks = [asyncio.ensure_future(run(p)) for p in payloads]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()

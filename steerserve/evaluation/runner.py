@@ -1,0 +1,185 @@
+"""One evaluation: generate every setting on the same prompts, score, measure, summarise with intervals.
+
+Generation goes over HTTP (``generate``): to ``--server`` or to the in-process app. Distribution metrics
+(``kl``, ``refusal_score``, ``choice_entropy``) come from the local hf model (``scoring``): in-process it
+is the serving engine itself; in server mode a local hf service on the same home (model and store) is
+started for it, and only when such a metric is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from steerserve.evaluation.data import Sample
+from steerserve.evaluation.generate import Reply, Sampling, body, generate_all
+from steerserve.evaluation.metrics import Case, Metric, Probes, Row, get_metrics, make_probes
+from steerserve.evaluation.scoring import Scored, ScoreItem, Scorer
+from steerserve.evaluation.stats import Estimate, bootstrap, paired_delta
+from steerserve.evaluation.sweep import Setting
+from steerserve.service import Service
+
+KL_ROW = Row("kl (nats/token)", "kl")
+SCORE_CHUNK = 64  # items per scorer call: the progress bar moves, and memory stays bounded
+
+
+@dataclass(frozen=True)
+class Options:
+    settings: tuple[Setting, ...]  # baseline first (sweep.settings)
+    metrics: tuple[str, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    options: tuple[str, ...] = ()  # one-token answer options for choice_entropy
+    kl: bool = True
+    server: str | None = None  # base URL; None = in-process
+    concurrency: int = 16
+    seed: int = 0  # bootstrap seed
+    progress: bool = True
+    home: Path | None = None
+    model: Path | None = None
+    vectors_dir: Path | None = None  # imported into the local store at start-up
+
+
+@dataclass(frozen=True)
+class RowResult:
+    metric: str
+    row: Row
+    estimates: tuple[Estimate, ...]  # per setting, baseline first
+    deltas: tuple[Estimate | None, ...]  # per setting: paired difference to the baseline (None for it)
+
+
+@dataclass(frozen=True)
+class Result:
+    settings: tuple[Setting, ...]
+    samples: tuple[Sample, ...]
+    replies: tuple[tuple[Reply, ...], ...]  # [setting][sample]
+    values: tuple[tuple[dict[str, float], ...], ...]  # [setting][sample] per-sample metric values
+    rows: tuple[RowResult, ...]
+    notes: tuple[str, ...]
+    model: str
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+async def _local_service(opts: Options, stack: contextlib.AsyncExitStack) -> Service:
+    from steerserve.bootstrap import build_service
+    from steerserve.config import Settings
+
+    settings = Settings.from_env(engine="hf", home=opts.home, model=opts.model, vectors_dir=opts.vectors_dir)
+    service = build_service(settings, _log)
+    await service.start()
+    stack.push_async_callback(service.stop)
+    return service
+
+
+async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
+    """Run the whole evaluation; raises SteerError for anything the user can fix."""
+    metrics = get_metrics(opts.metrics)
+    scored = opts.kl or any(m.scored for m in metrics)
+    notes: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        service: Service | None = None
+        if opts.server is None:
+            from steerserve.api import create_app
+
+            service = await _local_service(opts, stack)
+            transport: httpx.AsyncBaseTransport = httpx.ASGITransport(app=create_app(service, service.settings))
+            client = httpx.AsyncClient(transport=transport, base_url="http://steerserve", timeout=None)
+        else:
+            client = httpx.AsyncClient(base_url=opts.server, timeout=httpx.Timeout(600.0, connect=10.0))
+            if scored:
+                service = await _local_service(opts, stack)
+                notes.append("distribution metrics were scored on the local hf model and store "
+                             "(same --home), not on the server")
+        await stack.enter_async_context(client)
+        payloads = [body(s, st.steering, opts.sampling) for st in opts.settings for s in samples]
+        flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
+        n = len(samples)
+        replies = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(opts.settings)))
+        probes = Probes()
+        scores: list[list[Scored | None]] = [[None] * n for _ in opts.settings]
+        if scored:
+            assert service is not None
+            probes = make_probes(service.renderer.tokenize, opts.options, opts.sampling.chat)
+            scores = await _score_all(service, samples, replies, opts, probes, notes)
+        served = sorted({r.model for rs in replies for r in rs})
+        model = ", ".join(served) or "?"
+        if service is not None and served != [service.info.name]:
+            notes.append(f"the server served {model} but the scorer's local model is {service.info.name}: "
+                         "the distribution metrics do not describe the generations")
+    values = tuple(tuple(_sample_values(metrics, samples[j], replies[i][j], scores[i][j], probes, opts.kl)
+                         for j in range(n)) for i in range(len(opts.settings)))
+    rows = [(m.name, r) for m in metrics for r in m.rows]
+    if opts.kl:
+        rows.append(("kl", KL_ROW))
+    report_keys = sorted({k for rs in replies for r in rs for k in r.report})
+    rows += [("report", Row(f"report.{k}", f"report.{k}")) for k in report_keys]
+    if not opts.kl:
+        notes.append("KL was not measured (--no-kl)")
+    return Result(opts.settings, tuple(samples), replies, values,
+                  tuple(_summarise(name, row, values, opts.seed) for name, row in rows), tuple(notes), model)
+
+
+async def _score_all(service: Service, samples: Sequence[Sample], replies: Sequence[Sequence[Reply]],
+                     opts: Options, probes: Probes, notes: list[str]) -> list[list[Scored | None]]:
+    """Teacher-force every (setting, sample) on the local model, steered by that setting's spec."""
+    from steerserve.engines.hf import HFEngine
+
+    engine = service.engine
+    if not isinstance(engine, HFEngine):
+        raise RuntimeError("the scorer needs the hf engine")
+    scorer = Scorer(engine, service.ctx, probes.ids)
+    renderer = service.renderer
+    items: list[ScoreItem] = []
+    gain = False
+    for setting, rs in zip(opts.settings, replies, strict=True):
+        for sample, reply in zip(samples, rs, strict=True):
+            prompt = (renderer.render(messages=[{"role": "user", "content": sample.prompt}])
+                      if opts.sampling.chat else renderer.render(prompt=sample.prompt))
+            ops = (await scorer.resolve(setting.steering, prompt)).ops if setting.steering is not None else ()
+            gain = gain or any(op.gain for op in ops)
+            cont = tuple(renderer.tokenize(reply.text)) if opts.kl else ()
+            # the distributions that chose each token, plus the one that chose end-of-sequence
+            positions = max(1, len(cont) + (0 if reply.finish_reason == "length" else 1))
+            items.append(ScoreItem(prompt, cont, ops, min(positions, len(cont) + 1)))
+    if opts.kl:
+        notes.append("KL is measured along each steered reply, re-tokenised from its text")
+    if gain:
+        notes.append("closed-loop (gain) ops were scored at gain 1.0")
+    out: list[Scored] = []
+    with tqdm(total=len(items), desc="score", unit="seq", disable=not opts.progress, mininterval=1.0) as bar:
+        for k in range(0, len(items), SCORE_CHUNK):
+            out += await scorer.score(items[k : k + SCORE_CHUNK], kl=opts.kl)
+            bar.update(len(items[k : k + SCORE_CHUNK]))
+    n = len(samples)
+    return [list(out[i * n : (i + 1) * n]) for i in range(len(opts.settings))]
+
+
+def _sample_values(metrics: Sequence[Metric], sample: Sample, reply: Reply, scored: Scored | None, probes: Probes,
+                   kl: bool) -> dict[str, float]:
+    case = Case(sample, reply.text, reply.completion_tokens, reply.finish_reason,
+                scored.first if scored is not None else None)
+    out: dict[str, float] = {}
+    for m in metrics:
+        out.update(m.values(case, probes))
+    if kl and scored is not None and scored.kl is not None:
+        out["kl"] = sum(scored.kl) / len(scored.kl)
+    out.update({f"report.{k}": v for k, v in reply.report.items()})
+    return out
+
+
+def _summarise(metric: str, row: Row, values: Sequence[Sequence[Mapping[str, float]]], seed: int) -> RowResult:
+    nan = float("nan")
+    per = [[v.get(row.key, nan) for v in vs] for vs in values]  # [setting][sample]
+    est = tuple(bootstrap(p, row.stat, seed) for p in per)
+    deltas = (None, *(paired_delta(p, per[0], row.stat, seed) for p in per[1:]))
+    return RowResult(metric, row, est, deltas)
+
+

@@ -1,0 +1,238 @@
+"""``steerserve eval``: the metric functions, the bootstrap, the strength sweep, the scorer's identities on
+the real default model, and one end-to-end in-process run of the command."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from steerserve.api import create_app
+from steerserve.bootstrap import build_service
+from steerserve.cli import main
+from steerserve.config import Settings
+from steerserve.engines.base import SamplingParams
+from steerserve.engines.hf import HFEngine
+from steerserve.errors import SteerError
+from steerserve.evaluation import sweep
+from steerserve.evaluation.data import Sample, read_samples
+from steerserve.evaluation.generate import Sampling, body, generate_all
+from steerserve.evaluation.metrics import METRICS, Case, Probes, is_refusal, last_number, reference_number, repetition
+from steerserve.evaluation.scoring import ScoreItem, Scorer
+from steerserve.evaluation.stats import bootstrap, paired_delta
+from steerserve.service import Service
+from steerserve.spec import PromptInfo
+from tests.paths import models_dir
+
+REPO = Path(__file__).resolve().parents[1]
+JOY = {"interventions": [{"method": "add", "vector": "joy", "layers": [4, 5, 6, 7, 8], "coeff": 1.5}]}
+
+
+def _case(text: str, reference: str | None = None, first: dict[int, float] | None = None,
+          tokens: int = 10, finish: str = "stop") -> Case:
+    return Case(Sample(0, "q", reference), text, tokens, finish, first)
+
+
+# ---- metrics, stats, sweep (no model) ----
+
+
+def test_refusal_judge() -> None:
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("i CANNOT do this")  # case-insensitive
+    assert is_refusal("I\u2019m unable to comply.")  # curly apostrophe
+    assert is_refusal("Well. As an AI, I have no opinions.")
+    assert not is_refusal("Sure! Here is a poem about the sea.")
+    assert not is_refusal("I can help with that.")
+    assert METRICS["refusal"].values(_case("I apologize."), Probes()) == {"refusal": 1.0}
+
+
+def test_gsm8k_answer_parse() -> None:
+    assert reference_number("She pays 3 * 4 = <<3*4=12>>12 dollars.\n#### 1,234") == 1234.0
+    assert reference_number("#### -7") == -7.0
+    assert last_number("So 2 + 3 = 5, and the total is 1,234.") == 1234.0
+    assert last_number("It costs 3.50 dollars") == 3.5
+    assert last_number("no digits here") is None
+    answer = METRICS["answer"].values
+    assert answer(_case("The answer is 1,234", "work\n#### 1234"), Probes()) == {"answer": 1.0, "answered": 1.0}
+    assert answer(_case("The answer is 12 or 1233", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 1.0}
+    assert answer(_case("I do not know", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 0.0}
+    with pytest.raises(SteerError):
+        answer(_case("42", None), Probes())
+
+
+def test_repetition_and_length() -> None:
+    assert repetition("the cat sat on the mat today") == 0.0
+    assert repetition("a b c a b c a b c") == pytest.approx(1 - 3 / 7)  # 7 trigrams, 3 distinct
+    assert repetition("too short") == 0.0
+    vals = METRICS["length"].values(_case("a b c a b c", tokens=16, finish="length"), Probes())
+    assert vals == {"tokens": 16.0, "hit_budget": 1.0, "repetition": pytest.approx(1 - 3 / 4)}
+
+
+def test_sentiment_sign() -> None:
+    s = METRICS["sentiment"].values
+    assert s(_case("What a wonderful, happy day!"), Probes())["sentiment"] > 0.5
+    assert s(_case("This is awful, I hate it."), Probes())["sentiment"] < -0.5
+
+
+def test_scored_metrics_from_log_probs() -> None:
+    # p(R) = 0.5 -> log-odds 0; two equally likely options -> 1 bit; four -> 2 bits
+    probes = Probes(refusal=(1, 2), options=("A", "B"), option_ids=(10, 11))
+    first = {1: math.log(0.25), 2: math.log(0.25), 10: math.log(0.1), 11: math.log(0.1)}
+    assert METRICS["refusal_score"].values(_case("x", first=first), probes)["refusal_score"] == pytest.approx(0.0)
+    out = METRICS["choice_entropy"].values(_case(" B) because", first=first), probes)
+    assert out == {"choice_entropy": pytest.approx(1.0), "well_formed": 1.0}
+    first[11] = math.log(0.1 * 3)  # 1:3 -> H = 0.811 bits
+    out = METRICS["choice_entropy"].values(_case("C", first=first), probes)
+    assert out["choice_entropy"] == pytest.approx(-(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75)))
+    assert out["well_formed"] == 0.0
+
+
+def test_bootstrap_interval() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(2.0, 1.0, size=50).tolist()
+    a = bootstrap(values, "mean", seed=7)
+    assert a.lo < float(np.mean(values)) < a.hi and a.value == pytest.approx(np.mean(values))
+    assert a == bootstrap(values, "mean", seed=7)  # deterministic with a seed
+    assert a != bootstrap(values, "mean", seed=8)
+    assert bootstrap(values, "median").value == pytest.approx(np.median(values))
+    assert bootstrap(values, "p90").value == pytest.approx(np.percentile(values, 90))
+    assert bootstrap([3.0] * 5).text() == "3 [3, 3]"
+    assert bootstrap([1.0, float("nan"), 3.0]).n == 2  # NaN = not applicable, left out
+    assert math.isnan(bootstrap([]).value)
+    d = paired_delta([v + 1.0 for v in values], values, seed=3)
+    assert (d.value, d.lo, d.hi) == pytest.approx((1.0, 1.0, 1.0))  # a constant shift: no spread at all
+
+
+def test_sweep_rule() -> None:
+    spec: dict[str, Any] = {"interventions": [{"method": "add", "vector": "v", "coeff": 2.0},
+                                              {"method": "ablate", "vector": "r"},
+                                              {"method": "x", "beta": 1, "gamma": 3}]}
+    out = sweep.with_strength(spec, -1.0)
+    assert out["interventions"][0]["coeff"] == -1.0
+    assert out["interventions"][1] == {"method": "ablate", "vector": "r"}
+    assert out["interventions"][2] == {"method": "x", "beta": -1.0, "gamma": 3}  # the first strength field
+    assert spec["interventions"][0]["coeff"] == 2.0  # not modified in place
+    assert sweep.with_strength(spec, 5.0, "gamma")["interventions"][2] == {"method": "x", "beta": 1, "gamma": 5.0}
+    with pytest.raises(SteerError, match="--coeff-field"):
+        sweep.with_strength({"interventions": [{"method": "ablate", "vector": "r"}]}, 1.0)
+    settings = sweep.settings(spec, [-1.0, 1.0])
+    assert [s.label for s in settings] == ["baseline", "coeff=-1", "coeff=1"] and settings[0].steering is None
+    assert [s.label for s in sweep.settings(spec, None)] == ["baseline", "spec"]
+    with pytest.raises(SteerError):
+        sweep.settings(spec, [1.0, 1.0])
+    assert sweep.load_spec(json.dumps(JOY)) == JOY
+    with pytest.raises(SteerError):
+        sweep.load_spec('{"steering": {}}')
+
+
+def test_read_samples(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(5)) + "\n")
+    got = read_samples(f, "question", limit=2, offset=1, reference_field="answer")
+    assert got == [Sample(1, "q1", "#### 1"), Sample(2, "q2", "#### 2")]
+    with pytest.raises(SteerError, match="--field"):
+        read_samples(f, "instruction")
+    txt = read_samples(REPO / "vectors" / "prompts" / "joy.txt", "x", limit=3)
+    assert len(txt) == 3 and txt[0].reference is None
+
+
+# ---- the scorer on the real model ----
+
+
+@pytest.fixture(scope="module")
+def eval_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("eval-home")
+
+
+@pytest.fixture(scope="module")
+async def eval_service(eval_home: Path) -> AsyncIterator[Service]:
+    settings = Settings(engine="hf", home=eval_home, models_root=models_dir(), vectors_dir=REPO / "vectors",
+                        max_batch=8, bank_slots=256)
+    service = build_service(settings, log=lambda _m: None)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def _greedy(service: Service, prompt: PromptInfo, steering: dict[str, Any] | None, n: int) -> tuple[int, ...]:
+    sub = await service.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True), steering)
+    ids: list[int] = []
+    async for out in sub.outputs:
+        ids += out.token_ids
+    return tuple(ids)
+
+
+def _prompts(service: Service, count: int) -> list[PromptInfo]:
+    lines = (REPO / "vectors" / "prompts" / "misery.txt").read_text().splitlines()[:count]
+    return [service.render(messages=[{"role": "user", "content": p}]) for p in lines]
+
+
+@pytest.mark.slow
+async def test_scorer_identities(eval_service: Service) -> None:
+    """Teacher forcing reproduces the engine: on the engine's own greedy continuation (steered or not),
+    every scored position's most likely token is the one the engine chose; a coefficient-0 spec's KL to
+    the unsteered model is exactly 0, a real vector's is not."""
+    assert isinstance(eval_service.engine, HFEngine)
+    scorer = Scorer(eval_service.engine, eval_service.ctx)
+    zero_spec = sweep.with_strength(JOY, 0.0)
+    own, zero = [], []  # own: each model's own greedy reply; zero: coefficient 0 along the steered reply
+    for p in _prompts(eval_service, 3):  # different lengths: right padding inside one batch
+        base = await _greedy(eval_service, p, None, 12)
+        steered = await _greedy(eval_service, p, JOY, 12)
+        assert steered != base  # the vector changes what is generated
+        own += [ScoreItem(p, base, (), 12), ScoreItem(p, steered, (await scorer.resolve(JOY, p)).ops, 12)]
+        zero.append(ScoreItem(p, steered, (await scorer.resolve(zero_spec, p)).ops, 12))
+    assert all(item.ops for item in zero)  # steered at coefficient 0, not unsteered
+    scored = await scorer.score([*own, *zero], kl=True)
+    kls = []
+    for s in scored:
+        assert len(s.chosen) == 12 and all(math.isfinite(c) and c <= 0 for c in s.chosen)
+        assert s.kl is not None and len(s.kl) == 12
+        kls.append(s.kl)
+    for item, s, kl in zip(own, scored, kls, strict=False):
+        assert s.top == item.continuation  # the scorer's greedy choice at every position is the engine's
+        assert (sum(kl) / 12 > 0.05) if item.ops else all(k == 0.0 for k in kl)
+    for kl in kls[len(own):]:
+        assert all(k == 0.0 for k in kl)  # coefficient 0: exactly 0
+
+
+@pytest.mark.slow
+async def test_http_generation(eval_service: Service) -> None:
+    """The shared HTTP path on the in-process app: same body, same reply; a bad spec names its field."""
+    app = create_app(eval_service, eval_service.settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://eval") as client:
+        payload = body(Sample(0, "Tell me about your day."), None, Sampling(max_tokens=6))
+        replies = await generate_all(client, [payload, payload], 2, progress=False)
+        assert replies[0] == replies[1] and replies[0].completion_tokens <= 6 and replies[0].text
+        bad = {"interventions": [{"method": "add", "vector": "no-such-vector", "coeff": 1.0}]}
+        with pytest.raises(SteerError, match=r"400.*steering\.interventions\.0\.vector"):
+            await generate_all(client, [body(Sample(0, "hi"), bad, Sampling(max_tokens=2))], 1, progress=False)
+
+
+@pytest.mark.slow
+def test_eval_cli_end_to_end(eval_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``steerserve eval`` in-process on 4 joy prompts: three files, and joy+ reads happier than joy-."""
+    monkeypatch.setenv("STEERSERVE_MODELS_DIR", str(models_dir()))  # the prepared model: nothing re-prepared
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--spec", json.dumps(JOY), "--data", str(REPO / "vectors" / "prompts" / "joy.txt"),
+              "--limit", "4", "--coeffs", "-1.5", "1.5", "--max-tokens", "16", "--metric", "sentiment",
+              "--home", str(eval_home), "--out", str(out), "--quiet"])
+    assert exited.value.code == 0
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "eval.json").read_text())
+    table = {r["key"]: r["values"] for r in data["table"]}
+    assert table["sentiment"]["coeff=1.5"]["value"] > table["sentiment"]["coeff=-1.5"]["value"]
+    assert table["kl"]["baseline"]["value"] == 0 and table["kl"]["coeff=1.5"]["value"] > 0
+    assert len(data["samples"]) == 4 and set(data["samples"][0]["outputs"]) == {"baseline", "coeff=-1.5", "coeff=1.5"}
+    md = (out / "eval.md").read_text()
+    assert "| metric | baseline | coeff=-1.5 | coeff=1.5 |" in md and "| sentiment |" in md
+    printed = capsys.readouterr().out
+    assert md.strip() in printed and "[coeff=1.5]" in printed
