@@ -260,3 +260,55 @@ async def test_resolved_method_specs_match_hf(engine: VLLMEngine, hf_engine: HFE
     got = await _together(engine, jobs)
     assert got == [await _tokens(hf_engine, ids, ops) for ids, ops in jobs]
     assert all(g != plain for g in got)
+
+
+async def test_hidden_states_come_from_the_serving_engine(engine: VLLMEngine, hf_engine: HFEngine,
+                                                         prompts: list[tuple[int, ...]]) -> None:
+    """Capture requests through vLLM itself (chunked prefill, compiled graph) give the hf engine's states;
+    the front end holds no model copy of its own."""
+    layers = [0, 14, 29]
+    got = await engine.hidden_states(prompts[:2], layers)
+    want = await hf_engine.hidden_states(prompts[:2], layers)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert float(((g - w).norm(dim=-1) / w.norm(dim=-1)).max()) < 1e-4
+    assert not hasattr(engine, "_reference")
+    # a capture request leaves nothing behind: no capture kept, nothing running
+    assert (await engine.stats())["running"] == 0
+
+
+async def test_closed_loop_matches_hf_under_chunked_prefill(engine: VLLMEngine, hf_engine: HFEngine,
+                                                            prompts: list[tuple[int, ...]]) -> None:
+    """The gain register decided on the device by the sampler-side step, in a shared batch with an
+    unsteered request and chunked prefill (discarded partial-prefill samples must not move the loop):
+    the same tokens and the same loop report as the hf engine."""
+    from steerserve.runtime.loop import LoopSpec
+
+    v = VectorRef.of(torch.nn.functional.normalize(torch.randn(576, generator=torch.Generator().manual_seed(9)),
+                                                   dim=0) * 30)
+
+    def job(ids: Sequence[int], target: float) -> GenerationRequest:
+        op = SteerOp(OpKind.ADD, 15, v, 1.0, len(ids) - 1, gain=True)
+        return GenerationRequest(uuid.uuid4().hex, tuple(ids), SamplingParams(max_tokens=MAX_TOKENS), (op,),
+                                 LoopSpec(target))
+
+    async def run(eng: Any, req: GenerationRequest) -> tuple[list[int], Any]:
+        outs = [o async for o in eng.generate(req)]
+        return [t for o in outs for t in o.token_ids], outs[-1].extra.get("report")
+
+    reqs = [job(prompts[0], 0.5), job(prompts[1], 6.0)]
+    got = await asyncio.gather(*(run(engine, r) for r in reqs), _tokens(engine, prompts[2], ()))
+    want = [await run(hf_engine, r) for r in reqs]
+    for (tokens, report), (want_tokens, want_report) in zip(got[:2], want, strict=True):
+        assert tokens == want_tokens
+        assert report["loop_steps"] == want_report["loop_steps"] == MAX_TOKENS
+        assert report["final_gain"] == pytest.approx(want_report["final_gain"], abs=1e-4)
+        assert report["mean_entropy_bits"] == pytest.approx(want_report["mean_entropy_bits"], abs=1e-3)
+    assert got[0][1]["final_gain"] < 0 < got[1][1]["final_gain"]  # the loop pushes both ways
+    assert got[2] == await _tokens(hf_engine, prompts[2], ())
+    for _ in range(100):  # the worker frees a finished request's slot at its next scheduler step
+        stats = await engine.stats()
+        if stats["loop_slots"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["loop_slots"] == 0 and stats["steered"] == 0

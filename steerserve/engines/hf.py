@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,7 @@ from steerserve.config import Settings
 from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator, sample
-from steerserve.errors import EngineUnavailable
+from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
@@ -35,7 +33,6 @@ from steerserve.runtime.registers import Registers, entropy_step_
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
-Emit = Callable[[GenerationOutput], None]
 
 
 @dataclass
@@ -52,7 +49,7 @@ class _Seq:
     done: bool = False
 
 
-class HFEngine:
+class HFEngine(EngineThread):
     """Implements ``engines.base.Engine`` on a transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
@@ -66,11 +63,10 @@ class HFEngine:
         self.regs = Registers(settings.loop_slots)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []  # row i of self._kv
         self._kv = KVBatch()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     # ---- async API (any thread's event loop) ----
     async def start(self) -> None:
@@ -83,52 +79,8 @@ class HFEngine:
         self._thread = threading.Thread(target=self._run, name="steerserve-hf-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():  # a dead thread would leave "stop" queued
-            self._inbox.put(("stop", None))                          # for the next one
-            await asyncio.to_thread(self._thread.join)
-
-    async def health(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
-
-        def emit(out: GenerationOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
-
-        if not await self.health():
-            raise EngineUnavailable()
-        self._inbox.put(("add", (request, emit)))
-        finished = False
-        try:
-            while not finished:
-                try:
-                    out = await asyncio.wait_for(outputs.get(), timeout=5.0)
-                except asyncio.TimeoutError:
-                    if await self.health():
-                        continue  # still queued or decoding slowly
-                    yield failure(request.request_id, len(request.prompt_token_ids), 0, ENGINE_FAILED, 503,
-                                  "engine_failed")
-                    return
-                finished = out.finish_reason is not None
-                yield out
-        finally:
-            if not finished:  # client went away: free the slot and the bank rows
-                self._inbox.put(("abort", request.request_id))
-
-    async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         return await asyncio.wrap_future(self.call(lambda: self._hidden_states(prompts, layers)))
-
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the engine thread between two steps (the model is never shared across threads)."""
-        fut: Future[Any] = Future()
-        self._inbox.put(("call", (fn, fut)))
-        return fut
 
     async def stats(self) -> dict[str, int]:
         def stats() -> dict[str, int]:
@@ -157,33 +109,17 @@ class HFEngine:
                     self._active, self._kv = [], KVBatch()
                     self._waiting.clear()
 
-    def _commands(self, block: bool) -> bool:
-        while True:
-            try:
-                kind, arg = self._inbox.get(block=block, timeout=None if block else 0)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "stop":
-                for seq in [*self._active, *self._waiting]:
-                    self._finish(seq, "abort")
-                return False
-            if kind == "add":
-                req, emit = arg
-                try:
-                    gen = make_generator(req.sampling)
-                except Exception as exc:  # a bad request fails alone; the engine thread must survive
-                    emit(GenerationOutput(req.request_id, (), "", "abort", extra={"error": str(exc)}))
-                    continue
-                self._waiting.append(_Seq(req, emit, Detokenizer(self._decode_text, req.sampling.stop), gen))
-            elif kind == "abort":
-                self._abort(arg)
-            elif kind == "call":
-                fn, fut = arg
-                try:
-                    fut.set_result(fn())
-                except Exception as exc:
-                    fut.set_exception(exc)
+    def _add(self, req: GenerationRequest, emit: Emit) -> None:
+        try:
+            gen = make_generator(req.sampling)
+        except Exception as exc:  # a bad request fails alone; the engine thread must survive
+            emit(GenerationOutput(req.request_id, (), "", "abort", extra={"error": str(exc)}))
+            return
+        self._waiting.append(_Seq(req, emit, Detokenizer(self._decode_text, req.sampling.stop), gen))
+
+    def _stop_all(self) -> None:
+        for seq in [*self._active, *self._waiting]:
+            self._finish(seq, "abort")
 
     def _abort(self, request_id: str) -> None:
         for seq in [*self._waiting, *self._active]:
