@@ -1,4 +1,7 @@
-"""Build the running server's parts from one ``Settings``: model, engine, store, renderer, service."""
+"""Build the running server's parts from one ``Settings``: model, engine, store, renderer.
+
+``service.build_service`` puts them together; this module knows nothing of the service above it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from steerserve.engines.base import Engine
 from steerserve.errors import SteerError
 from steerserve.model import prepare_default_model
 from steerserve.prompts import PromptRenderer
-from steerserve.service import Service
 from steerserve.store.artifacts import ArtifactStore
 from steerserve.tools import norms
 
@@ -35,7 +37,7 @@ def pick_engine(requested: str) -> str:
     return requested
 
 
-def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
+def build_parts(settings: Settings, log: Callable[[str], None] = print) -> tuple[Engine, ArtifactStore, PromptRenderer]:
     """Load the model into the chosen engine and open the artifact store bound to it."""
     path = model_path(settings, log)
     engine_name = pick_engine(settings.engine)
@@ -74,7 +76,7 @@ def build_service(settings: Settings, log: Callable[[str], None] = print) -> Ser
                           settings.max_vector_norm_ratio)
     if settings.vectors_dir is not None:
         import_vectors(store, settings.vectors_dir, log)
-    return Service(settings, engine, store, renderer)
+    return engine, store, renderer
 
 
 def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None] = print) -> None:

@@ -83,8 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from steerserve.api import create_app
-    from steerserve.bootstrap import build_service
     from steerserve.config import Settings
+    from steerserve.service import build_service
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.engine_args is not None and not isinstance(args.engine_args, dict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +17,12 @@ from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest,
 from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.errors import EngineUnavailable, SteerError
+from steerserve.methods import resolve
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
 from steerserve.methods.base import coeff_value
 from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
-from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec, resolve
+from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
 from steerserve.tools.extract import Pooling, mean_difference
 
@@ -173,3 +174,10 @@ class Service:
                       "pooling": pooling, "chat_template": chat, "source": "POST /admin/vectors/compute"}
         return await asyncio.to_thread(self.store.put_vector, name, vectors, method="mean_diff",
                                        provenance=provenance, description=description)
+
+
+def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
+    """The service of ``settings``: model, engine, store and renderer built by ``bootstrap.build_parts``."""
+    from steerserve.bootstrap import build_parts  # loads model code: only when a service is built
+
+    return Service(settings, *build_parts(settings, log))

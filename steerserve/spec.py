@@ -1,8 +1,9 @@
 """The engine-neutral steering spec: frozen dataclasses built once at the edge, checked before queueing.
 
 A ``SteerSpec`` is a list of interventions, each a method name plus that method's raw parameters. Each
-method module parses and validates its own parameters (``methods/<name>.py``); ``resolve`` runs them all
-against the loaded model, the artifact store and the policy limits, and returns the primitive runtime ops.
+method module parses and validates its own parameters (``methods/<name>.py``); ``methods.resolve`` runs
+them all against the loaded model, the artifact store and the policy limits, and returns the primitive
+runtime ops. This module imports no method: the data flows spec -> methods -> runtime.
 Nothing invalid reaches the engine: every failure is a ``SteerError`` naming the offending field.
 """
 
@@ -94,28 +95,3 @@ class ResolvedSpec:
     ops: tuple[SteerOp, ...]
     applied: tuple[AppliedIntervention, ...]
     loop: LoopSpec | None = None  # at most one closed loop per request
-
-
-async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering") -> ResolvedSpec:
-    """Check every intervention against model, store and policy, and compile it to runtime ops."""
-    from steerserve.methods import get_method  # methods import spec types; resolve at call time
-
-    if len(spec.interventions) > ctx.settings.max_interventions:
-        raise SteerError(
-            f"{len(spec.interventions)} interventions exceed the limit of {ctx.settings.max_interventions}",
-            field=f"{where}.interventions",
-        )
-    ops: list[SteerOp] = []
-    applied: list[AppliedIntervention] = []
-    loop: LoopSpec | None = None
-    for i, iv in enumerate(spec.interventions):
-        f = f"{where}.interventions.{i}"
-        method = get_method(iv.method, field=f"{f}.method")
-        compiled = await method.compile(iv.params, prompt, ctx, f)
-        if compiled.loop is not None:
-            if loop is not None:
-                raise SteerError("only one closed-loop intervention per request", field=f)
-            loop = compiled.loop
-        ops.extend(compiled.ops)
-        applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
-    return ResolvedSpec(tuple(ops), tuple(applied), loop)

@@ -23,11 +23,10 @@ import torch
 import uvicorn
 
 from steerserve.api import create_app
-from steerserve.bootstrap import build_service
 from steerserve.config import Settings
 from steerserve.engines.hf import HFEngine
 from steerserve.model import load_hf, prepare_default_model
-from steerserve.service import Service
+from steerserve.service import Service, build_service
 from tests.paths import models_dir
 
 ADMIN_KEY = "test-key"

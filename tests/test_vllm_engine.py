@@ -237,7 +237,8 @@ def test_compile_cache_key_covers_our_ops(monkeypatch: pytest.MonkeyPatch) -> No
 async def test_resolved_method_specs_match_hf(engine: VLLMEngine, hf_engine: HFEngine, tmp_path: Any) -> None:
     """Specs as clients send them (``actadd`` with its positional front injection, ``add`` of a stored
     vector, ``ablate``, and a composition), resolved by the server's own code, on both engines."""
-    from steerserve.spec import ResolveContext, SteerSpec, resolve
+    from steerserve.methods import resolve
+    from steerserve.spec import ResolveContext, SteerSpec
     from steerserve.store.artifacts import ArtifactStore
 
     info = hf_engine.info

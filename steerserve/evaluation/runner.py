@@ -69,8 +69,8 @@ def _log(msg: str) -> None:
 
 
 async def _local_service(opts: Options, stack: contextlib.AsyncExitStack) -> Service:
-    from steerserve.bootstrap import build_service
     from steerserve.config import Settings
+    from steerserve.service import build_service
 
     settings = Settings.from_env(engine="hf", home=opts.home, model=opts.model, vectors_dir=opts.vectors_dir)
     service = build_service(settings, _log)

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from steerserve.engines.hf import HFEngine
+from steerserve.methods import resolve
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import SteerOp
 from steerserve.runtime.tables import Segment
-from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec, resolve
+from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
 TOKEN_BUDGET = 512  # tokens per forward: the logits alone are [tokens, vocab] fp32 (~100 MB at 49k vocab)
 

@@ -1,4 +1,7 @@
-"""The steering methods, registered by name. Adding a method: one module here and one line below."""
+"""The steering methods, registered by name, and ``resolve``: a spec compiled into runtime ops by them.
+
+Adding a method: one module here and one line in ``REGISTRY``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from steerserve.methods.ablate import Ablate
 from steerserve.methods.actadd import ActAdd
 from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
+from steerserve.runtime.loop import LoopSpec
+from steerserve.runtime.plan import SteerOp
+from steerserve.spec import AppliedIntervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate())}
 
@@ -18,4 +24,28 @@ def get_method(name: str, field: str = "method") -> Method:
         raise SteerError(f"unknown method {name!r}; known: {sorted(REGISTRY)}", field=field) from None
 
 
-__all__ = ["REGISTRY", "Compiled", "Method", "get_method"]
+
+async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering") -> ResolvedSpec:
+    """Check every intervention against model, store and policy, and compile it to runtime ops."""
+    if len(spec.interventions) > ctx.settings.max_interventions:
+        raise SteerError(
+            f"{len(spec.interventions)} interventions exceed the limit of {ctx.settings.max_interventions}",
+            field=f"{where}.interventions",
+        )
+    ops: list[SteerOp] = []
+    applied: list[AppliedIntervention] = []
+    loop: LoopSpec | None = None
+    for i, iv in enumerate(spec.interventions):
+        f = f"{where}.interventions.{i}"
+        method = get_method(iv.method, field=f"{f}.method")
+        compiled = await method.compile(iv.params, prompt, ctx, f)
+        if compiled.loop is not None:
+            if loop is not None:
+                raise SteerError("only one closed-loop intervention per request", field=f)
+            loop = compiled.loop
+        ops.extend(compiled.ops)
+        applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
+    return ResolvedSpec(tuple(ops), tuple(applied), loop)
+
+
+__all__ = ["REGISTRY", "Compiled", "Method", "get_method", "resolve"]
