@@ -302,7 +302,7 @@ async def test_closed_loop_matches_hf_under_chunked_prefill(engine: VLLMEngine, 
     want = [await run(hf_engine, r) for r in reqs]
     for (tokens, report), (want_tokens, want_report) in zip(got[:2], want, strict=True):
         assert tokens == want_tokens
-        assert report["loop_steps"] == want_report["loop_steps"] == MAX_TOKENS
+        assert report["loop_steps"] == want_report["loop_steps"] >= len(tokens)  # one step per sampled token
         assert report["final_gain"] == pytest.approx(want_report["final_gain"], abs=1e-4)
         assert report["mean_entropy_bits"] == pytest.approx(want_report["mean_entropy_bits"], abs=1e-3)
     assert got[0][1]["final_gain"] < 0 < got[1][1]["final_gain"]  # the loop pushes both ways
