@@ -4,6 +4,10 @@
 own random vector on every decoder layer (so the batch holds N x layers distinct vectors).
 ``--compare specs``: the N requests all sharing ONE steering spec vs each with its own distinct spec
 (same layers, same coefficient): cost must not depend on how many distinct specs share a batch.
+``--compare loop``: unsteered vs the same N requests each with its own CLOSED-LOOP spec: what
+``entropic`` with ``target_entropy`` compiles to (one vector at ``--loop-layer`` from the last prompt token
+on, its scale times the request's gain register, which the sampler-side step moves toward the request's
+own target entropy every step): the cost of the registers, the entropy step and the gain multiply.
 
 Each round runs both conditions back to back (the order flips every round, so slow drift of the machine
 falls on both sides equally). A condition submits all N requests at once so the engine decodes them in
@@ -13,6 +17,7 @@ both conditions do the same amount of work and only the steering differs.
 
     python benchmarks/bench_steering.py --engine vllm --requests 16 --max-tokens 64 --rounds 3
     python benchmarks/bench_steering.py --engine vllm --compare specs --requests 32
+    python benchmarks/bench_steering.py --engine vllm --compare loop --requests 16
     python benchmarks/bench_steering.py --engine hf --requests 8
 
 The vectors are unit-norm per layer with a small coefficient (``add`` semantics, every position), so the
@@ -36,6 +41,7 @@ from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationRequest, SamplingParams
 from steerserve.model import load_hf, model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
+from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 
 PROMPTS = (
@@ -78,8 +84,10 @@ class RoundResult:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--engine", choices=("hf", "vllm"), default="vllm", help="engine to measure (default: vllm)")
-    p.add_argument("--compare", choices=("steering", "specs"), default="steering",
-                   help="steering: unsteered vs distinct vectors; specs: one shared spec vs distinct specs")
+    p.add_argument("--compare", choices=("steering", "specs", "loop"), default="steering",
+                   help="steering: unsteered vs distinct vectors; specs: one shared spec vs distinct specs; "
+                        "loop: unsteered vs distinct closed-loop specs")
+    p.add_argument("--loop-layer", type=int, default=15, help="layer of the closed-loop vector (--compare loop)")
     p.add_argument("--requests", type=int, default=16, help="concurrent requests per condition")
     p.add_argument("--max-tokens", type=int, default=64, help="max new tokens per request (greedy)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs both conditions")
@@ -98,9 +106,12 @@ def default_model_dir() -> Path:
 
 
 def build_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: int, coeff: float, seed: int,
-                   vectors: int, tag: str) -> list[GenerationRequest]:
+                   vectors: int, tag: str, loop_layer: int | None = None) -> list[GenerationRequest]:
     """``n`` chat requests over the fixed prompts (cycled). ``vectors``: 0 = unsteered, 1 = all requests
-    share one spec, n = each request has its own; a spec is a unit vector per layer on every layer."""
+    share one spec, n = each request has its own; a spec is a unit vector per layer on every layer, or with
+    ``loop_layer`` a closed-loop spec (one vector there, gain-scaled, its own target entropy)."""
+    if loop_layer is not None:
+        return build_loop_requests(engine, render, n, max_tokens, seed, vectors, tag, loop_layer)
     layers, hidden = engine.info.num_layers, engine.info.hidden_size
     gen = torch.Generator().manual_seed(seed)  # same vectors every round: only timing varies
     specs = []
@@ -114,6 +125,23 @@ def build_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: i
         ids = render.render(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).token_ids
         ops = specs[i % vectors] if vectors else ()
         out.append(GenerationRequest(f"{tag}-{i}", ids, sampling, ops))
+    return out
+
+
+def build_loop_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: int, seed: int, vectors: int,
+                        tag: str, layer: int) -> list[GenerationRequest]:
+    gen = torch.Generator().manual_seed(seed)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out = []
+    for i in range(n):
+        ids = render.render(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).token_ids
+        ops: tuple[SteerOp, ...] = ()
+        loop = None
+        if vectors:
+            v = torch.randn(engine.info.hidden_size, generator=gen)
+            ops = (SteerOp(OpKind.ADD, layer, VectorRef.of(v / v.norm() * 8.0), 1.0, len(ids) - 1, gain=True),)
+            loop = LoopSpec(target=0.5 + 2.0 * i / max(n - 1, 1))  # 0.5 .. 2.5 bits, one per request
+        out.append(GenerationRequest(f"{tag}-{i}", ids, sampling, ops, loop))
     return out
 
 
@@ -166,11 +194,13 @@ async def bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine, render = await make_engine(args)
     n = args.requests
-    names = ("unsteered", "steered") if args.compare == "steering" else ("one spec", f"{n} specs")
-    counts = (0, n) if args.compare == "steering" else (1, n)
+    names = ("one spec", f"{n} specs") if args.compare == "specs" else ("unsteered", "steered")
+    counts = (1, n) if args.compare == "specs" else (0, n)
+    loop_layer = args.loop_layer if args.compare == "loop" else None
     try:
         def make(vectors: int, tag: str) -> list[GenerationRequest]:
-            return build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, vectors, tag)
+            return build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, vectors, tag,
+                                  loop_layer)
 
         conditions = dict(zip(names, counts, strict=True))
         # Warm-up: lazy initialisation, allocator growth, and the bank loads of every vector.
@@ -197,9 +227,13 @@ def report(args: argparse.Namespace, model: str, layers: int, results: dict[str,
     print()
     print(f"engine {args.engine}, model {model}, {args.requests} concurrent requests, greedy, ignore_eos, "
           f"max_tokens {args.max_tokens}, {args.rounds} rounds")
-    what = ("unsteered vs a distinct random unit vector per request" if args.compare == "steering"
-            else "all requests sharing one spec vs a distinct spec per request")
-    print(f"compare: {what}; add on all {layers} layers, every position, coeff {args.coeff}")
+    if args.compare == "loop":
+        print(f"compare: unsteered vs a distinct closed-loop spec per request (a norm-8 random vector at layer "
+              f"{args.loop_layer} from the last prompt token, times its gain; targets 0.5-2.5 bits)")
+    else:
+        what = ("unsteered vs a distinct random unit vector per request" if args.compare == "steering"
+                else "all requests sharing one spec vs a distinct spec per request")
+        print(f"compare: {what}; add on all {layers} layers, every position, coeff {args.coeff}")
     print()
     print(f"{'condition':<10} {'tokens/round':>12} {'median s':>9} {'median tok/s':>13} {'all rounds tok/s':>28}")
     for name, rs in results.items():
