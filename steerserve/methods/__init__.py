@@ -7,8 +7,9 @@ from steerserve.methods.ablate import Ablate
 from steerserve.methods.actadd import ActAdd
 from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
+from steerserve.methods.entropic import Entropic
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic())}
 
 
 def get_method(name: str, field: str = "method") -> Method:
