@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from steerserve.api import create_app
-from steerserve.bootstrap import build_service
 from steerserve.cli import main
 from steerserve.config import Settings
 from steerserve.engines.base import SamplingParams
@@ -26,7 +25,7 @@ from steerserve.evaluation.generate import Sampling, body, generate_all
 from steerserve.evaluation.metrics import METRICS, Case, Probes, is_refusal, last_number, reference_number, repetition
 from steerserve.evaluation.scoring import ScoreItem, Scorer
 from steerserve.evaluation.stats import bootstrap, paired_delta
-from steerserve.service import Service
+from steerserve.service import Service, build_service
 from steerserve.spec import PromptInfo
 from tests.paths import models_dir
 

@@ -16,9 +16,11 @@ import os
 import shlex
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from steerserve.config import Settings
 from steerserve.evaluation.data import read_items
@@ -29,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              description="Make a steering artifact offline with the hf engine.")
     kinds = extract.add_subparsers(dest="kind", metavar="KIND", required=True)
     add_mean_diff(kinds)
+    from steerserve.tools.east_cli import add_east  # east_cli reuses this module's helpers
+
+    add_east(kinds)
 
 
 def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
@@ -50,6 +55,18 @@ def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
 def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
     prompts = [item if isinstance(item, str) else str(item[field]) for item in read_items(path)]
     return prompts[:limit] if limit else prompts
+
+
+def write_artifact(path: Path, vectors: Mapping[int, torch.Tensor], header: dict[str, str]) -> None:
+    """``vectors`` (layer -> ``[hidden]``) as a safetensors artifact file with ``header`` as its metadata."""
+    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:  # atomic: a crash never leaves a half file under the final name
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -89,13 +106,6 @@ async def _extract(args: argparse.Namespace) -> None:
                   "chat_template": args.chat}
     header = file_header(info, "vector", method="mean_diff", provenance=json.dumps(provenance),
                          description=args.description)
-    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:  # atomic: a crash never leaves a half file under the final name
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.out)
+    write_artifact(args.out, vectors, header)
     norms = ", ".join(f"{k}:{float(v.norm()):.2f}" for k, v in list(vectors.items())[:6])
     print(f"wrote {args.out} ({len(vectors)} layers; norms {norms}{' ...' if len(vectors) > 6 else ''})")

@@ -1,0 +1,82 @@
+"""``entropic``: entropic activation steering, EAST (Rahn et al., 2406.00244), open or closed loop.
+
+``h_l[t] += beta * u`` at the last prompt token (position ``P - 1``, whose state picks the first new
+token) and at every generated token, at one layer ``l``. ``u`` is a stored vector, normally made by
+``steerserve extract east``, whose norm is the layer's mean residual norm: ``beta`` is then in units of
+that norm (0.25 = a quarter of a typical state's length).
+
+- Open loop: ``{"method": "entropic", "vector": NAME, "beta": x}``.
+- Closed loop (ours, not in the paper): ``{"method": "entropic", "vector": NAME, "target_entropy": h}``;
+  the same op scaled by ``beta_max`` and by the request's gain register in ``[-1, 1]``, which the runtime
+  moves after each sampled token so that the next-token entropy (bits) tracks ``h`` (``runtime.loop``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from steerserve.errors import SteerError
+from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, layer_index, string
+from steerserve.runtime.loop import LoopSpec
+from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.spec import PromptInfo, ResolveContext
+
+# Closed-loop amplitude in units of the layer's mean residual norm: on the shipped vector, up to this
+# beta the answers keep their format (see vectors/README.md); the gain in [-1, 1] scales it.
+DEFAULT_BETA_MAX = 0.5
+
+
+def target_bits(value: Any, vocab_size: int, f: str) -> float:
+    """A target entropy in bits strictly inside ``(0, log2(vocab_size))``, the range of a next-token entropy."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SteerError(f"must be a number of bits, got {type(value).__name__}", field=f)
+    top = math.log2(vocab_size)
+    if not math.isfinite(value) or not 0 < value < top:
+        raise SteerError(f"must be a finite number of bits in (0, {top:.2f}) for this model, got {value}", field=f)
+    return float(value)
+
+
+class Entropic:
+    name = "entropic"
+
+    async def compile(
+        self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
+    ) -> Compiled:
+        check_keys(params, ("vector", "beta", "target_entropy", "layer", "beta_max"), where)
+        closed = "target_entropy" in params
+        if closed and "beta" in params:
+            raise SteerError("give either 'beta' (open loop) or 'target_entropy' (closed loop), not both",
+                             field=f"{where}.target_entropy")
+        if not closed and "beta" not in params:
+            raise SteerError("is required (or give 'target_entropy' for the closed loop)", field=f"{where}.beta")
+        if not closed and "beta_max" in params:
+            raise SteerError("only applies with 'target_entropy'", field=f"{where}.beta_max")
+        stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
+        layers = sorted(stored.tensors)
+        if "layer" in params:
+            layer = layer_index(params["layer"], ctx, f"{where}.layer")
+            if layer not in stored.tensors:
+                raise SteerError(f"vector {stored.meta.ref()!r} has no entry for layer {layer}; it has {layers}",
+                                 field=f"{where}.layer")
+        elif len(layers) == 1:
+            layer = layers[0]
+        else:
+            raise SteerError(f"vector {stored.meta.ref()!r} has {len(layers)} layers; choose one of them",
+                             field=f"{where}.layer")
+        vec = VectorRef.of(stored.tensors[layer])
+        start = len(prompt.token_ids) - 1  # the last prompt token: its state picks the first new token
+        if not closed:
+            beta = coeff(params, ctx, where, key="beta")
+            op = SteerOp(OpKind.ADD, layer, vec, beta, start, None)
+            return Compiled((op,), (stored.meta.ref(),), {"layer": layer, "beta": beta})
+        target = target_bits(params["target_entropy"], ctx.model.vocab_size, f"{where}.target_entropy")
+        beta_max = coeff_value(params.get("beta_max", DEFAULT_BETA_MAX), ctx.settings.max_coeff,
+                               f"{where}.beta_max")
+        if beta_max <= 0:
+            raise SteerError("must be positive (the gain in [-1, 1] gives the sign)", field=f"{where}.beta_max")
+        op = SteerOp(OpKind.ADD, layer, vec, beta_max, start, None, gain=True)
+        return Compiled((op,), (stored.meta.ref(),),
+                        {"layer": layer, "target_entropy": target, "beta_max": beta_max},
+                        loop=LoopSpec(target=target))
