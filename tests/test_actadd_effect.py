@@ -1,42 +1,44 @@
-"""ActAdd "Love" - "Hate" on the default model moves the sentiment of completions, in both directions.
+"""ActAdd on the default model: the pair's construction, and its effect on prompts it was not tuned on.
 
-Through the live server (``POST /generate``), as users steer: 16 neutral chat prompts are completed
-greedily three times -- unsteered, with ``Love - Hate`` and with ``Hate - Love`` -- and each set is scored
-with VADER's compound score (-1 .. +1, mean over prompts).
+The construction (``methods/actadd.py``): each prompt of the pair is read after the request's own tokens
+before the front, the shorter one padded with the newline token. Checked exactly against the engine's
+hidden states, and for the property that motivated it: no row is an attention-sink outlier.
 
-Measured (SmolLM2-135M-Instruct, fp32, CPU, layer 12, coeff 4, 32 tokens): baseline +0.415,
-Love-Hate +0.489, Hate-Love +0.288. The unsteered model is already cheerful, which leaves little room
-upwards; the margin (0.05) is about two thirds of the smaller observed shift. Layers 2-20 and coefficients
-2-12 were swept: the upward shift is small everywhere on this model, the downward one larger.
+The effect, through the live server (``POST /generate``) as users steer: the first ``HELD_OUT`` prompts of
+``vectors/prompts/neutral_eval.txt`` (never used to choose the settings; those were chosen on
+``neutral_tune.txt``) are completed greedily three times -- unsteered, with ``Love - Hate`` at ``+COEFF``
+and at ``-COEFF`` -- and each set is scored with VADER's compound score (-1 .. +1, mean over prompts).
 Greedy decoding makes the numbers reproducible; the requests are concurrent so the engine batches them.
-
-Caveat: the upward half holds for these 16 prompts, not in general. With the same settings, 24 more
-prompts of the same kind give Love-Hate 0.145 *below* their baseline (+0.349 vs +0.494), and seeded
-sampling (T 0.8, 40 prompts x 3 seeds) puts the shift at -0.003 (Love-Hate) and -0.088 (Hate-Love).
-So this test reliably catches broken wiring (a no-op, a flipped sign, steering that never reaches the
-model) for these prompts, but it does not show a general upward effect on this model.
+Measured numbers and the 50-prompt evaluation are in the module docstring's companion, the README.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from statistics import mean
+from pathlib import Path
+from statistics import mean, median
 from typing import Any
 
 import httpx
+import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-PROMPTS = (
-    "I went to the store today and", "Tell me about your weekend.", "Describe the weather.",
-    "Write a sentence about my neighbour.", "What do you think about Mondays?",
-    "Write a short note about the office.", "Describe a walk in the city.", "Tell me about your morning commute.",
-    "Write a sentence about a cat.", "What happened at the meeting yesterday?", "Describe the train station.",
-    "Write a sentence about my brother.", "Tell me about the new restaurant in town.", "Describe your kitchen.",
-    "Write a sentence about the movie I watched.", "What is your opinion of my car?",
-)
-LAYER, COEFF, MAX_TOKENS, MARGIN = 12, 4.0, 32, 0.05
+from steerserve.config import Settings
+from steerserve.engines.hf import HFEngine
+from steerserve.methods.actadd import ActAdd
+from steerserve.prompts import PromptRenderer
+from steerserve.spec import ResolveContext
+from steerserve.store.artifacts import ArtifactStore
+
+EVAL_FILE = Path(__file__).resolve().parents[1] / "vectors" / "prompts" / "neutral_eval.txt"
+HELD_OUT = 16
+LAYER, COEFF, MAX_TOKENS, MARGIN = 3, 2.0, 48, 0.05
 _VADER = SentimentIntensityAnalyzer()
+
+
+def held_out(n: int = HELD_OUT) -> tuple[str, ...]:
+    return tuple(line for line in EVAL_FILE.read_text(encoding="utf-8").splitlines() if line.strip())[:n]
 
 
 def actadd(positive: str, negative: str, coeff: float = COEFF) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def actadd(positive: str, negative: str, coeff: float = COEFF) -> dict[str, Any]
 
 
 async def completions(base_url: str, steering: Mapping[str, Any] | None,
-                      prompts: tuple[str, ...] = PROMPTS) -> list[dict[str, Any]]:
+                      prompts: tuple[str, ...]) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         async def one(prompt: str) -> dict[str, Any]:
             body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "temperature": 0,
@@ -62,21 +64,50 @@ def sentiment(outputs: list[dict[str, Any]]) -> float:
     return mean(float(_VADER.polarity_scores(o["text"])["compound"]) for o in outputs)
 
 
-async def test_love_minus_hate_raises_sentiment_and_the_reverse_lowers_it(
+async def test_pair_is_read_in_the_requests_context(hf_engine: HFEngine, tmp_path: Path) -> None:
+    renderer = PromptRenderer(hf_engine.tokenizer, 2048)
+    ctx = ResolveContext(Settings(), hf_engine.info, ArtifactStore(tmp_path, hf_engine.info), renderer.tokenize,
+                         hf_engine.hidden_states)
+    prompt = renderer.render(messages=[{"role": "user", "content": "Describe a chair."}])
+    compiled = await ActAdd().compile({"positive": "Love", "negative": "Hate", "layer": 6, "coeff": 1.0},
+                                      prompt, ctx, "s")
+    (op,) = compiled.ops
+    a = prompt.user_start
+    love, hate, newline = renderer.tokenize("Love"), renderer.tokenize("Hate"), renderer.tokenize("\n")
+    assert (len(love), len(hate), len(newline)) == (1, 2, 1)  # so "Love" is padded by one newline
+    prefix = list(prompt.token_ids[:a])
+    hp, hn = await hf_engine.hidden_states([prefix + love + newline, prefix + hate], [6])
+    assert (op.start, op.stop, op.layer) == (a, a + 2, 6)
+    torch.testing.assert_close(op.vector.data, (hp[a:, 0] - hn[a:, 0]).to(op.vector.data.dtype))
+
+    # Why in context: no row is an outlier against the request's own states at that layer.
+    (states,) = await hf_engine.hidden_states([prompt.token_ids], [6])
+    typical = median(float(x) for x in states[a:, 0].norm(dim=-1))
+    assert all(float(x) < 1.5 * typical for x in op.vector.data.norm(dim=-1)), (op.vector.data.norm(dim=-1), typical)
+
+    # Raw prompts: the first token is the context (it plays BOS's part), steering starts at position 1.
+    raw = renderer.render(prompt="Love is")
+    (op,) = (await ActAdd().compile({"positive": "Love", "negative": "Hate", "layer": 6, "coeff": 1.0},
+                                    raw, ctx, "s")).ops
+    assert (op.start, op.stop) == (1, len(raw.token_ids))
+
+
+async def test_love_minus_hate_moves_held_out_sentiment_both_ways(
     base_url: str, record_property: Callable[[str, object], None]
 ) -> None:
-    base = sentiment(await completions(base_url, None))
-    love = sentiment(await completions(base_url, actadd("Love", "Hate")))
-    hate = sentiment(await completions(base_url, actadd("Hate", "Love")))
-    for key, value in (("vader_baseline", base), ("vader_love", love), ("vader_hate", hate)):
+    prompts = held_out()
+    base = sentiment(await completions(base_url, None, prompts))
+    love = sentiment(await completions(base_url, actadd("Love", "Hate"), prompts))
+    hate = sentiment(await completions(base_url, actadd("Love", "Hate", -COEFF), prompts))
+    for key, value in (("vader_baseline", base), ("vader_plus", love), ("vader_minus", hate)):
         record_property(key, round(value, 3))
-    numbers = f"baseline {base:+.3f}, Love-Hate {love:+.3f}, Hate-Love {hate:+.3f}"
+    numbers = f"baseline {base:+.3f}, +c {love:+.3f}, -c {hate:+.3f}"
     assert love > base + MARGIN, numbers
     assert hate < base - MARGIN, numbers
 
 
 async def test_zero_coefficient_and_equal_pair_are_unsteered(base_url: str) -> None:
-    prompts = PROMPTS[:2]
+    prompts = held_out(2)
     base = await completions(base_url, None, prompts)
     zero = await completions(base_url, actadd("Love", "Hate", 0.0), prompts)
     same = await completions(base_url, actadd("Love", "Love"), prompts)
