@@ -1,4 +1,4 @@
-"""Command line: ``steerserve serve|prepare|extract [...]`` (also ``python -m steerserve ...``).
+"""Command line: ``steerserve serve|prepare|extract|calibrate [...]`` (also ``python -m steerserve ...``).
 
 Settings come from ``Settings.from_env`` (``STEERSERVE_*`` variables) with the flags given here on top.
 """
@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cache root; the model goes to $STEERSERVE_MODELS_DIR or DIR/models")
     prepare.set_defaults(func=_prepare)
 
-    from steerserve.tools import extract_cli
+    from steerserve.tools import calibrate, extract_cli
 
     extract_cli.add_parser(commands)
+    calibrate.add_parser(commands)
     return parser
 
 

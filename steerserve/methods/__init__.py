@@ -7,8 +7,9 @@ from steerserve.methods.ablate import Ablate
 from steerserve.methods.actadd import ActAdd
 from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
+from steerserve.methods.cot_compress import CotCompress
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), CotCompress())}
 
 
 def get_method(name: str, field: str = "method") -> Method:

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from steerserve.config import Settings
 
@@ -27,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     extract = sub.add_parser("extract", help="make a steering artifact offline (mean-diff, ...)",
                              description="Make a steering artifact offline with the hf engine.")
     kinds = extract.add_subparsers(dest="kind", metavar="KIND", required=True)
+    from steerserve.tools import asc  # asc reuses this module's helpers: imported here, not at the top
+
     add_mean_diff(kinds)
+    asc.add_parser(kinds)
 
 
 def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
@@ -56,6 +60,19 @@ def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
         items = json.loads(text)
     prompts = [item if isinstance(item, str) else str(item[field]) for item in items]  # type: ignore[index]
     return prompts[:limit] if limit else prompts
+
+
+def write_artifact(out: Path, vectors: dict[int, torch.Tensor], header: dict[str, str]) -> None:
+    """Write ``{layer: [hidden]}`` as a safetensors artifact (tensors ``layer.<i>``, ``header`` as its metadata)
+    atomically: a temporary file, fsync, then a rename, so a crash never leaves a half file under ``out``."""
+    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -95,13 +112,6 @@ async def _extract(args: argparse.Namespace) -> None:
                   "chat_template": args.chat}
     header = file_header(info, "vector", method="mean_diff", provenance=json.dumps(provenance),
                          description=args.description)
-    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:  # atomic: a crash never leaves a half file under the final name
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.out)
+    write_artifact(args.out, vectors, header)
     norms = ", ".join(f"{k}:{float(v.norm()):.2f}" for k, v in list(vectors.items())[:6])
     print(f"wrote {args.out} ({len(vectors)} layers; norms {norms}{' ...' if len(vectors) > 6 else ''})")
