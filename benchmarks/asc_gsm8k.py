@@ -44,9 +44,8 @@ CONCISE_PROMPT = "Be concise: give only the short calculation and the final answ
 def settings_list(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, dict[str, Any] | None]]:
     """``(label, user template, steering)`` for every row of the table."""
     out: list[tuple[str, str, dict[str, Any] | None]] = [("unsteered", "{question}", None)]
-    gammas = [g if g == "auto" else float(g) for g in args.gammas.split(",") if g]
     for name in names:
-        for g in gammas:
+        for g in parse_gammas(args.vector_gammas.get(name, args.gammas)):
             spec = {"interventions": [{"method": "cot_compress", "vector": name, "gamma": g}]}
             out.append((f"asc:{name} g={g}", "{question}", spec))
     for g in (float(x) for x in args.random_gammas.split(",") if x):
@@ -55,6 +54,10 @@ def settings_list(args: argparse.Namespace, names: list[str]) -> list[tuple[str,
     if args.concise_prompt:
         out.append(("prompt", "{question}\n" + args.concise_prompt, None))
     return out
+
+
+def parse_gammas(text: str) -> list[float | str]:
+    return [g if g == "auto" else float(g) for g in text.split(",") if g]
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -73,8 +76,11 @@ async def main(args: argparse.Namespace) -> None:
     settings = Settings(max_batch=args.batch, home=Path(tempfile.mkdtemp(prefix="asc-eval-")))
     store = ArtifactStore(settings.store_dir, info)
     names = []
+    args.vector_gammas = {}
     for item in args.vector:
         name, path = item.split("=", 1)
+        if ":" in path:  # NAME=PATH:GAMMAS overrides --gammas for this vector
+            path, args.vector_gammas[name] = path.split(":", 1)
         store.put_vector_file(name, Path(path).read_bytes())
         names.append(name)
     if args.random_gammas:  # same layer and norm as the first vector, seeded
@@ -128,7 +134,7 @@ if __name__ == "__main__":
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--offset", type=int, default=5000, help="first row (keep apart from extraction/calibration)")
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--vector", action="append", default=[], help="NAME=PATH of a one-layer vector artifact")
+    p.add_argument("--vector", action="append", default=[], help="NAME=PATH[:GAMMAS] of a one-layer vector artifact")
     p.add_argument("--gammas", default="0,auto,1,2", help="gammas for every --vector ('auto' = gamma_max)")
     p.add_argument("--random-gammas", default="", help="gammas for a random vector like the first --vector")
     p.add_argument("--seed", type=int, default=0)

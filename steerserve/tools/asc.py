@@ -33,7 +33,7 @@ from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import SteerOp
-from steerserve.tools.gsm8k import CONCISE, DEFAULT_DATA, DataMissing, Problem, read_rows
+from steerserve.tools.gsm8k import CONCISE, DEFAULT_DATA, DataMissing, Problem, read_rows, shown
 
 TEMPLATE = "{question}\nLet's think step by step."
 
@@ -69,6 +69,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=64, help="number of rows (pairs) used")
     p.add_argument("--layer", type=int, default=12, help="the layer of the vector (output of block l)")
     p.add_argument("--concise", choices=sorted(CONCISE), default="calc", help="how the concise answer is built")
+    p.add_argument("--pooling", choices=("last", "answer"), default="last",
+                   help="state of the answer's last token (ASC) or mean over the answer's tokens")
     p.add_argument("--max-tokens", type=int, default=256, help="length budget of the model's own chains")
     p.add_argument("--chains", type=Path, default=None, help="JSON cache of the model's chains (read, then updated)")
     p.add_argument("--description", default="chain-of-thought compression (ASC): concise minus verbose answers")
@@ -117,12 +119,20 @@ def pair_ids(renderer: PromptRenderer, problems: Sequence[Problem], chains: dict
 
 
 async def asc_vectors(hidden_states: Any, concise_ids: Sequence[Sequence[int]],
-                      verbose_ids: Sequence[Sequence[int]], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """``{layer: [hidden]}``: mean over pairs of last-token state differences (equal counts, so the
-    difference of the two last-token means is the mean of the pairwise differences)."""
-    from steerserve.tools.extract import mean_difference
-
-    return await mean_difference(hidden_states, concise_ids, verbose_ids, layers, pooling="last")
+                      verbose_ids: Sequence[Sequence[int]], layers: Sequence[int], pooling: str = "last",
+                      prompt_lens: Sequence[int] = (), batch: int = 16) -> dict[int, torch.Tensor]:
+    """``{layer: [hidden]}``: mean over pairs of the difference of pooled states: the answer's last token
+    (``"last"``, ASC) or the mean over the answer's tokens (``"answer"``; needs each pair's prompt length).
+    Equal counts, so the difference of the two means is the mean of the pairwise differences."""
+    means = []
+    for seqs in (concise_ids, verbose_ids):
+        pooled: list[torch.Tensor] = []
+        for i in range(0, len(seqs), batch):  # bounded chunks: the engine stays responsive between them
+            for j, states in enumerate(await hidden_states(seqs[i : i + batch], layers)):  # [len, L, H]
+                pooled.append(states[-1] if pooling == "last" else states[prompt_lens[i + j]:].mean(dim=0))
+        means.append(torch.stack(pooled).mean(dim=0))  # [L, H]
+    diff = means[0] - means[1]
+    return {layer: diff[k].clone() for k, layer in enumerate(layers)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,15 +162,16 @@ async def _extract(args: argparse.Namespace, problems: list[Problem]) -> int:
     try:
         chains = await model_chains(engine, renderer, problems, args.max_tokens, args.chains)
         pos, neg = pair_ids(renderer, problems, chains, args.concise)
+        prompt_lens = [len(user_prompt(renderer, p.question)) for p in problems]
         print(f"extracting from {len(pos)} pairs at layer {args.layer}...", file=sys.stderr)
-        vectors = await asc_vectors(engine.hidden_states, pos, neg, [args.layer])
+        vectors = await asc_vectors(engine.hidden_states, pos, neg, [args.layer], args.pooling, prompt_lens)
     finally:
         await engine.stop()
-    prompt_lens = [len(user_prompt(renderer, p.question)) for p in problems]
     provenance = {
-        "command": "steerserve " + shlex.join(sys.argv[1:]), "data": str(args.data),
+        "command": "steerserve " + shlex.join(sys.argv[1:]), "data": shown(args.data),
         "rows": [problems[0].row, problems[-1].row + 1], "pairs": len(problems), "layer": args.layer,
-        "concise": args.concise, "user_template": TEMPLATE, "chain_max_tokens": args.max_tokens,
+        "concise": args.concise, "pooling": args.pooling, "user_template": TEMPLATE,
+        "chain_max_tokens": args.max_tokens,
         "sign": "+gamma points from the model's own chains towards the concise answers",
         "mean_tokens": {"concise": sum(len(x) - n for x, n in zip(pos, prompt_lens, strict=True)) / len(pos),
                         "verbose": sum(len(c) for c in chains.values()) / len(chains)},

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from steerserve.tools.gsm8k import DEFAULT_DATA, DataMissing, read_rows
+from steerserve.tools.gsm8k import DEFAULT_DATA, DataMissing, read_rows, shown
 
 CHUNK = 16  # states per batched pass: bounds the KV cache kept for the nested JVP
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     extra = tuple(float(g) for g in args.kl_at.split(",") if g.strip())
     print(f"calibrating layer {layer} on {len(prompts)} states (rows {args.offset}..)...", file=sys.stderr)
     cal = calibrate(model, prompts, pad, layer, tensors[layer], args.eps, extra)
-    cal.update({"data": str(args.data), "rows": [problems[0].row, problems[-1].row + 1],
+    cal.update({"data": shown(args.data), "rows": [problems[0].row, problems[-1].row + 1],
                 "positions": "last prompt token; the bare question as the user message",
                 "command": "steerserve " + shlex.join(sys.argv[1:])})
     write_artifact(args.out, tensors, {**header, "calibration": json.dumps(cal)})

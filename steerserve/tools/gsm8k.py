@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+_REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = _REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 _CALC = re.compile(r"<<([^<>]*)>>")  # GSM8K's calculator annotations: "<<48/2=24>>"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -33,6 +34,12 @@ class Problem:
     def gold(self) -> str:
         """The final answer after ``####``, commas removed."""
         return self.answer.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def shown(path: Path) -> str:
+    """``path`` as provenance records it: the default as ``../shared/...`` (relative to the repository root,
+    so the record means the same on every checkout), any other path as given."""
+    return "../" + str(DEFAULT_DATA.relative_to(_REPO.parent)) if path.absolute() == DEFAULT_DATA else str(path)
 
 
 def read_rows(path: Path, offset: int, count: int) -> list[Problem]:
