@@ -10,12 +10,13 @@ from steerserve.methods.ablate import Ablate
 from steerserve.methods.actadd import ActAdd
 from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
+from steerserve.methods.cot_compress import CotCompress
 from steerserve.methods.entropic import Entropic
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import AppliedIntervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress())}
 
 
 def get_method(name: str, field: str = "method") -> Method:

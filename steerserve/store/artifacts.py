@@ -8,6 +8,7 @@ refuses vectors that do not fit it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ KINDS = ("vector", "pair")
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # this store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format", "provenance", "description"}
+            "layer_convention", "format", "provenance", "description", "calibration"}
 
 
 def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
@@ -49,6 +50,18 @@ def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
 class StoredVector:
     meta: ArtifactMeta
     tensors: dict[int, torch.Tensor]  # layer -> [hidden] float32
+    header: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the file's safetensors metadata
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The ``calibration`` metadata ``steerserve calibrate`` wrote (JSON), or None if uncalibrated."""
+        raw = self.header.get("calibration")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -213,9 +226,11 @@ class ArtifactStore:
     def load_vector(self, ref: str, *, field: str = "vector", require_enabled: bool = True) -> StoredVector:
         """The vector ``ref`` names, with its per-layer tensors, if it was made for the loaded model."""
         meta = self.get(ref, "vector", field=field, require_enabled=require_enabled)
-        tensors = safetensors.torch.load(self._read(meta, field))
+        data = self._read(meta, field)
+        tensors = safetensors.torch.load(data)
         # Uploaded files are stored as sent (maybe float16); callers always get float32.
-        return StoredVector(meta, {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()})
+        return StoredVector(meta, {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()},
+                            db.header_metadata(data))
 
     def load_pair(self, ref: str, *, field: str = "pair", require_enabled: bool = True) -> StoredPair:
         """The prompt pair ``ref`` names, if it was made for the loaded model."""

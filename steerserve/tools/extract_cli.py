@@ -30,10 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     extract = sub.add_parser("extract", help="make a steering artifact offline (mean-diff, ...)",
                              description="Make a steering artifact offline with the hf engine.")
     kinds = extract.add_subparsers(dest="kind", metavar="KIND", required=True)
+    from steerserve.tools import asc  # asc reuses this module's helpers: imported here, not at the top
+
     add_mean_diff(kinds)
     from steerserve.tools.east_cli import add_east  # east_cli reuses this module's helpers
 
     add_east(kinds)
+    asc.add_parser(kinds)
 
 
 def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
