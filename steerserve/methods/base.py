@@ -11,6 +11,7 @@ from steerserve.errors import SteerError
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import PromptInfo, ResolveContext
+from steerserve.store.artifacts import StoredVector
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,19 @@ def string(params: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SteerError("is required and must be a non-empty string", field=f"{where}.{key}")
     return value
+
+
+def vector_layer(stored: StoredVector, params: Mapping[str, Any], ctx: ResolveContext, where: str) -> int:
+    """The layer a one-layer method steers: ``params["layer"]`` (which the vector must have), or the
+    vector's only layer. Methods that add one vector at one layer (``entropic``, ``cot_compress``) share it."""
+    have = sorted(stored.tensors)
+    if "layer" in params:
+        layer = layer_index(params["layer"], ctx, f"{where}.layer")
+        if layer not in stored.tensors:
+            raise SteerError(f"vector {stored.meta.ref()!r} has no entry for layer {layer}; it has {have}",
+                             field=f"{where}.layer")
+        return layer
+    if len(have) == 1:
+        return have[0]
+    raise SteerError(f"vector {stored.meta.ref()!r} has {len(have)} layers; choose one with 'layer'",
+                     field=f"{where}.layer")

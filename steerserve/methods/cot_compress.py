@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from steerserve.errors import SteerError
-from steerserve.methods.base import Compiled, check_keys, coeff_value, layer_index, string
+from steerserve.methods.base import Compiled, check_keys, coeff_value, string, vector_layer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
 from steerserve.store.artifacts import StoredVector
@@ -44,16 +44,7 @@ class CotCompress:
     ) -> Compiled:
         check_keys(params, ("vector", "gamma", "layer"), where)
         stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
-        if "layer" in params:
-            layer = layer_index(params["layer"], ctx, f"{where}.layer")
-            if layer not in stored.tensors:
-                raise SteerError(f"vector {stored.meta.ref()!r} has no entry for layer {layer}; it has "
-                                 f"{sorted(stored.tensors)}", field=f"{where}.layer")
-        elif len(stored.tensors) == 1:
-            layer = next(iter(stored.tensors))
-        else:
-            raise SteerError(f"vector {stored.meta.ref()!r} has {len(stored.tensors)} layers: choose one",
-                             field=f"{where}.layer")
+        layer = vector_layer(stored, params, ctx, where)
         raw, f = params.get("gamma"), f"{where}.gamma"
         if raw is None:
             raise SteerError("is required (a number, or \"auto\" for the calibrated gamma_max)", field=f)

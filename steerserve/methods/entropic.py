@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from steerserve.errors import SteerError
-from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, layer_index, string
+from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, string, vector_layer
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
@@ -54,17 +54,7 @@ class Entropic:
         if not closed and "beta_max" in params:
             raise SteerError("only applies with 'target_entropy'", field=f"{where}.beta_max")
         stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
-        layers = sorted(stored.tensors)
-        if "layer" in params:
-            layer = layer_index(params["layer"], ctx, f"{where}.layer")
-            if layer not in stored.tensors:
-                raise SteerError(f"vector {stored.meta.ref()!r} has no entry for layer {layer}; it has {layers}",
-                                 field=f"{where}.layer")
-        elif len(layers) == 1:
-            layer = layers[0]
-        else:
-            raise SteerError(f"vector {stored.meta.ref()!r} has {len(layers)} layers; choose one of them",
-                             field=f"{where}.layer")
+        layer = vector_layer(stored, params, ctx, where)
         vec = VectorRef.of(stored.tensors[layer])
         start = len(prompt.token_ids) - 1  # the last prompt token: its state picks the first new token
         if not closed:
