@@ -20,7 +20,7 @@ from steerserve.prompts import PromptRenderer
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
-from steerserve.runtime.registers import Registers, entropy_bits, entropy_step_
+from steerserve.runtime.registers import Registers, entropy_bits, entropy_step_, option_entropy
 from steerserve.runtime.tables import Placement, Segment, StepTables
 
 H = 8
@@ -50,6 +50,35 @@ def test_entropy_step_is_the_documented_bounded_pi_rule() -> None:
     assert regs.in_use == 1 and float(regs.gain[a]) == 1.0 and math.isnan(float(regs.target[a]))
     assert regs.open(LoopSpec(0.5)) == a and float(regs.integral[a]) == 0.0  # reused clean
     assert regs.open(LoopSpec(0.5)) == 3 and regs.open(LoopSpec(0.5)) is None  # 3 slots, then full
+
+
+def test_choice_loop_moves_only_at_decisions_and_reports_their_entropy() -> None:
+    regs = Registers(2)
+    cell = regs.open(LoopSpec(target=0.5, initial=0.0, kp=1.0, ki=0.0, options=(0, 1), gate=0.5))
+    full = regs.open(LoopSpec(target=0.5, kp=1.0, ki=0.0))
+    assert cell is not None and full is not None
+    decision = torch.tensor([[0.0, 0.0, -9.0, -9.0]])  # options hold ~1: choice entropy 1 bit
+    words = torch.tensor([[0.0, 0.0, 9.0, 9.0]])  # options hold ~1e-4: not a decision
+    lopsided = torch.tensor([[math.log(3.0), 0.0, -30.0, -30.0]])  # p(A) = 3/4 among the options
+    h, mass = option_entropy(torch.cat([decision, words]), torch.tensor([[0, 1], [0, 1]]),
+                             torch.ones(2, 2, dtype=torch.bool))
+    assert h[0] == pytest.approx(1.0, abs=1e-6) and mass[0] > 0.999 and mass[1] < 1e-3
+    entropy_step_(regs, torch.cat([words, words]), torch.tensor([cell, full]))
+    assert float(regs.gain[cell]) == 0.0 and float(regs.steps[cell]) == 0.0  # no decision: nothing moves
+    assert float(regs.steps[full]) == 1.0  # the full-vocabulary loop: every step, the whole distribution
+    assert float(regs.gain[full]) == pytest.approx(0.5 - float(entropy_bits(words)[0]))
+    entropy_step_(regs, decision, torch.tensor([cell]))
+    assert float(regs.gain[cell]) == pytest.approx(0.5 - 1.0)  # e = 0.5 - 1
+    entropy_step_(regs, lopsided, torch.tensor([cell]))
+    h34 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert float(regs.gain[cell]) == pytest.approx(0.5 - h34, abs=1e-5)
+    report = regs.report(cell)
+    assert report["loop_steps"] == 2 and report["mean_entropy_bits"] == pytest.approx((1.0 + h34) / 2, abs=1e-5)
+    regs.close(cell)
+    again = regs.open(LoopSpec(target=0.5))  # a full-vocabulary loop reusing the cell counts every step
+    assert again == cell
+    entropy_step_(regs, words, torch.tensor([cell]))
+    assert float(regs.steps[cell]) == 1.0
 
 
 def test_gain_multiplies_only_gain_ops_and_open_loop_scales_stay_exact() -> None:
@@ -129,3 +158,33 @@ async def test_closed_loop_on_the_real_model(hf_engine: HFEngine) -> None:
     stats = await hf_engine.stats()
     assert stats["loop_slots"] == 0 and stats["steered"] == 0  # every slot freed at finish
 
+
+
+@pytest.mark.slow
+async def test_choice_loop_on_a_game_measures_what_the_scorer_measures(hf_engine: HFEngine) -> None:
+    """A multi-decision game (``east.game_text``): the loop with options " A"/" B" counts the arm letters as
+    decisions and, with its gain pinned at 0, reports exactly the scorer's teacher-forced decision entropy
+    (``steerserve eval --metric decision_entropy``); free, the gain goes down for a target below what the
+    model does and up for one above."""
+    from steerserve.evaluation.metrics import DECISION_GATE
+    from steerserve.evaluation.scoring import ScoreItem, Scorer
+    from steerserve.spec import PromptInfo
+    from steerserve.tools.east import game_text, situations
+
+    game = next(s for s in situations(1, 6, seed=5) if s.step == 5)
+    prompt: PromptInfo = PromptRenderer(hf_engine.tokenizer, 4096).render(game_text(game))
+    ids = prompt.token_ids
+    options = tuple(hf_engine.tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in (" A", " B"))
+    v = torch.nn.functional.normalize(torch.randn(576, generator=torch.Generator().manual_seed(4)), dim=0) * 100
+    op = SteerOp(OpKind.ADD, 18, VectorRef.of(v), 0.5, len(ids) - 1, gain=True)
+    pinned = LoopSpec(0.5, kp=0.0, ki=0.0, low=0.0, high=0.0, options=options)
+    tokens, report = await _run(hf_engine, ids, (op,), pinned, n=64)
+    assert report is not None and tokens == (await _run(hf_engine, ids, (), n=64))[0]
+    scorer = Scorer(hf_engine, None, option_ids=options)  # type: ignore[arg-type]  # no spec to resolve
+    (scored,) = await scorer.score([ScoreItem(prompt, tuple(tokens), (), len(tokens))], kl=False)
+    hs = [h for h, mass in scored.decisions if mass >= DECISION_GATE]
+    assert len(hs) >= 3 and report["loop_steps"] == len(hs)
+    assert report["mean_entropy_bits"] == pytest.approx(sum(hs) / len(hs), abs=1e-4)
+    _, low = await _run(hf_engine, ids, (op,), LoopSpec(0.05, kp=1.0, ki=1.0, options=options), n=64)
+    _, high = await _run(hf_engine, ids, (op,), LoopSpec(0.99, kp=1.0, ki=1.0, options=options), n=64)
+    assert low is not None and high is not None and low["final_gain"] < 0 < high["final_gain"]

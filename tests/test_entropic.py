@@ -89,7 +89,10 @@ def ctx(tmp_path: Path) -> Iterator[ResolveContext]:
     async def no_states(*_: Any) -> list[torch.Tensor]:
         raise AssertionError("not needed")
 
-    yield ResolveContext(Settings(), MODEL, store, lambda s: [1], no_states)
+    def tokenize(text: str) -> list[int]:  # up to two characters are one token (" A" = one id), else two
+        return [sum(map(ord, text)) % 100] if len(text) <= 2 else [1, 2]
+
+    yield ResolveContext(Settings(), MODEL, store, tokenize, no_states)
     store.close()
 
 
@@ -125,6 +128,12 @@ async def test_closed_loop_scales_beta_max_by_the_gain_toward_the_target(ctx: Re
     assert e.value.field == "steering.interventions.1"
 
 
+async def test_closed_loop_over_options_measures_their_tokens(ctx: ResolveContext) -> None:
+    c = await compile_(ctx, vector="one", target_entropy=0.6, options=[" A", " B", " C"], initial_gain=-0.25)
+    assert c.loop == LoopSpec(target=0.6, initial=-0.25, options=(97, 98, 99))
+    assert c.detail["options"] == [" A", " B", " C"]
+
+
 @pytest.mark.parametrize(("params", "field", "code"), [
     ({"vector": "one", "beta": float("nan")}, "beta", "invalid"),
     ({"vector": "one", "beta": float("inf")}, "beta", "invalid"),
@@ -143,6 +152,17 @@ async def test_closed_loop_scales_beta_max_by_the_gain_toward_the_target(ctx: Re
     ({"vector": "one", "target_entropy": 0.5, "beta_max": float("nan")}, "beta_max", "invalid"),
     ({"vector": "one", "target_entropy": 0.5, "beta_max": 1e6}, "beta_max", "invalid"),
     ({"vector": "one", "beta": 0.5, "beta_max": 1}, "beta_max", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": " A"}, "options", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": [" A"]}, "options", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": [" A"] * 9}, "options", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": [" A", 2]}, "options[1]", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": [" A", " yes"]}, "options[1]", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "options": [" A", " A"]}, "options[1]", "invalid"),
+    ({"vector": "one", "target_entropy": 1.0, "options": [" A", " B"]}, "target_entropy", "invalid"),
+    ({"vector": "one", "beta": 0.5, "options": [" A", " B"]}, "options", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "initial_gain": 1.5}, "initial_gain", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "initial_gain": float("nan")}, "initial_gain", "invalid"),
+    ({"vector": "one", "beta": 0.5, "initial_gain": 0.5}, "initial_gain", "invalid"),
     ({"beta": 0.5}, "vector", "invalid"),
     ({"vector": "nope", "beta": 0.5}, "vector", "unknown_artifact"),
     ({"vector": "pair", "beta": 0.5}, "vector", "wrong_kind"),

@@ -3,6 +3,8 @@ the real default model, and one end-to-end in-process run of the command."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from collections.abc import AsyncIterator
@@ -90,6 +92,19 @@ def test_scored_metrics_from_log_probs() -> None:
     out = METRICS["choice_entropy"].values(_case("C", first=first), probes)
     assert out["choice_entropy"] == pytest.approx(-(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75)))
     assert out["well_formed"] == 0.0
+
+
+def test_decision_entropy_reads_decisions_or_the_loop_report() -> None:
+    probes = Probes(options=(" A", " B"), option_ids=(10, 11))
+    m = METRICS["decision_entropy"]
+    case = dataclasses.replace(_case("x"), decisions=((1.0, 0.9), (0.2, 0.1), (0.5, 0.5)))
+    assert m.values(case, probes) == {"decision_entropy": pytest.approx(0.75), "decisions": 2.0}  # mass >= 0.5
+    none = dataclasses.replace(_case("x"), decisions=((1.0, 0.2),))
+    assert math.isnan(m.values(none, probes)["decision_entropy"])
+    looped = dataclasses.replace(case, report={"mean_entropy_bits": 0.4, "loop_steps": 7.0})
+    assert m.values(looped, probes) == {"decision_entropy": 0.4, "decisions": 7.0}  # the engine's own measurement
+    with pytest.raises(SteerError):
+        m.values(case, Probes())
 
 
 def test_bootstrap_interval() -> None:

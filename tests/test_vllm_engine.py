@@ -288,25 +288,31 @@ async def test_closed_loop_matches_hf_under_chunked_prefill(engine: VLLMEngine, 
     v = VectorRef.of(torch.nn.functional.normalize(torch.randn(576, generator=torch.Generator().manual_seed(9)),
                                                    dim=0) * 30)
 
-    def job(ids: Sequence[int], target: float) -> GenerationRequest:
+    def job(ids: Sequence[int], target: float, options: tuple[int, ...] = ()) -> GenerationRequest:
         op = SteerOp(OpKind.ADD, 15, v, 1.0, len(ids) - 1, gain=True)
         return GenerationRequest(uuid.uuid4().hex, tuple(ids), SamplingParams(max_tokens=MAX_TOKENS), (op,),
-                                 LoopSpec(target))
+                                 LoopSpec(target, options=options, gate=0.02))
 
     async def run(eng: Any, req: GenerationRequest) -> tuple[list[int], Any]:
         outs = [o async for o in eng.generate(req)]
         return [t for o in outs for t in o.token_ids], outs[-1].extra.get("report")
 
-    reqs = [job(prompts[0], 0.5), job(prompts[1], 6.0)]
+    # a choice loop too: entropy over three common tokens, only at steps where they hold >= 2%
+    choice = tuple(hf_engine.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" the", ",", "."))
+    reqs = [job(prompts[0], 0.5), job(prompts[1], 6.0), job(prompts[0], 1.2, choice)]
     got = await asyncio.gather(*(run(engine, r) for r in reqs), _tokens(engine, prompts[2], ()))
     want = [await run(hf_engine, r) for r in reqs]
-    for (tokens, report), (want_tokens, want_report) in zip(got[:2], want, strict=True):
+    for i, ((tokens, report), (want_tokens, want_report)) in enumerate(zip(got[:3], want, strict=True)):
         assert tokens == want_tokens
-        assert report["loop_steps"] == want_report["loop_steps"] >= len(tokens)  # one step per sampled token
+        assert report["loop_steps"] == want_report["loop_steps"]
+        if i < 2:
+            assert report["loop_steps"] >= len(tokens)  # one step per sampled token
+        else:
+            assert 0 < report["loop_steps"] < len(tokens)  # only the decisions
         assert report["final_gain"] == pytest.approx(want_report["final_gain"], abs=1e-4)
         assert report["mean_entropy_bits"] == pytest.approx(want_report["mean_entropy_bits"], abs=1e-3)
     assert got[0][1]["final_gain"] < 0 < got[1][1]["final_gain"]  # the loop pushes both ways
-    assert got[2] == await _tokens(hf_engine, prompts[2], ())
+    assert got[3] == await _tokens(hf_engine, prompts[2], ())
     for _ in range(100):  # the worker frees a finished request's slot at its next scheduler step
         stats = await engine.stats()
         if stats["loop_slots"] == 0:

@@ -49,6 +49,8 @@ def test_wire_round_trip_keeps_ops_and_keys() -> None:
 
     assert [fields(o) for o in back.ops] == [fields(o) for o in ops]
     assert back.loop == loop and not back.capture
+    choice = LoopSpec(0.6, options=(17, 4), gate=0.25)
+    assert decode_ops(encode_ops(ops, choice)).loop == choice
     assert all(torch.equal(a.vector.data, b.vector.data) for a, b in zip(ops, back.ops, strict=True))
     assert from_extra_args(None) == Wired() and from_extra_args({"other": 1}) == Wired()
     assert decode_ops(encode_ops((), capture=True)) == Wired(capture=True)
@@ -59,7 +61,8 @@ def test_cache_salt_separates_specs() -> None:
     assert cache_salt(()) is None
     assert cache_salt(ops) == cache_salt(decode_ops(encode_ops(ops)).ops)
     assert cache_salt(ops) != cache_salt(ops[:2]) != cache_salt(ops[:1])
-    assert cache_salt(ops, LoopSpec(0.5)) not in (cache_salt(ops), cache_salt(ops, LoopSpec(0.6)))
+    assert cache_salt(ops, LoopSpec(0.5)) not in (cache_salt(ops), cache_salt(ops, LoopSpec(0.6)),
+                                                  cache_salt(ops, LoopSpec(0.5, options=(1, 2))))
 
 
 def test_op_on_split_stream_equals_runtime_op_on_sum() -> None:

@@ -108,7 +108,8 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
         if scored:
             assert service is not None
             probes = make_probes(service.renderer.tokenize, opts.options, opts.sampling.chat)
-            scores = await _score_all(service, samples, replies, opts, probes, notes)
+            along = any(m.along for m in metrics)
+            scores = await _score_all(service, samples, replies, opts, probes, notes, along)
         served = sorted({r.model for rs in replies for r in rs})
         model = ", ".join(served) or "?"
         if service is not None and served != [service.info.name]:
@@ -128,14 +129,14 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
 
 
 async def _score_all(service: Service, samples: Sequence[Sample], replies: Sequence[Sequence[Reply]],
-                     opts: Options, probes: Probes, notes: list[str]) -> list[list[Scored | None]]:
+                     opts: Options, probes: Probes, notes: list[str], along: bool) -> list[list[Scored | None]]:
     """Teacher-force every (setting, sample) on the local model, steered by that setting's spec."""
     from steerserve.engines.hf import HFEngine
 
     engine = service.engine
     if not isinstance(engine, HFEngine):
         raise RuntimeError("the scorer needs the hf engine")
-    scorer = Scorer(engine, service.ctx, probes.ids)
+    scorer = Scorer(engine, service.ctx, probes.ids, option_ids=probes.option_ids if along else ())
     renderer = service.renderer
     items: list[ScoreItem] = []
     gain = False
@@ -145,12 +146,12 @@ async def _score_all(service: Service, samples: Sequence[Sample], replies: Seque
                       if opts.sampling.chat else renderer.render(prompt=sample.prompt))
             ops = (await scorer.resolve(setting.steering, prompt)).ops if setting.steering is not None else ()
             gain = gain or any(op.gain for op in ops)
-            cont = tuple(renderer.tokenize(reply.text)) if opts.kl else ()
+            cont = tuple(renderer.tokenize(reply.text)) if opts.kl or along else ()
             # the distributions that chose each token, plus the one that chose end-of-sequence
             positions = max(1, len(cont) + (0 if reply.finish_reason == "length" else 1))
             items.append(ScoreItem(prompt, cont, ops, min(positions, len(cont) + 1)))
-    if opts.kl:
-        notes.append("KL is measured along each steered reply, re-tokenised from its text")
+    if opts.kl or along:
+        notes.append("KL and decision entropy are measured along each reply, re-tokenised from its text")
     if gain:
         notes.append("closed-loop (gain) ops were scored at gain 1.0")
     out: list[Scored] = []
@@ -165,7 +166,8 @@ async def _score_all(service: Service, samples: Sequence[Sample], replies: Seque
 def _sample_values(metrics: Sequence[Metric], sample: Sample, reply: Reply, scored: Scored | None, probes: Probes,
                    kl: bool) -> dict[str, float]:
     case = Case(sample, reply.text, reply.completion_tokens, reply.finish_reason,
-                scored.first if scored is not None else None)
+                scored.first if scored is not None else None,
+                scored.decisions if scored is not None else None, reply.report)
     out: dict[str, float] = {}
     for m in metrics:
         out.update(m.values(case, probes))

@@ -22,6 +22,7 @@ from steerserve.methods import resolve
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.registers import option_entropy
 from steerserve.runtime.tables import Segment
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
@@ -46,14 +47,17 @@ class Scored:
     top: tuple[int, ...]  # per scored position: the most likely token (greedy decoding's choice)
     chosen: tuple[float, ...]  # per scored position < len(continuation): log p(the continuation's token)
     kl: tuple[float, ...] | None  # per scored position: KL(steered || unsteered), nats; None if not asked
+    # per scored position: (entropy in bits over the option ids, their probability mass); () without options
+    decisions: tuple[tuple[float, float], ...] = ()
 
 
 class Scorer:
     """Scores sequences on ``engine``'s model; resolves specs with ``ctx`` (model, store, policy)."""
 
     def __init__(self, engine: HFEngine, ctx: ResolveContext, probe_ids: Sequence[int] = (),
-                 token_budget: int = TOKEN_BUDGET) -> None:
+                 token_budget: int = TOKEN_BUDGET, option_ids: Sequence[int] = ()) -> None:
         self.engine, self.ctx, self.probe_ids = engine, ctx, tuple(probe_ids)
+        self.option_ids = tuple(option_ids)
         self.token_budget = min(token_budget, engine.tables.max_tokens)
 
     async def resolve(self, spec: Mapping[str, Any] | None, prompt: PromptInfo) -> ResolvedSpec:
@@ -100,8 +104,13 @@ class Scorer:
                     divergence = (0.0,) * it.positions
             cont = torch.tensor(it.continuation[: it.positions], dtype=torch.long)
             chosen = ls[: len(cont)].gather(1, cont[:, None])[:, 0]  # [min(k, len(continuation))]
+            decisions: tuple[tuple[float, float], ...] = ()
+            if self.option_ids:  # the sampler-side op's own measurement, on these distributions
+                ids = torch.tensor(self.option_ids).expand(len(ls), -1)  # [k, K]
+                h, mass = option_entropy(ls, ids, torch.ones_like(ids, dtype=torch.bool))
+                decisions = tuple(zip(h.tolist(), mass.tolist(), strict=True))
             out.append(Scored({t: float(ls[0, t]) for t in self.probe_ids}, tuple(ls.argmax(dim=-1).tolist()),
-                              tuple(chosen.tolist()), divergence))
+                              tuple(chosen.tolist()), divergence, decisions))
         return out
 
     def _forward(self, items: Sequence[ScoreItem], steer: bool) -> torch.Tensor:

@@ -7,8 +7,12 @@ that norm (0.25 = a quarter of a typical state's length).
 
 - Open loop: ``{"method": "entropic", "vector": NAME, "beta": x}``.
 - Closed loop (ours, not in the paper): ``{"method": "entropic", "vector": NAME, "target_entropy": h}``;
-  the same op scaled by ``beta_max`` and by the request's gain register in ``[-1, 1]``, which the runtime
-  moves after each sampled token so that the next-token entropy (bits) tracks ``h`` (``runtime.loop``).
+  the same op scaled by ``beta_max`` and by the request's gain register in ``[-1, 1]`` (starting at
+  ``initial_gain``, default 0), which the runtime moves after each sampled token so that the next-token
+  entropy (bits) tracks ``h`` (``runtime.loop``). With ``"options": [" A", " B"]`` (one-token answers) the
+  loop tracks the *choice* entropy instead, at the steps where the options hold most of the probability:
+  what an agent making repeated decisions needs (the full-vocabulary entropy of the words around the
+  decisions is not what EAST moves).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from steerserve.errors import SteerError
 from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, string, vector_layer
-from steerserve.runtime.loop import LoopSpec
+from steerserve.runtime.loop import MAX_OPTIONS, LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
 
@@ -38,21 +42,41 @@ def target_bits(value: Any, vocab_size: int, f: str) -> float:
     return float(value)
 
 
+def option_tokens(value: Any, ctx: ResolveContext, f: str) -> tuple[int, ...]:
+    """``options``: 2..MAX_OPTIONS distinct strings, each exactly one token of this model -> their ids."""
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_OPTIONS:
+        raise SteerError(f"must be a list of 2 to {MAX_OPTIONS} one-token strings", field=f)
+    ids: list[int] = []
+    for i, option in enumerate(value):
+        if not isinstance(option, str) or not option:
+            raise SteerError("must be a non-empty string", field=f"{f}[{i}]")
+        toks = ctx.tokenize(option)
+        if len(toks) != 1:
+            raise SteerError(f"{option!r} is {len(toks)} tokens for this model; an option must be exactly one "
+                             "(mind the leading space)", field=f"{f}[{i}]")
+        if toks[0] in ids:
+            raise SteerError(f"{option!r} repeats an earlier option's token", field=f"{f}[{i}]")
+        ids.append(toks[0])
+    return tuple(ids)
+
+
 class Entropic:
     name = "entropic"
 
     async def compile(
         self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
     ) -> Compiled:
-        check_keys(params, ("vector", "beta", "target_entropy", "layer", "beta_max"), where)
+        check_keys(params, ("vector", "beta", "target_entropy", "layer", "beta_max", "options", "initial_gain"),
+                   where)
         closed = "target_entropy" in params
         if closed and "beta" in params:
             raise SteerError("give either 'beta' (open loop) or 'target_entropy' (closed loop), not both",
                              field=f"{where}.target_entropy")
         if not closed and "beta" not in params:
             raise SteerError("is required (or give 'target_entropy' for the closed loop)", field=f"{where}.beta")
-        if not closed and "beta_max" in params:
-            raise SteerError("only applies with 'target_entropy'", field=f"{where}.beta_max")
+        for key in ("beta_max", "options", "initial_gain"):
+            if not closed and key in params:
+                raise SteerError("only applies with 'target_entropy'", field=f"{where}.{key}")
         stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
         layer = vector_layer(stored, params, ctx, where)
         vec = VectorRef.of(stored.tensors[layer])
@@ -66,7 +90,15 @@ class Entropic:
                                f"{where}.beta_max")
         if beta_max <= 0:
             raise SteerError("must be positive (the gain in [-1, 1] gives the sign)", field=f"{where}.beta_max")
+        options = option_tokens(params["options"], ctx, f"{where}.options") if "options" in params else ()
+        if options and target >= math.log2(len(options)):
+            raise SteerError(f"must be below log2({len(options)}) = {math.log2(len(options)):.2f} bits, the most "
+                             f"{len(options)} options can have", field=f"{where}.target_entropy")
+        initial = coeff_value(params.get("initial_gain", 0.0), 1.0, f"{where}.initial_gain")
         op = SteerOp(OpKind.ADD, layer, vec, beta_max, start, None, gain=True)
-        return Compiled((op,), (stored.meta.ref(),),
-                        {"layer": layer, "target_entropy": target, "beta_max": beta_max},
-                        loop=LoopSpec(target=target))
+        detail: dict[str, Any] = {"layer": layer, "target_entropy": target, "beta_max": beta_max,
+                                  "initial_gain": initial}
+        if options:
+            detail["options"] = list(params["options"])
+        return Compiled((op,), (stored.meta.ref(),), detail,
+                        loop=LoopSpec(target=target, initial=initial, options=options))

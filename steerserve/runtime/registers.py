@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from steerserve.runtime.loop import LoopSpec
+from steerserve.runtime.loop import MAX_OPTIONS, LoopSpec
 
 _LN2 = math.log(2.0)
 
@@ -41,6 +41,11 @@ class Registers:
         self.initial, self.kp, self.ki = full(0.0), full(0.0), full(0.0)
         self.low, self.high, self.i_low, self.i_high = full(1.0), full(1.0), full(0.0), full(0.0)
         self.entropy_sum, self.steps = full(0.0), full(0.0)  # what a finished request's report says
+        # Choice loops: the option token ids of each cell ([S + 2, K], padded) and which are real; the gate
+        # is 0 for a full-vocabulary loop (every step is a decision: any mass >= 0).
+        self.option_ids = torch.zeros((n, MAX_OPTIONS), dtype=torch.int64, device=device)
+        self.option_on = torch.zeros((n, MAX_OPTIONS), dtype=torch.bool, device=device)
+        self.gate = full(0.0)
         self._free = list(range(slots - 1, -1, -1))  # host-side free list of slots
 
     @property
@@ -58,8 +63,13 @@ class Registers:
         values = {"gain": loop.initial, "target": loop.target, "entropy": 0.0, "integral": 0.0,
                   "initial": loop.initial, "kp": loop.kp, "ki": loop.ki, "low": loop.low, "high": loop.high,
                   "i_low": i_low, "i_high": i_high, "entropy_sum": 0.0, "steps": 0.0}
+        values["gate"] = loop.gate if loop.options else 0.0
         for name, value in values.items():
             getattr(self, name)[cell] = value  # one small write per register, at admission only
+        k = len(loop.options)
+        self.option_ids[cell] = 0
+        self.option_ids[cell, :k] = torch.tensor(loop.options, dtype=torch.int64)
+        self.option_on[cell] = torch.arange(MAX_OPTIONS) < k
         return cell
 
     def report(self, cell: int) -> dict[str, float | None]:
@@ -82,26 +92,45 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(p).sum(dim=-1) / _LN2
 
 
+def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choice entropy and option mass: ``logits [B, V]``, option ``ids [B, K]`` int64 with ``on [B, K]`` marking
+    the real ones -> (``[B]`` entropy in bits of ``softmax(logits)`` renormalised over the options,
+    ``[B]`` the options' total probability). A row without options gets its full-vocabulary entropy and
+    mass 0. The scorer (``evaluation``) uses this same function, so the host and the device agree."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    full_h = torch.special.entr(logp.exp()).sum(dim=-1) / _LN2  # [B]
+    lp = logp.gather(1, ids).masked_fill(~on, -math.inf)  # [B, K]
+    mass = lp.exp().sum(dim=-1)  # [B]
+    has = on.any(dim=-1)  # [B]
+    q = torch.log_softmax(torch.where(has[:, None], lp, torch.zeros_like(lp)), dim=-1).exp()  # [B, K]
+    choice_h = torch.special.entr(q).sum(dim=-1) / _LN2
+    return torch.where(has, choice_h, full_h), mass
+
+
 def entropy_step_(regs: Registers, logits: torch.Tensor, cells: torch.Tensor) -> None:
-    """The sampler-side op: measure each row's next-token entropy and move its gain toward its target.
+    """The sampler-side op: measure each row's entropy and move its gain toward its target.
 
     ``logits [B, V]`` (the rows the sampler samples from), ``cells [B]`` int64 (the row's slot cell, or the
-    sink). For a cell with a target: ``e = target - H``, ``I = clamp(I + e, i_low, i_high)``,
-    ``gain = clamp(initial + kp * e + ki * I, low, high)``; cells without a target keep their gain. Fixed
-    shapes, no host sync: runs inside a step, and its result scales the request's ops from the next step on.
+    sink). ``H`` is the next-token entropy, or with options the choice entropy (``option_entropy``), and
+    a step counts only if it is a *decision*: the options' mass >= the cell's gate (gate 0 without options).
+    For a cell with a target, at a decision: ``e = target - H``, ``I = clamp(I + e, i_low, i_high)``,
+    ``gain = clamp(initial + kp * e + ki * I, low, high)``; otherwise the cell keeps its gain and integral.
+    Fixed shapes, no host sync: runs inside a step, and its result scales the request's ops from the next
+    step on.
     """
-    h = entropy_bits(logits)  # [B]
     r = regs
+    h, mass = option_entropy(logits, r.option_ids.index_select(0, cells), r.option_on.index_select(0, cells))
     target = r.target.index_select(0, cells)
-    looped = torch.isfinite(target)  # [B]
-    err = torch.where(looped, target - h, torch.zeros((), device=h.device))
-    integral = torch.minimum(torch.maximum(r.integral.index_select(0, cells) + err, r.i_low.index_select(0, cells)),
+    decide = torch.isfinite(target) & (mass >= r.gate.index_select(0, cells))  # [B]
+    zero = torch.zeros((), device=h.device)
+    err = torch.where(decide, target - h, zero)
+    old_integral = r.integral.index_select(0, cells)
+    integral = torch.minimum(torch.maximum(old_integral + err, r.i_low.index_select(0, cells)),
                              r.i_high.index_select(0, cells))
     raw = r.initial.index_select(0, cells) + r.kp.index_select(0, cells) * err + r.ki.index_select(0, cells) * integral
     gain = torch.minimum(torch.maximum(raw, r.low.index_select(0, cells)), r.high.index_select(0, cells))
-    gain = torch.where(looped, gain, r.gain.index_select(0, cells))
-    r.gain.index_copy_(0, cells, gain)
-    r.integral.index_copy_(0, cells, integral)
-    r.entropy.index_copy_(0, cells, h)
-    r.entropy_sum.index_add_(0, cells, h)
-    r.steps.index_add_(0, cells, torch.ones_like(h))
+    r.gain.index_copy_(0, cells, torch.where(decide, gain, r.gain.index_select(0, cells)))
+    r.integral.index_copy_(0, cells, torch.where(decide, integral, old_integral))
+    r.entropy.index_copy_(0, cells, torch.where(decide, h, r.entropy.index_select(0, cells)))
+    r.entropy_sum.index_add_(0, cells, torch.where(decide, h, zero))
+    r.steps.index_add_(0, cells, decide.float())

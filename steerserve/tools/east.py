@@ -77,6 +77,9 @@ class Situation:
     step: int  # rounds already played in it
     user: str  # the user message
     answer: str  # the assistant's first words (the prompt ends with them)
+    frame: Framing
+    top: int  # the largest reward
+    history: str  # the rounds played so far, a line each
 
 
 def situations(runs: int, steps: int, seed: int) -> list[Situation]:
@@ -94,7 +97,7 @@ def situations(runs: int, steps: int, seed: int) -> list[Situation]:
             history = "\n".join(lines) if lines else "You have not played yet."
             user = (f"{frame.intro.format(top=top)}\n\n{history}\n\n{frame.question.format(r=t + 1)} "
                     "Answer with A or B.")
-            out.append(Situation(k, t, user, frame.answer))
+            out.append(Situation(k, t, user, frame.answer, frame, top, history))
             avg = [sum(s) / len(s) if s else top / 2 for s in seen]
             arm = rng.randrange(2) if rng.random() < explore or avg[0] == avg[1] else int(avg[1] > avg[0])
             x = min(top, max(0, round(rng.gauss(means[arm], top / 4))))
@@ -108,6 +111,15 @@ def prompt_text(tokenizer: Any, s: Situation) -> str:
     head = tokenizer.apply_chat_template([{"role": "user", "content": s.user}], tokenize=False,
                                          add_generation_prompt=True)
     return str(head) + s.answer
+
+
+def game_text(s: Situation) -> str:
+    """A *multi-decision* raw prompt: the game so far written as a plain log (no chat template), ending with
+    the next round's line up to its arm letter. The model continues the log for as many rounds as it
+    likes (3 to 12 in 160 tokens on the default model); each arm letter (" A"/" B") is a decision among
+    the other words. As a chat turn ("play rounds 5 to 16") the default model mostly answers one round."""
+    return (f"{s.frame.intro.format(top=s.top)}\n\n{s.history}\n"
+            + s.frame.line.format(r=s.step + 1, a="\0", x=0).split("\0")[0].rstrip())
 
 
 def option_ids(tokenizer: Any, options: Sequence[str] = OPTIONS) -> tuple[int, ...]:

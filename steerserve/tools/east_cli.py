@@ -5,7 +5,9 @@ prompts, so that the ``entropic`` method's ``beta`` is in units of it) whose met
 made. ``--eval-out`` also writes held-out situations (another seed, never used for extraction) as a JSON
 list of ``{"prompt": RAW_TEXT, "run": k, "step": t}``: the prompt already holds the chat template and
 the answer's first words, so send it as a raw ``prompt``, not as a chat message; the options are
-``" A"`` and ``" B"``.
+``" A"`` and ``" B"``. ``--games-out`` writes held-out *multi-decision* prompts the same way (a game so
+so far as a plain log that the model continues, see ``east.game_text``): the data for the closed loop
+with ``options``, whose reply holds one decision per round.
 """
 
 from __future__ import annotations
@@ -38,19 +40,26 @@ def add_east(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-runs", type=int, default=40, help="held-out games (default 40)")
     p.add_argument("--eval-steps", type=int, default=1,
                    help="held-out decisions per game, taken at random steps (default 1)")
+    p.add_argument("--games-out", type=Path, default=None, metavar="FILE.json",
+                   help="also write held-out multi-decision prompts (raw text), for the closed loop")
+    p.add_argument("--games-seed", type=int, default=None, help="seed of those games (default seed+2)")
+    p.add_argument("--games", type=int, default=40, help="multi-decision games (default 40)")
     p.add_argument("--description", default="")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    for key in ("runs", "steps", "eval_runs", "eval_steps"):
+    for key in ("runs", "steps", "eval_runs", "eval_steps", "games"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
     if args.eval_seed is None:
         args.eval_seed = args.seed + 1
-    if args.eval_out is not None and args.eval_seed == args.seed:
-        raise SystemExit("--eval-seed must differ from --seed: held-out situations must not be extraction ones")
+    if args.games_seed is None:
+        args.games_seed = args.seed + 2
+    if args.eval_out is not None and args.eval_seed == args.seed or args.games_out is not None \
+            and args.games_seed == args.seed:
+        raise SystemExit("--eval-seed/--games-seed must differ from --seed: held-out games must not be extraction ones")
     asyncio.run(_extract(args))
 
 
@@ -65,6 +74,18 @@ def held_out(tokenizer: object, runs: int, steps: int, seed: int) -> list[dict[s
     chosen = {k: set(pick.sample(range(horizon), steps)) for k in range(runs)}
     return [{"prompt": prompt_text(tokenizer, s), "run": s.run, "step": s.step}
             for s in situations(runs, horizon, seed) if s.step in chosen[s.run]]
+
+
+def held_out_games(games: int, seed: int) -> list[dict[str, object]]:
+    """``games`` held-out multi-decision prompts, each after 3..7 rounds already played, as eval records."""
+    import random
+
+    from steerserve.tools.east import game_text, situations
+
+    pick = random.Random(seed)
+    played = {k: pick.randint(3, 7) for k in range(games)}
+    return [{"prompt": game_text(s), "run": s.run, "step": s.step}
+            for s in situations(games, 8, seed) if s.step == played[s.run]]
 
 
 async def _extract(args: argparse.Namespace) -> None:
@@ -110,4 +131,10 @@ async def _extract(args: argparse.Namespace) -> None:
         args.eval_out.parent.mkdir(parents=True, exist_ok=True)
         args.eval_out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.eval_out} ({len(records)} held-out decisions, seed {args.eval_seed}; send each "
+              f"'prompt' raw, options {list(OPTIONS)})")
+    if args.games_out is not None:
+        records = held_out_games(args.games, args.games_seed)
+        args.games_out.parent.mkdir(parents=True, exist_ok=True)
+        args.games_out.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.games_out} ({len(records)} held-out games, seed {args.games_seed}; send each "
               f"'prompt' raw, options {list(OPTIONS)})")

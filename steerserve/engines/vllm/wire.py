@@ -4,10 +4,10 @@ vLLM carries ``SamplingParams.extra_args`` from the front end to the model runne
 (``NewRequestData.sampling_params`` -> ``CachedRequestState.sampling_params``); across processes it is
 MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lists/dicts:
 
-    {"v": 2,
+    {"v": 3,
      "ops": [[kind, layer, key, scale, start, stop, positional, gain], ...],
      "vectors": {key: [rows, hidden, <float32 little-endian bytes>]},
-     "loop": [target, initial, low, high, kp, ki] | None,   # closed loop (runtime.loop.LoopSpec)
+     "loop": {LoopSpec field: value} | None,               # closed loop (runtime.loop.LoopSpec)
      "capture": bool}                                      # a capture request (runtime.capture)
 
 Vectors are keyed by content hash (``VectorRef.key``), so 30 layers of one spec cost 30 x H x 4 bytes
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 
 EXTRA_KEY = "steerserve"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bo
             vectors[ref.key] = [int(data.shape[0]), int(data.shape[1]), data.tobytes()]
         rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional, op.gain])
     return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors,
-            "loop": None if loop is None else list(astuple(loop)), "capture": capture}
+            "loop": None if loop is None else {**asdict(loop), "options": list(loop.options)},
+            "capture": capture}
 
 
 def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
@@ -76,8 +77,12 @@ def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
                 None if stop is None else int(stop), bool(positional), bool(gain))
         for kind, layer, key, scale, start, stop, positional, gain in payload["ops"]
     )
-    loop = payload.get("loop")
-    return Wired(ops, None if loop is None else LoopSpec(*(float(x) for x in loop)), bool(payload.get("capture")))
+    raw_loop = payload.get("loop")
+    loop = None
+    if raw_loop is not None:
+        numbers = {k: float(v) for k, v in raw_loop.items() if k != "options"}
+        loop = LoopSpec(**numbers, options=tuple(int(t) for t in raw_loop.get("options", ())))
+    return Wired(ops, loop, bool(payload.get("capture")))
 
 
 def from_extra_args(extra_args: Mapping[str, Any] | None) -> Wired:
