@@ -1,15 +1,16 @@
-"""ActAdd on the default model: the pair's construction, and its effect on prompts it was not tuned on.
+"""ActAdd on the default model: the pair's construction, and its effect on the real model.
 
 The construction (``methods/actadd.py``): each prompt of the pair is read after the request's own tokens
 before the front, the shorter one padded with the newline token. Checked exactly against the engine's
 hidden states, and for the property that motivated it: no row is an attention-sink outlier.
 
-The effect, through the live server (``POST /generate``) as users steer: the first ``HELD_OUT`` prompts of
-``vectors/prompts/neutral_eval.txt`` (never used to choose the settings; those were chosen on
-``neutral_tune.txt``) are completed greedily three times -- unsteered, with ``Love - Hate`` at ``+COEFF``
-and at ``-COEFF`` -- and each set is scored with VADER's compound score (-1 .. +1, mean over prompts).
-Greedy decoding makes the numbers reproducible; the requests are concurrent so the engine batches them.
-Measured numbers and the 50-prompt evaluation are in the module docstring's companion, the README.
+The effect, through the live server (``POST /generate``) as users steer: the first ``PROMPTS`` prompts of
+``vectors/prompts/neutral_tune.txt`` (the prompts the recommended setting was chosen on; the held-out
+``neutral_eval.txt`` is kept for ``steerserve eval``, see the README) are completed greedily with the
+recommended pair (``POSITIVE`` - ``NEGATIVE`` at ``LAYER``) at ``+COEFF`` and at ``-COEFF``, and each set
+is scored with VADER's compound score (-1 .. +1, mean over prompts). ``+COEFF`` must beat ``-COEFF`` by
+``MARGIN``: a vector that does not steer (or steers the wrong way) fails. Greedy decoding makes the numbers
+reproducible; the requests are concurrent so the engine batches them.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ from steerserve.prompts import PromptRenderer
 from steerserve.spec import ResolveContext
 from steerserve.store.artifacts import ArtifactStore
 
-EVAL_FILE = Path(__file__).resolve().parents[1] / "vectors" / "prompts" / "neutral_eval.txt"
-HELD_OUT = 16
-LAYER, COEFF, MAX_TOKENS, MARGIN = 3, 2.0, 48, 0.05
+TUNE_FILE = Path(__file__).resolve().parents[1] / "vectors" / "prompts" / "neutral_tune.txt"
+PROMPTS = 8
+# The README's recommended setting (chosen on neutral_tune.txt, evaluated on neutral_eval.txt).
+POSITIVE, NEGATIVE = "I feel wonderful and happy today!", "I feel terrible and sad today!"
+LAYER, COEFF, MAX_TOKENS, MARGIN = 3, 6.0, 32, 0.3
 _VADER = SentimentIntensityAnalyzer()
 
 
-def held_out(n: int = HELD_OUT) -> tuple[str, ...]:
-    return tuple(line for line in EVAL_FILE.read_text(encoding="utf-8").splitlines() if line.strip())[:n]
+def tune_prompts(n: int = PROMPTS) -> tuple[str, ...]:
+    return tuple(line for line in TUNE_FILE.read_text(encoding="utf-8").splitlines() if line.strip())[:n]
 
 
-def actadd(positive: str, negative: str, coeff: float = COEFF) -> dict[str, Any]:
+def actadd(positive: str = POSITIVE, negative: str = NEGATIVE, coeff: float = COEFF) -> dict[str, Any]:
     return {"interventions": [{"method": "actadd", "positive": positive, "negative": negative,
                                "layer": LAYER, "coeff": coeff}]}
 
@@ -92,26 +95,23 @@ async def test_pair_is_read_in_the_requests_context(hf_engine: HFEngine, tmp_pat
     assert (op.start, op.stop) == (1, len(raw.token_ids))
 
 
-async def test_love_minus_hate_moves_held_out_sentiment_both_ways(
+async def test_recommended_pair_moves_sentiment_both_ways(
     base_url: str, record_property: Callable[[str, object], None]
 ) -> None:
-    prompts = held_out()
-    base = sentiment(await completions(base_url, None, prompts))
-    love = sentiment(await completions(base_url, actadd("Love", "Hate"), prompts))
-    hate = sentiment(await completions(base_url, actadd("Love", "Hate", -COEFF), prompts))
-    for key, value in (("vader_baseline", base), ("vader_plus", love), ("vader_minus", hate)):
+    prompts = tune_prompts()
+    plus = sentiment(await completions(base_url, actadd(), prompts))
+    minus = sentiment(await completions(base_url, actadd(coeff=-COEFF), prompts))
+    for key, value in (("vader_plus", plus), ("vader_minus", minus)):
         record_property(key, round(value, 3))
-    numbers = f"baseline {base:+.3f}, +c {love:+.3f}, -c {hate:+.3f}"
-    assert love > base + MARGIN, numbers
-    assert hate < base - MARGIN, numbers
+    assert plus > minus + MARGIN, f"+c {plus:+.3f}, -c {minus:+.3f}"
 
 
 async def test_zero_coefficient_and_equal_pair_are_unsteered(base_url: str) -> None:
-    prompts = held_out(2)
+    prompts = tune_prompts(2)
     base = await completions(base_url, None, prompts)
-    zero = await completions(base_url, actadd("Love", "Hate", 0.0), prompts)
-    same = await completions(base_url, actadd("Love", "Love"), prompts)
+    zero = await completions(base_url, actadd(coeff=0.0), prompts)
+    same = await completions(base_url, actadd(POSITIVE, POSITIVE), prompts)
     assert [o["text"] for o in zero] == [o["text"] for o in base]
     assert [o["text"] for o in same] == [o["text"] for o in base]
-    steered = await completions(base_url, actadd("Love", "Hate", 8.0), prompts)
+    steered = await completions(base_url, actadd(), prompts)
     assert [o["text"] for o in steered] != [o["text"] for o in base]  # the path really steers

@@ -20,6 +20,11 @@ after the same context ``c``, added at the front ``a`` of the user's text.
   typical norm. A lone space (the paper's pad) is itself an outlier on this model, ~5x the typical norm
   after ``"Love"`` even in context, and dominated the vector. Padded rows are kept: they carry the longer
   prompt's tail (``"ate"`` of ``"H"+"ate"``), and zeroing them removes most of the pair's effect.
+- Rows of an opening both texts share are exactly zero (same context, same tokens): a pair framed alike
+  (``"I feel wonderful and happy today!"`` / ``"I feel terrible and sad today!"``, the README's
+  recommended pair, layer 3, coeff +-6) steers from the first differing word over the rest of the pair's
+  length. Single-word pairs (``"Love"``/``"Hate"``) touch one or two positions and, on the default model,
+  did not move the sentiment of held-out prompts significantly (issue 8).
 - The injection is clipped to the prompt (prompt forward only; decoding sees it through the KV cache).
 - The difference is cached by content (model fingerprint, layer, context and both token lists): every
   single-turn chat request with the same system prompt shares one vector.
