@@ -95,7 +95,7 @@ async def test_ablate_never_divides_by_zero() -> None:
     meta = ArtifactMeta("old", 1, "vector", "fp", "m", 4, 2, (0, 1), "upload", {}, {}, "", "", True, "", "")
 
     class Store:
-        def load_vector(self, ref: str, *, field: str = "vector") -> StoredVector:
+        def load_vector(self, ref: str, *, field: str = "vector", kinds: tuple[str, ...] = ("vector",)) -> StoredVector:
             return StoredVector(meta, {0: torch.ones(4), 1: torch.zeros(4)})
 
     async def no_states(*_: Any) -> list[torch.Tensor]:

@@ -93,29 +93,34 @@ def latest_versions(metas: list[ArtifactMeta]) -> list[dict[str, Any]]:
     return out
 
 
-def select_versions(store: ArtifactStore, kind: str, ref: str, version: int | None = None) -> list[ArtifactMeta]:
-    """The stored versions of ``kind`` that ``ref`` (``name`` or ``name@v``, plus ``version``) selects."""
+def select_versions(store: ArtifactStore, kind: str | tuple[str, ...], ref: str,
+                    version: int | None = None) -> list[ArtifactMeta]:
+    """The stored versions of ``kind`` (or of several kinds) that ``ref`` (``name`` or ``name@v``, plus
+    ``version``) selects."""
     name, ref_version = parse_ref(ref, "name")
     if ref_version is not None and version is not None and ref_version != version:
         raise SteerError(f"the path names version {ref_version}, the request version {version}", field="version")
     version = ref_version if ref_version is not None else version
     metas = [m for m in store.list(kind) if m.name == name]
+    what = kind if isinstance(kind, str) else " or ".join(kind)
     if not metas:
-        raise NotFound(f"no {kind} named {name!r}", field="name")
+        raise NotFound(f"no {what} named {name!r}", field="name")
     if version is not None:
         metas = [m for m in metas if m.version == version]
         if not metas:
-            raise NotFound(f"{kind} {name!r} has no version {version}", field="version")
+            raise NotFound(f"{what} {name!r} has no version {version}", field="version")
     return metas
 
 
-def select_target(store: ArtifactStore, kind: str, ref: str, version: int | None) -> tuple[str, int | None]:
+def select_target(store: ArtifactStore, kind: str | tuple[str, ...], ref: str,
+                  version: int | None) -> tuple[str, int | None]:
     """(name, version or None for all versions) of existing artifacts of ``kind``; 404 otherwise."""
     metas = select_versions(store, kind, ref, version)
     return metas[0].name, metas[0].version if version is not None or "@" in ref else None
 
 
-def delete_selected(store: ArtifactStore, kind: str, ref: str, version: int | None) -> list[ArtifactMeta]:
+def delete_selected(store: ArtifactStore, kind: str | tuple[str, ...], ref: str,
+                    version: int | None) -> list[ArtifactMeta]:
     """Delete what ``ref`` and ``version`` select (see ``select_target``); returns what was deleted."""
     name, selected = select_target(store, kind, ref, version)
     return store.delete(name, selected)

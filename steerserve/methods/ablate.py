@@ -2,7 +2,9 @@
 
 The stored vector is normalised per layer before it enters the bank, so the op sees a unit direction.
 A vector with a single layer is used as the direction for every ablated layer (the refusal-direction
-recipe); a multi-layer vector supplies its own direction per layer.
+recipe); a multi-layer vector supplies its own direction per layer. A ``direction`` artifact
+(``store.directions``) is ablated at **every** layer unless ``layers`` says otherwise, as the refusal-direction
+paper does (its own layer is only where it was read).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from steerserve.errors import SteerError
 from steerserve.methods.base import Compiled, check_keys, layer_list, string
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
+from steerserve.store.artifacts import STEERING_KINDS
 
 
 class Ablate:
@@ -24,7 +27,7 @@ class Ablate:
         self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
     ) -> Compiled:
         check_keys(params, ("vector", "layers"), where)
-        stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
+        stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector", kinds=STEERING_KINDS)
         layers = layer_list(params.get("layers", "all"), ctx, f"{where}.layers", default=tuple(sorted(stored.tensors)))
         single = len(stored.tensors) == 1
         ops = []

@@ -5,6 +5,11 @@ Positions are absolute token positions of the whole templated sequence (chat tem
 - ``"prompt"``: prompt tokens ``0 .. P-1`` only (the last one's state produces the first new token);
 - ``"generated"``: tokens at positions ``>= P``, i.e. each generated token once it is fed back. The first
   generated token is therefore unaffected; the steering acts from the second one on.
+
+``vector`` may name a ``direction`` (``store.directions``): a unit vector chosen at one layer. Then
+``layers`` defaults to that layer and may name no other (a 400 on ``layers``), and the added vector is
+``coeff x scale x unit``, ``scale`` being the layer's mean residual norm recorded in the direction: ``coeff``
+is in units of a typical state's length there (the response reports ``scale``).
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from steerserve.errors import SteerError
 from steerserve.methods.base import Compiled, check_keys, coeff, layer_list, string
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
+from steerserve.store.artifacts import STEERING_KINDS, StoredVector
 
 POSITIONS = ("all", "prompt", "generated")
 
@@ -39,17 +47,24 @@ class Add:
     ) -> Compiled:
         check_keys(params, ("vector", "layers", "coeff", "positions"), where)
         c = coeff(params, ctx, where)
-        stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
+        stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector", kinds=STEERING_KINDS)
         layers = layer_list(params.get("layers"), ctx, f"{where}.layers", default=tuple(sorted(stored.tensors)))
         missing = [layer for layer in layers if layer not in stored.tensors]
         if missing:
-            raise SteerError(
-                f"vector {stored.meta.ref()!r} has no entry for layer(s) {missing}; it has {sorted(stored.tensors)}",
-                field=f"{where}.layers",
-            )
+            what = "direction was chosen at (and only applies to)" if stored.is_direction else "vector has entries for"
+            raise SteerError(f"layer(s) {missing} not available: {stored.meta.kind} {stored.meta.ref()!r} has no entry "
+                             f"for them; the {what} {sorted(stored.tensors)}", field=f"{where}.layers")
+        vectors = _scaled(stored)
         start, stop = position_window(params.get("positions", "all"), len(prompt.token_ids), f"{where}.positions")
-        ops = tuple(
-            SteerOp(OpKind.ADD, layer, VectorRef.of(stored.tensors[layer]), c, start, stop) for layer in layers
-        )
-        return Compiled(ops, (stored.meta.ref(),), {"layers": list(layers), "coeff": c,
-                                                     "positions": params.get("positions", "all")})
+        ops = tuple(SteerOp(OpKind.ADD, layer, VectorRef.of(vectors[layer]), c, start, stop) for layer in layers)
+        detail = {"layers": list(layers), "coeff": c, "positions": params.get("positions", "all")}
+        if stored.is_direction:
+            detail["scale"] = stored.scale()
+        return Compiled(ops, (stored.meta.ref(),), detail)
+
+
+def _scaled(stored: StoredVector) -> dict[int, torch.Tensor]:
+    """The vectors ``coeff`` multiplies: a vector's own, a direction's unit vector x its ``scale``."""
+    if not stored.is_direction:
+        return dict(stored.tensors)
+    return {layer: u * stored.scale() for layer, u in stored.tensors.items()}

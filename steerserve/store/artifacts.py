@@ -1,4 +1,5 @@
-"""The artifact store: steering vectors and ActAdd prompt pairs as safetensors files plus manifest rows.
+"""The artifact store: steering vectors, directions and ActAdd prompt pairs as safetensors files plus
+manifest rows.
 
 Files live at ``<root>/artifacts/<name>/<version>.safetensors``; the SQLite manifest (``db.py``) decides
 what exists. A write lands the file first (temp file, fsync, rename, fsync of the folder) and only then
@@ -27,16 +28,18 @@ from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.store import db
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
+from steerserve.store.directions import DIRECTION_KEYS, check_direction
 from steerserve.store.vetting import NormPolicy, check_vectors
 
 __all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
-KINDS = ("vector", "pair")
+KINDS = ("vector", "pair", "direction")
+STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # this store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format", "provenance", "description", "calibration"}
+            "layer_convention", "format", "provenance", "description", "calibration", *DIRECTION_KEYS}
 
 
 def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
@@ -62,6 +65,19 @@ class StoredVector:
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
+
+    @property
+    def is_direction(self) -> bool:
+        return self.meta.kind == "direction"
+
+    def scale(self) -> float:
+        """A direction's ``scale`` (the layer's mean residual norm: ``add``'s unit of ``coeff``)."""
+        return float(self.header["scale"])
+
+    def candidates(self) -> list[Any]:
+        """A direction's candidate table (JSON), or [] if it has none."""
+        value = json.loads(self.header.get("candidates", "[]"))
+        return value if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,8 @@ class ArtifactStore:
     def put_vector_file(self, name: str, data: bytes, *, description: str = "",
                         provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
         """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
+        A file whose ``kind`` is ``direction`` is stored as a direction (one unit vector and its layer,
+        see ``directions``); any other file is a vector.
 
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
         file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
@@ -129,8 +147,15 @@ class ArtifactStore:
             if key not in _ALLOWED:
                 raise SteerError(f"unknown metadata key {key!r}; allowed: {sorted(_ALLOWED)}",
                                  field=f"metadata.{key}")
-        expected = {"kind": "vector", "layer_convention": LAYER_CONVENTION,
-                    "model_fingerprint": self.model.fingerprint}
+        kind = header.get("kind", "vector")
+        if kind not in STEERING_KINDS:
+            raise SteerError(f"kind {kind!r} cannot be uploaded as a file; expected one of {list(STEERING_KINDS)}",
+                             field="metadata.kind")
+        if kind == "vector":
+            for key in DIRECTION_KEYS:
+                if key in header:
+                    raise SteerError("only a 'direction' file carries this key", field=f"metadata.{key}")
+        expected = {"layer_convention": LAYER_CONVENTION, "model_fingerprint": self.model.fingerprint}
         for key, want in expected.items():
             if header.get(key, want) != want:
                 f, whose = ("model_fingerprint", "the loaded model's") if key == "model_fingerprint" else (
@@ -151,8 +176,12 @@ class ArtifactStore:
             by_layer[int(m[1])] = t
         vecs = check_vectors(self.model, by_layer, declared.get("hidden_size"), declared.get("num_layers"),
                              self.policy)
-        prov = {"source": "file upload", "file_metadata": header, **(provenance or {})}
-        return self._commit(name, "vector", data, vecs, header.get("method") or "upload", prov, description)
+        if kind == "direction":
+            check_direction(header, vecs)
+        # The candidate table can be long: it stays in the file, the manifest row keeps the rest.
+        shown = {k: v for k, v in header.items() if k != "candidates"}
+        prov = {"source": "file upload", "file_metadata": shown, **(provenance or {})}
+        return self._commit(name, kind, data, vecs, header.get("method") or "upload", prov, description)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",
@@ -204,28 +233,33 @@ class ArtifactStore:
                     db.fsync_dir(self.dir)
         return metas
 
-    def get(self, ref: str, kind: str | None = None, *, field: str = "name",
+    def get(self, ref: str, kind: str | tuple[str, ...] | None = None, *, field: str = "name",
             require_enabled: bool = False) -> ArtifactMeta:
-        """Resolve ``name`` (latest version) or ``name@v``; every failure is a 400 naming ``field``."""
-        if kind not in (None, *KINDS):
-            raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
+        """Resolve ``name`` (latest version) or ``name@v``, of ``kind`` (or one of several kinds) if given;
+        every failure is a 400 naming ``field``."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        for k in kinds or ():
+            if k not in KINDS:
+                raise SteerError(f"unknown kind {k!r}; expected one of {list(KINDS)}", field="kind")
         name, version = parse_ref(ref, field)
-        what = kind or "artifact"
+        what = " or ".join(kinds) if kinds else "artifact"
         with db.read(self._engine) as conn:
             meta = db.find(conn, name, version)
             latest = None if meta or version is None else db.find(conn, name, None)
         if meta is None:
             hint = f" (latest is {latest.ref()})" if latest else ""
             raise SteerError(f"unknown {what} {ref!r}{hint}", field=field, code="unknown_artifact")
-        if kind is not None and meta.kind != kind:
-            raise SteerError(f"{meta.ref()!r} is a {meta.kind}, not a {kind}", field=field, code="wrong_kind")
+        if kinds is not None and meta.kind not in kinds:
+            raise SteerError(f"{meta.ref()!r} is a {meta.kind}, not a {what}", field=field, code="wrong_kind")
         if require_enabled and not meta.enabled:
             raise SteerError(f"{what} {meta.ref()!r} is disabled", field=field, code="disabled_artifact")
         return meta
 
-    def load_vector(self, ref: str, *, field: str = "vector", require_enabled: bool = True) -> StoredVector:
-        """The vector ``ref`` names, with its per-layer tensors, if it was made for the loaded model."""
-        meta = self.get(ref, "vector", field=field, require_enabled=require_enabled)
+    def load_vector(self, ref: str, *, field: str = "vector", require_enabled: bool = True,
+                    kinds: tuple[str, ...] = ("vector",)) -> StoredVector:
+        """The vector ``ref`` names, with its per-layer tensors, if it was made for the loaded model.
+        ``kinds=STEERING_KINDS`` also accepts a direction (its one layer holds the unit vector)."""
+        meta = self.get(ref, kinds, field=field, require_enabled=require_enabled)
         data = self._read(meta, field)
         tensors = safetensors.torch.load(data)
         # Uploaded files are stored as sent (maybe float16); callers always get float32.
@@ -300,9 +334,13 @@ class ArtifactStore:
         return data
 
     # Last in the class body: once defined, ``list`` here would shadow the builtin in later annotations.
-    def list(self, kind: str | None = None) -> list[ArtifactMeta]:
-        """Every version of every artifact (of ``kind``, if given), whatever model it was made for."""
-        if kind not in (None, *KINDS):
-            raise SteerError(f"unknown kind {kind!r}; expected one of {list(KINDS)}", field="kind")
+    def list(self, kind: str | tuple[str, ...] | None = None) -> list[ArtifactMeta]:
+        """Every version of every artifact (of ``kind``, or of one of several, if given), whatever model it
+        was made for."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        for k in kinds or ():
+            if k not in KINDS:
+                raise SteerError(f"unknown kind {k!r}; expected one of {list(KINDS)}", field="kind")
         with db.read(self._engine) as conn:
-            return db.select(conn, kind=kind)
+            rows = db.select(conn)
+        return rows if kinds is None else [m for m in rows if m.kind in kinds]
