@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_east(kinds)
     asc.add_parser(kinds)
+    from steerserve.tools.refusal_cli import add_refusal  # refusal_cli reuses this module's helpers
+
+    add_refusal(kinds)
 
 
 def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
