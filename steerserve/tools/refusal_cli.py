@@ -117,7 +117,7 @@ async def _extract(args: argparse.Namespace) -> None:
             cands = rf.prompt_candidates(s_harm, s_safe, layers, post)
             norms = rf.mean_norms([*s_harm, *s_safe])
             provenance.update(post_instruction_tokens=post,
-                              post_instruction_text=renderer.decode(list(train["harmful"][0][-post:])))
+                              post_instruction_text=tokenizer.decode(list(train["harmful"][0][-post:])))
         else:
             prompts = train["harmful"] + train["harmless"]
             _log(f"response recipe: greedy replies ({args.reply_max_tokens} tokens) to {len(prompts)} prompts...")
