@@ -36,7 +36,7 @@ from steerserve.tools import refusal as rf
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "vectors" / "refusal_direction.safetensors"
 HARMFUL_VAL = ROOT.parent / "shared" / "data" / "refusal" / "harmful_val.json"
-COEFF = 0.3  # the README's recommended coefficient for the shipped direction (units of the layer's mean norm)
+COEFF = 0.25  # the README's recommended coefficient for the shipped direction (units of the layer's mean norm)
 MODEL = ModelInfo(name="tiny", architecture="LlamaForCausalLM", num_layers=4, hidden_size=8, vocab_size=100,
                   max_model_len=128, dtype="float32", fingerprint="fp-1")
 WHERE = "steering.interventions.0"
