@@ -58,9 +58,15 @@ def test_gsm8k_answer_parse() -> None:
     assert last_number("It costs 3.50 dollars") == 3.5
     assert last_number("no digits here") is None
     answer = METRICS["answer"].values
-    assert answer(_case("The answer is 1,234", "work\n#### 1234"), Probes()) == {"answer": 1.0, "answered": 1.0}
-    assert answer(_case("The answer is 12 or 1233", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 1.0}
-    assert answer(_case("I do not know", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 0.0}
+    assert answer(_case("The answer is 1,234", "work\n#### 1234"), Probes()) == \
+        {"answer": 1.0, "answered": 1.0, "final_answer": 1.0}
+    assert answer(_case("The answer is 12 or 1233", "#### 1234"), Probes()) == \
+        {"answer": 0.0, "answered": 1.0, "final_answer": 1.0}
+    assert answer(_case("I do not know", "#### 1234"), Probes()) == \
+        {"answer": 0.0, "answered": 0.0, "final_answer": 0.0}
+    # a number earlier but not on the last line, or a reply cut by the budget: no final answer
+    assert answer(_case("2 + 2 = 4\nso we are done\n", "#### 4"), Probes())["final_answer"] == 0.0
+    assert answer(_case("2 + 2 = 4", "#### 4", finish="length"), Probes())["final_answer"] == 0.0
     with pytest.raises(SteerError):
         answer(_case("42", None), Probes())
 
@@ -147,7 +153,7 @@ def test_sweep_auto_and_side_settings(tmp_path: Path) -> None:
     side = sweep.side_settings([f"random g2={f}"], ["concise={prompt}\nBe concise. a=b"])
     assert [(s.label, s.template) for s in side] == [("random g2", None), ("concise", "{prompt}\nBe concise. a=b")]
     assert side[0].steering == json.loads(f.read_text()) and side[1].steering is None  # label ends at the first =
-    for bad in (["no-equals"], ["=x"]):
+    for bad in (["no-equals"], ["=x"], [f"random g=2={f}"]):  # the last: label "random g", spec "2=..."
         with pytest.raises(SteerError, match="--also-spec"):
             sweep.side_settings(bad)
     with pytest.raises(SteerError, match="--also-prompt"):

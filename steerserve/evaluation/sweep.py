@@ -48,15 +48,15 @@ def _label(value: Coeff) -> str:
     return f"coeff={value:g}" if isinstance(value, float) else f"coeff={value}"
 
 
-def load_spec(value: str) -> dict[str, Any]:
-    """``--spec``: a JSON file, or the JSON text itself (starting with ``{``), checked for shape."""
+def load_spec(value: str, flag: str = "--spec") -> dict[str, Any]:
+    """``--spec`` (or ``flag``): a JSON file, or the JSON text itself (starting with ``{``), checked for shape."""
     try:
         raw = json.loads(value) if value.lstrip().startswith("{") else json.loads(Path(value).read_text("utf-8"))
     except (OSError, ValueError) as exc:
-        raise SteerError(f"cannot read a JSON steering spec: {exc}", field="--spec") from None
-    SteerSpec.from_dict(raw, where="--spec")  # shape only; methods are checked against the model later
+        raise SteerError(f"cannot read a JSON steering spec: {exc}", field=flag) from None
+    SteerSpec.from_dict(raw, where=flag)  # shape only; methods are checked against the model later
     if not raw.get("interventions"):
-        raise SteerError("has no interventions", field="--spec")
+        raise SteerError("has no interventions", field=flag)
     return dict(raw)
 
 
@@ -108,11 +108,11 @@ def _split(item: str, flag: str) -> tuple[str, str]:
 
 def side_settings(specs: Sequence[str] = (), prompts: Sequence[str] = ()) -> list[Setting]:
     """``--also-spec LABEL=SPEC`` (a spec file or JSON text, run as is) and ``--also-prompt LABEL=TEMPLATE``
-    (unsteered, with its own prompt template), in that order."""
+    (unsteered, with its own prompt template), in that order. The label ends at the first ``=``."""
     out = []
     for item in specs:
         label, value = _split(item, "--also-spec")
-        out.append(Setting(label, None, load_spec(value)))
+        out.append(Setting(label, None, load_spec(value, "--also-spec")))
     for item in prompts:
         label, value = _split(item, "--also-prompt")
         check_template(value, "--also-prompt")
