@@ -1,9 +1,10 @@
 """``steerserve calibrate``: store the KL-bounded strength ``gamma_max`` in a one-layer vector artifact.
 
 Over calibration states (the last prompt token of GSM8K questions from rows ``[offset, offset + states)``,
-each the bare question as the user message, chat template applied) and the unit direction ``u = v / |v|``
-at the vector's layer: ``a`` = median ``|J u|``, ``L`` = 95th percentile ``|H[u, u]|`` (``kl_bound``), then
-``gamma_max`` from METHODS.md's closed form for ``eps``. The KL it promises is then *measured*: the
+each question in ``--template`` as the user message, chat template applied; the default is the bare
+question, ``--template asc`` is the prompt ``extract asc`` builds its vector for) and the unit direction
+``u = v / |v|`` at the vector's layer: ``a`` = median ``|J u|``, ``L`` = 95th percentile ``|H[u, u]|``
+(``kl_bound``), then ``gamma_max`` from METHODS.md's closed form for ``eps``. The KL it promises is then *measured*: the
 next-token distributions at those states with and without ``gamma_max * v`` added.
 
 Units: the file keeps the vector as extracted (unnormalised). ``gamma_max`` multiplies the stored vector,
@@ -37,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"GSM8K train.jsonl (default: {DEFAULT_DATA})")
     p.add_argument("--offset", type=int, default=1000, help="first calibration row (keep it apart from extraction)")
     p.add_argument("--states", type=int, default=50, help="number of calibration states (rows)")
+    p.add_argument("--template", default="{question}",
+                   help="user message, with {question}; 'asc' = extract asc's own prompt (default: the bare question)")
     p.add_argument("--kl-at", default="", help="also measure the KL at these gammas (comma-separated, stored units)")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
     p.add_argument("--out", type=Path, required=True, help="output .safetensors file (may be --vector)")
@@ -88,6 +91,13 @@ def calibrate(model: Any, prompts: list[tuple[int, ...]], pad_id: int, layer: in
             "units": "gamma_max multiplies the stored vector; gamma_max_unit = gamma_max * vector_norm, along v/|v|"}
 
 
+def user_template(name: str) -> str:
+    """``--template``: ``asc`` is ``extract asc``'s prompt; anything else is the template itself."""
+    from steerserve.tools.asc import TEMPLATE
+
+    return TEMPLATE if name == "asc" else name
+
+
 def run(args: argparse.Namespace) -> int:
     import safetensors
 
@@ -116,13 +126,18 @@ def run(args: argparse.Namespace) -> int:
     if header.get("model_fingerprint") != info.fingerprint or header.get("kind") != "vector":
         return fail(f"{args.vector} is not a vector artifact for {info.name} (fingerprint {info.fingerprint})")
     renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens)
-    prompts = [renderer.render(messages=[{"role": "user", "content": p.question}]).token_ids for p in problems]
+    template = user_template(args.template)
+    if template.count("{question}") != 1:
+        return fail(f"--template must contain {{question}} exactly once, got {args.template!r}")
+    prompts = [renderer.render(messages=[{"role": "user", "content": template.replace("{question}", p.question)}])
+               .token_ids for p in problems]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = tuple(float(g) for g in args.kl_at.split(",") if g.strip())
     print(f"calibrating layer {layer} on {len(prompts)} states (rows {args.offset}..)...", file=sys.stderr)
     cal = calibrate(model, prompts, pad, layer, tensors[layer], args.eps, extra)
     cal.update({"data": shown(args.data), "rows": [problems[0].row, problems[-1].row + 1],
-                "positions": "last prompt token; the bare question as the user message",
+                "positions": "last prompt token; the user message is the template with the question",
+                "user_template": template,
                 "command": "steerserve " + shlex.join(sys.argv[1:])})
     write_artifact(args.out, tensors, {**header, "calibration": json.dumps(cal)})
     kl_m = cal["kl_at_gamma_max"]
