@@ -4,7 +4,6 @@ the real default model, and one end-to-end in-process run of the command."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from collections.abc import AsyncIterator
