@@ -53,8 +53,8 @@ def calibrate(model: Any, prompts: list[tuple[int, ...]], pad_id: int, layer: in
 
     ``a = sqrt(2 Var_p[J u])`` and ``L = sqrt(2 Var_p[H[u, u]])``: the derivatives measured in the softmax's
     geometry, where a shift common to all logits counts for nothing (``p`` = the unsteered next-token
-    distribution), so that the closed form's quadratic term ``a^2 g^2 / 4`` is the KL's own (METHODS.md's check: the measured KL at
-    ``gamma_max`` must come out near ``eps``)."""
+    distribution), so that the closed form's quadratic term ``a^2 g^2 / 4`` is the KL's own (METHODS.md's
+    check: the measured KL at ``gamma_max`` must come out near ``eps``)."""
     from steerserve.tools import kl_bound
 
     model.set_attn_implementation("eager")  # SDPA has no forward-mode derivative on CPU
