@@ -219,5 +219,7 @@ def test_shipped_artifact_is_calibrated_consistently() -> None:
     assert header["method"] == "asc" and name == f"layer.{cal['layer']}" and prov["layer"] == cal["layer"]
     _, gmax = kl_bound.solve_gamma(cal["a"], cal["L"], cal["eps"])
     assert cal["gamma_max"] == pytest.approx(gmax / float(v.norm()), rel=1e-6)
+    # METHODS.md's check of the bound: the KL measured at gamma_max is near eps (not orders of magnitude off)
+    assert cal["eps"] / 3 < cal["kl_at_gamma_max"]["mean"] < 3 * cal["eps"]
     rows = [prov["rows"], cal["rows"]]  # extraction and calibration rows are disjoint
     assert rows[0][1] <= rows[1][0] or rows[1][1] <= rows[0][0]

@@ -4,7 +4,6 @@ the real default model, and one end-to-end in-process run of the command."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from collections.abc import AsyncIterator
@@ -60,9 +59,15 @@ def test_gsm8k_answer_parse() -> None:
     assert last_number("It costs 3.50 dollars") == 3.5
     assert last_number("no digits here") is None
     answer = METRICS["answer"].values
-    assert answer(_case("The answer is 1,234", "work\n#### 1234"), Probes()) == {"answer": 1.0, "answered": 1.0}
-    assert answer(_case("The answer is 12 or 1233", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 1.0}
-    assert answer(_case("I do not know", "#### 1234"), Probes()) == {"answer": 0.0, "answered": 0.0}
+    assert answer(_case("The answer is 1,234", "work\n#### 1234"), Probes()) == \
+        {"answer": 1.0, "answered": 1.0, "final_answer": 1.0}
+    assert answer(_case("The answer is 12 or 1233", "#### 1234"), Probes()) == \
+        {"answer": 0.0, "answered": 1.0, "final_answer": 1.0}
+    assert answer(_case("I do not know", "#### 1234"), Probes()) == \
+        {"answer": 0.0, "answered": 0.0, "final_answer": 0.0}
+    # a number earlier but not on the last line, or a reply cut by the budget: no final answer
+    assert answer(_case("2 + 2 = 4\nso we are done\n", "#### 4"), Probes())["final_answer"] == 0.0
+    assert answer(_case("2 + 2 = 4", "#### 4", finish="length"), Probes())["final_answer"] == 0.0
     with pytest.raises(SteerError):
         answer(_case("42", None), Probes())
 
@@ -143,6 +148,74 @@ def test_sweep_rule() -> None:
     assert sweep.load_spec(json.dumps(JOY)) == JOY
     with pytest.raises(SteerError):
         sweep.load_spec('{"steering": {}}')
+
+
+def test_sweep_auto_and_side_settings(tmp_path: Path) -> None:
+    asc: dict[str, Any] = {"interventions": [{"method": "cot_compress", "vector": "asc", "gamma": 1.0}]}
+    assert [sweep.parse_coeff(x) for x in ("auto", "AUTO", "2", "-0.5")] == ["auto", "auto", 2.0, -0.5]
+    with pytest.raises(ValueError):
+        sweep.parse_coeff("big")
+    got = sweep.settings(asc, ["auto", 2.0])
+    assert [(s.label, s.coeff) for s in got] == [("baseline", None), ("coeff=auto", None), ("coeff=2", 2.0)]
+    assert got[1].steering is not None and got[1].steering["interventions"][0]["gamma"] == "auto"
+    auto_spec = sweep.with_strength(asc, "auto")
+    assert sweep.with_strength(auto_spec, 3.0)["interventions"][0]["gamma"] == 3.0  # "auto" is a strength too
+    with pytest.raises(SteerError):
+        sweep.settings(asc, ["auto", "auto"])
+    f = tmp_path / "random.json"
+    f.write_text(json.dumps({"interventions": [{"method": "cot_compress", "vector": "random", "gamma": 2}]}))
+    side = sweep.side_settings([f"random g2={f}"], ["concise={prompt}\nBe concise. a=b"])
+    assert [(s.label, s.template) for s in side] == [("random g2", None), ("concise", "{prompt}\nBe concise. a=b")]
+    assert side[0].steering == json.loads(f.read_text()) and side[1].steering is None  # label ends at the first =
+    for bad in (["no-equals"], ["=x"], [f"random g=2={f}"]):  # the last: label "random g", spec "2=..."
+        with pytest.raises(SteerError, match="--also-spec"):
+            sweep.side_settings(bad)
+    with pytest.raises(SteerError, match="--also-prompt"):
+        sweep.side_settings((), ["concise=Be concise."])  # no {prompt}
+    with pytest.raises(SteerError, match="labelled 'baseline'"):
+        sweep.unique_labels([*sweep.settings(asc, None), *sweep.side_settings((), ["baseline={prompt}"])])
+
+
+def test_prompt_templates() -> None:
+    sample = Sample(0, "What is {x}? 2+2")
+    assert sweep.apply_template("{prompt}\nLet's think step by step.", sample.prompt) == \
+        "What is {x}? 2+2\nLet's think step by step."  # braces in the prompt are kept
+    assert sweep.check_template("Q: {prompt} {brief}", "--prompt-template") == "Q: {prompt} {brief}"
+    with pytest.raises(SteerError, match="--prompt-template"):
+        sweep.check_template("{prompt} {prompt}", "--prompt-template")
+    sampling = Sampling(max_tokens=8, template="{prompt}!")
+    assert body(sample, None, sampling)["messages"] == [{"role": "user", "content": "What is {x}? 2+2!"}]
+    own = body(sample, None, sampling, template="Briefly: {prompt}")  # a setting's own template wins
+    assert own["messages"][0]["content"] == "Briefly: What is {x}? 2+2"
+    raw = body(sample, None, Sampling(chat=False))
+    assert raw["prompt"] == sample.prompt and "messages" not in raw
+
+
+def test_random_control_vector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    from steerserve.tools.extract_cli import random_like
+
+    like = {3: torch.full((8,), 2.0), 1: torch.ones(8)}
+    a, b = random_like(like, 0), random_like(like, 0)
+    assert all(torch.equal(a[k], b[k]) for k in like)  # seeded
+    assert not torch.equal(a[3], random_like(like, 1)[3])
+    assert [round(float(a[k].norm()), 5) for k in (1, 3)] == [round(float(like[k].norm()), 5) for k in (1, 3)]
+    src, out = tmp_path / "v.safetensors", tmp_path / "r.safetensors"
+    header = {"kind": "vector", "model_fingerprint": "f", "model_name": "m", "hidden_size": "8", "num_layers": "4",
+              "layer_convention": "c", "method": "asc", "calibration": "{}", "provenance": "{}"}
+    safetensors.torch.save_file({f"layer.{k}": v for k, v in like.items()}, str(src), metadata=header)
+    with pytest.raises(SystemExit) as exited:
+        main(["extract", "random", "--like", str(src), "--seed", "4", "--out", str(out)])
+    assert exited.value.code in (0, None)
+    with safetensors.safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["method"] == "random" and "calibration" not in meta and meta["model_fingerprint"] == "f"
+    assert json.loads(meta["provenance"])["seed"] == 4
+    assert torch.equal(got["layer.3"], random_like(like, 4)[3])
 
 
 def test_read_samples(tmp_path: Path) -> None:

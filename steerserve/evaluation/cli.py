@@ -13,7 +13,9 @@ from steerserve.errors import SteerError
 EPILOG = """\
 strength sweep: each --coeffs value gives one setting in which every intervention's strength is set to it:
 the --coeff-field where given, else the first of coeff/beta/gamma the intervention has (interventions
-without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as is.
+without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as is. 'auto' sets the field to
+"auto" (cot_compress: the gamma_max that `steerserve calibrate` stored). --also-spec and --also-prompt add
+side settings (another spec; the unsteered model on another prompt template) after the sweep.
 
 distribution metrics (kl, refusal_score, choice_entropy) are computed on the LOCAL hf model by teacher
 forcing, also in --server mode: the scorer loads the model and the artifact store from --home
@@ -23,10 +25,15 @@ With --server and neither a distribution metric nor KL (--no-kl), nothing is loa
 example:
   steerserve eval --spec '{"interventions":[{"method":"add","vector":"joy","layers":[4,5,6,7,8],"coeff":1}]}' \\
       --data vectors/prompts/misery.txt --metric sentiment length --coeffs -1.5 1.5 --out eval-joy
+  steerserve eval --spec '{"interventions":[{"method":"cot_compress","vector":"asc","gamma":1}]}' \\
+      --data ../shared/data/gsm8k/train.jsonl --field question --answer-field answer --offset 5000 \\
+      --limit 200 --prompt-template $'{prompt}\\nLet\\'s think step by step.' --metric length answer \\
+      --max-tokens 256 --coeffs auto 1 2 --also-prompt $'concise={prompt}\\nBe concise.' --no-kl --out eval-asc
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from steerserve.evaluation import sweep
     from steerserve.evaluation.metrics import METRICS
 
     p = sub.add_parser("eval", help="measure a steering spec's effect (baseline vs steered, with intervals)",
@@ -51,8 +58,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", nargs="+", default=(), metavar="TOKEN",
                    help="one-token answer options for choice_entropy, e.g. --options A B (chat replies start "
                         "without a space)")
-    p.add_argument("--coeffs", nargs="+", type=float, default=None, metavar="C", help="strengths to sweep")
+    p.add_argument("--coeffs", nargs="+", type=sweep.parse_coeff, default=None, metavar="C",
+                   help="strengths to sweep: numbers, or 'auto' (a method's calibrated strength)")
     p.add_argument("--coeff-field", default=None, metavar="NAME", help="the strength field to sweep")
+    p.add_argument("--prompt-template", default=sweep.PLACEHOLDER, metavar="T",
+                   help="what is sent for each prompt, with {prompt} where the data item goes, e.g. "
+                        "$'{prompt}\\nLet\\'s think step by step.' in bash (default: the item as is)")
+    p.add_argument("--also-spec", action="append", default=[], metavar="LABEL=SPEC",
+                   help="another setting: SPEC (a file or JSON text) run as is, e.g. a random-vector control")
+    p.add_argument("--also-prompt", action="append", default=[], metavar="LABEL=TEMPLATE",
+                   help="another setting: the unsteered model on its own prompt template (with {prompt}), "
+                        "e.g. a 'be concise' instruction baseline")
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per reply (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
@@ -82,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
         if args.concurrency < 1 or args.max_tokens < 1:
             raise SteerError("--concurrency and --max-tokens must be >= 1")
         spec = sweep.load_spec(args.spec)
-        settings = sweep.settings(spec, args.coeffs, args.coeff_field)
+        settings = sweep.unique_labels([*sweep.settings(spec, args.coeffs, args.coeff_field),
+                                        *sweep.side_settings(args.also_spec, args.also_prompt)])
+        template = sweep.check_template(args.prompt_template, "--prompt-template")
         samples = read_samples(args.data, args.field, args.limit, args.offset, args.answer_field)
-        sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat)
+        sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
                               args.vectors_dir or _default_vectors_dir())
@@ -95,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     config = {"command": "steerserve " + shlex.join(sys.argv[1:]), "spec": spec, "data": str(args.data),
               "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": len(samples),
               "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
-              "coeffs": args.coeffs, "coeff_field": args.coeff_field, "max_tokens": args.max_tokens,
+              "coeffs": args.coeffs, "coeff_field": args.coeff_field, "prompt_template": args.prompt_template,
+              "also_spec": args.also_spec, "also_prompt": args.also_prompt, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "kl": args.kl,
               "server": args.server or "in-process (hf)"}
     title = f"{args.data.name}, {len(samples)} prompts, {'chat' if args.chat else 'raw'}, " \

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from steerserve.errors import SteerError
 from steerserve.evaluation.data import Sample
+from steerserve.evaluation.sweep import PLACEHOLDER, apply_template
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Sampling:
     temperature: float = 0.0  # greedy: the baseline and the steered runs differ by the steering alone
     seed: int = 0
     chat: bool = True  # send a one-message chat (the model's template), else the raw prompt text
+    template: str = PLACEHOLDER  # each data item goes into it (--prompt-template), e.g. "{prompt}\nBe brief."
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,21 @@ class Reply:
     model: str = ""  # the model the server says it served
 
 
-def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling) -> dict[str, Any]:
-    """The ``POST /generate`` body for one sample."""
+def prompt_text(sample: Sample, sampling: Sampling, template: str | None = None) -> str:
+    """What is sent for ``sample``: the data item in ``template`` (a setting's own) or ``sampling.template``."""
+    return apply_template(template if template is not None else sampling.template, sample.prompt)
+
+
+def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling,
+         template: str | None = None) -> dict[str, Any]:
+    """The ``POST /generate`` body for one sample (``template``: the setting's own prompt template, if any)."""
     out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
                            "seed": sampling.seed}
+    text = prompt_text(sample, sampling, template)
     if sampling.chat:
-        out["messages"] = [{"role": "user", "content": sample.prompt}]
+        out["messages"] = [{"role": "user", "content": text}]
     else:
-        out["prompt"] = sample.prompt
+        out["prompt"] = text
     if steering is not None:
         out["steering"] = steering
     return out

@@ -143,12 +143,20 @@ def _length(case: Case, probes: Probes) -> dict[str, float]:
             "repetition": repetition(case.text)}
 
 
+def ends_with_number(text: str) -> bool:
+    """The reply's last non-empty line holds a number ("So, the answer is 18."): a final answer was given."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and last_number(lines[-1]) is not None
+
+
 def _answer(case: Case, probes: Probes) -> dict[str, float]:
     if case.sample.reference is None:
         raise SteerError(f"item {case.sample.index} has no reference answer", field="--answer-field")
     pred, ref = last_number(case.text), reference_number(case.sample.reference)
     correct = pred is not None and ref is not None and math.isclose(pred, ref, rel_tol=0, abs_tol=1e-6)
-    return {"answer": float(correct), "answered": float(pred is not None)}
+    # a reply cut by the budget has not answered, whatever number it happened to end on
+    final = case.finish_reason != "length" and ends_with_number(case.text)
+    return {"answer": float(correct), "answered": float(pred is not None), "final_answer": float(final)}
 
 
 def _choice_entropy(case: Case, probes: Probes) -> dict[str, float]:
@@ -188,7 +196,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("length", (Row("tokens (mean)", "tokens"), Row("tokens (median)", "tokens", "median"),
                       Row("tokens (p90)", "tokens", "p90"), Row("hit_budget", "hit_budget"),
                       Row("repetition", "repetition")), _length),
-    Metric("answer", (Row("answer", "answer"), Row("answered", "answered")), _answer),
+    Metric("answer", (Row("answer", "answer"), Row("answered", "answered"),
+                      Row("final_answer (ends with a number, within budget)", "final_answer")), _answer),
     Metric("choice_entropy", (Row("choice_entropy (bits)", "choice_entropy"), Row("well_formed", "well_formed")),
            _choice_entropy, scored=True),
     Metric("decision_entropy", (Row("decision_entropy (bits)", "decision_entropy"), Row("decisions", "decisions")),

@@ -18,7 +18,7 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.evaluation.data import Sample
-from steerserve.evaluation.generate import Reply, Sampling, body, generate_all
+from steerserve.evaluation.generate import Reply, Sampling, body, generate_all, prompt_text
 from steerserve.evaluation.metrics import Case, Metric, Probes, Row, get_metrics, make_probes
 from steerserve.evaluation.scoring import Scored, ScoreItem, Scorer
 from steerserve.evaluation.stats import Estimate, bootstrap, paired_delta
@@ -99,7 +99,7 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
                 notes.append("distribution metrics were scored on the local hf model and store "
                              "(same --home), not on the server")
         await stack.enter_async_context(client)
-        payloads = [body(s, st.steering, opts.sampling) for st in opts.settings for s in samples]
+        payloads = [body(s, st.steering, opts.sampling, st.template) for st in opts.settings for s in samples]
         flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
         n = len(samples)
         replies = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(opts.settings)))
@@ -142,8 +142,9 @@ async def _score_all(service: Service, samples: Sequence[Sample], replies: Seque
     gain = False
     for setting, rs in zip(opts.settings, replies, strict=True):
         for sample, reply in zip(samples, rs, strict=True):
-            prompt = (renderer.render(messages=[{"role": "user", "content": sample.prompt}])
-                      if opts.sampling.chat else renderer.render(prompt=sample.prompt))
+            text = prompt_text(sample, opts.sampling, setting.template)  # the prompt the reply was generated for
+            prompt = (renderer.render(messages=[{"role": "user", "content": text}])
+                      if opts.sampling.chat else renderer.render(prompt=text))
             ops = (await scorer.resolve(setting.steering, prompt)).ops if setting.steering is not None else ()
             gain = gain or any(op.gain for op in ops)
             cont = tuple(renderer.tokenize(reply.text)) if opts.kl or along else ()

@@ -97,12 +97,12 @@ def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) ->
     the real ones -> (``[B]`` entropy in bits of ``softmax(logits)`` renormalised over the options,
     ``[B]`` the options' total probability). A row without options gets its full-vocabulary entropy and
     mass 0. The scorer (``evaluation``) uses this same function, so the host and the device agree."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-    full_h = torch.special.entr(logp.exp()).sum(dim=-1) / _LN2  # [B]
-    lp = logp.gather(1, ids).masked_fill(~on, -math.inf)  # [B, K]
-    mass = lp.exp().sum(dim=-1)  # [B]
+    p = torch.softmax(logits.float(), dim=-1)  # [B, V]: one pass over the vocabulary, as ``entropy_bits``
+    full_h = torch.special.entr(p).sum(dim=-1) / _LN2  # [B]
+    po = p.gather(1, ids) * on  # [B, K]: the options' probabilities (0 for padding)
+    mass = po.sum(dim=-1)  # [B]
     has = on.any(dim=-1)  # [B]
-    q = torch.log_softmax(torch.where(has[:, None], lp, torch.zeros_like(lp)), dim=-1).exp()  # [B, K]
+    q = po / mass.clamp_min(torch.finfo(po.dtype).tiny)[:, None]  # renormalised over the options
     choice_h = torch.special.entr(q).sum(dim=-1) / _LN2
     return torch.where(has, choice_h, full_h), mass
 

@@ -1,5 +1,6 @@
 """``steerserve extract KIND``: make steering artifacts offline. ``mean-diff`` (here): a mean-difference
-vector file from prompt files; the other kinds register their own sub-command in ``add_parser``.
+vector file from prompt files; ``random`` (here): a seeded random control with the layers and norms of
+another vector file; the other kinds register their own sub-command in ``add_parser``.
 
 Prompt files: ``.txt`` (one prompt per line), ``.json`` (a list of strings, or of objects with ``--field``)
 or ``.jsonl`` (objects with ``--field``). The output is a safetensors artifact (tensors ``layer.<i>``)
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_east(kinds)
     asc.add_parser(kinds)
+    add_random(kinds)
     from steerserve.tools.refusal_cli import add_refusal  # refusal_cli reuses this module's helpers
 
     add_refusal(kinds)
@@ -56,6 +58,42 @@ def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
     p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     p.set_defaults(func=run)
+
+
+def add_random(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("random", help="a seeded random control vector shaped like another vector file",
+                         description="A random direction per layer (seeded Gaussian), scaled to the norm of "
+                                     "--like's vector at that layer: the control for a steering effect. No model "
+                                     "is loaded; the file is for the same model as --like.")
+    p.add_argument("--like", type=Path, required=True, help="the vector artifact whose layers and norms to copy")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    p.set_defaults(func=run_random)
+
+
+def random_like(vectors: Mapping[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
+    """For each layer a seeded Gaussian direction with that layer's vector norm (layers in sorted order,
+    so the result depends on the seed and the shapes alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in sorted(vectors):
+        v = vectors[layer].float()
+        r = torch.randn(v.shape, generator=gen)
+        out[layer] = r / r.norm() * v.norm()
+    return out
+
+
+def run_random(args: argparse.Namespace) -> None:
+    with safetensors.safe_open(str(args.like), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        vectors = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    keep = ("kind", "model_fingerprint", "model_name", "hidden_size", "num_layers", "layer_convention")
+    provenance = {"command": "steerserve " + shlex.join(sys.argv[1:]), "like": str(args.like), "seed": args.seed}
+    out_header = {k: header[k] for k in keep if k in header}  # not --like's method, provenance or calibration
+    out_header.update(method="random", provenance=json.dumps(provenance),
+                      description=f"seeded random control (seed {args.seed}) with the norms of {args.like.name}")
+    write_artifact(args.out, random_like(vectors, args.seed), out_header)
+    print(f"wrote {args.out} ({len(vectors)} layers, seed {args.seed})")
 
 
 def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
