@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from steerserve.config import Settings
-from steerserve.tools.extract_cli import write_artifact
+from steerserve.tools.extract_cli import require_counts, write_artifact
 
 DEFAULT_LAYER = 18  # best of 6..24 on held-out seed-1 situations (see vectors/README.md)
 
@@ -50,9 +50,7 @@ def add_east(kinds: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for key in ("runs", "steps", "eval_runs", "eval_steps", "games"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
+    require_counts(args, ("runs", "steps", "eval_runs", "eval_steps", "games"))
     if args.eval_seed is None:
         args.eval_seed = args.seed + 1
     if args.games_seed is None:

@@ -96,6 +96,13 @@ def run_random(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({len(vectors)} layers, seed {args.seed})")
 
 
+def require_counts(args: argparse.Namespace, keys: tuple[str, ...]) -> None:
+    """Exit with a message naming the flag when any of ``args.<key>`` is below 1."""
+    for key in keys:
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
+
+
 def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
     prompts = [item if isinstance(item, str) else str(item[field]) for item in read_items(path)]
     return prompts[:limit] if limit else prompts

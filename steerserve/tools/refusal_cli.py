@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.config import Settings
-from steerserve.tools.extract_cli import read_prompts, write_artifact
+from steerserve.tools.extract_cli import read_prompts, require_counts, write_artifact
 
 DATA = Path("../shared/data/refusal")
 
@@ -55,9 +55,7 @@ def add_refusal(kinds: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for key in ("train", "select", "layer_step", "reply_tokens", "reply_max_tokens"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
+    require_counts(args, ("train", "select", "layer_step", "reply_tokens", "reply_max_tokens"))
     if not (math.isfinite(args.kl_max) and args.kl_max > 0):
         raise SystemExit("--kl-max must be a positive number")
     if args.gen_tokens is None:
