@@ -86,10 +86,14 @@ class Registers:
         self._free.append(cell - 1)
 
 
-def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """``[B, V]`` logits -> ``[B]`` entropy in bits of ``softmax(logits)`` (fp32; p = 0 contributes 0)."""
-    p = torch.softmax(logits.float(), dim=-1)
+def _bits(p: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` probabilities -> ``[B]`` entropy in bits (p = 0 contributes 0)."""
     return torch.special.entr(p).sum(dim=-1) / _LN2
+
+
+def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` entropy in bits of ``softmax(logits)`` (fp32)."""
+    return _bits(torch.softmax(logits.float(), dim=-1))
 
 
 def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +101,13 @@ def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) ->
     the real ones -> (``[B]`` entropy in bits of ``softmax(logits)`` renormalised over the options,
     ``[B]`` the options' total probability). A row without options gets its full-vocabulary entropy and
     mass 0. The scorer (``evaluation``) uses this same function, so the host and the device agree."""
-    p = torch.softmax(logits.float(), dim=-1)  # [B, V]: one pass over the vocabulary, as ``entropy_bits``
-    full_h = torch.special.entr(p).sum(dim=-1) / _LN2  # [B]
+    p = torch.softmax(logits.float(), dim=-1)  # [B, V]: one pass over the vocabulary
+    full_h = _bits(p)  # [B], = entropy_bits(logits)
     po = p.gather(1, ids) * on  # [B, K]: the options' probabilities (0 for padding)
     mass = po.sum(dim=-1)  # [B]
     has = on.any(dim=-1)  # [B]
     q = po / mass.clamp_min(torch.finfo(po.dtype).tiny)[:, None]  # renormalised over the options
-    choice_h = torch.special.entr(q).sum(dim=-1) / _LN2
+    choice_h = _bits(q)
     return torch.where(has, choice_h, full_h), mass
 
 
