@@ -17,8 +17,8 @@ without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as i
 "auto" (cot_compress: the gamma_max that `steerserve calibrate` stored). --also-spec and --also-prompt add
 side settings (another spec; the unsteered model on another prompt template) after the sweep.
 
-distribution metrics (kl, refusal_score, choice_entropy) are computed on the LOCAL hf model by teacher
-forcing, also in --server mode: the scorer loads the model and the artifact store from --home
+distribution metrics (kl, refusal_score, choice_entropy, decision_entropy) are computed on the LOCAL hf
+model by teacher forcing, also in --server mode: the scorer loads the model and the artifact store from --home
 ($STEERSERVE_HOME), which must hold the spec's vectors (the shipped ones are imported at start-up).
 With --server and neither a distribution metric nor KL (--no-kl), nothing is loaded locally.
 

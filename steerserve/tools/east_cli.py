@@ -5,9 +5,9 @@ prompts, so that the ``entropic`` method's ``beta`` is in units of it) whose met
 made. ``--eval-out`` also writes held-out situations (another seed, never used for extraction) as a JSON
 list of ``{"prompt": RAW_TEXT, "run": k, "step": t}``: the prompt already holds the chat template and
 the answer's first words, so send it as a raw ``prompt``, not as a chat message; the options are
-``" A"`` and ``" B"``. ``--games-out`` writes held-out *multi-decision* prompts the same way (a game so
-so far as a plain log that the model continues, see ``east.game_text``): the data for the closed loop
-with ``options``, whose reply holds one decision per round.
+``" A"`` and ``" B"``. ``--games-out`` writes held-out *multi-decision* prompts in the same record form
+(another seed; each prompt is a game so far as a plain log the model continues, no chat template, see
+``east.game_text``; send it raw): the data for the closed loop with ``options``, one decision per round.
 """
 
 from __future__ import annotations
