@@ -1,9 +1,9 @@
 """One evaluation: generate every setting on the same prompts, score, measure, summarise with intervals.
 
 Generation goes over HTTP (``generate``): to ``--server`` or to the in-process app. Distribution metrics
-(``kl``, ``refusal_score``, ``choice_entropy``, ``decision_entropy``) come from the local hf model (``scoring``): in-process it
-is the serving engine itself; in server mode a local hf service on the same home (model and store) is
-started for it, and only when such a metric is asked for.
+(``kl``, ``refusal_score``, ``choice_entropy``, ``decision_entropy``) come from the local hf model
+(``scoring``): in-process it is the serving engine itself; in server mode a local hf service on the same
+home (model and store) is started for it, and only when such a metric is asked for.
 """
 
 from __future__ import annotations
