@@ -17,6 +17,7 @@ from typing import Any
 
 from steerserve.errors import SteerError
 from steerserve.evaluation.data import Sample
+from steerserve.methods.base import one_token_ids
 from steerserve.runtime.loop import LoopSpec
 
 # The refusal-direction paper's substring judge (METHODS.md), matched case-insensitively.
@@ -76,15 +77,7 @@ def make_probes(tokenize: Callable[[str], list[int]], options: Sequence[str], ch
     """Refusal tokens (without a leading space after a chat template's assistant header, with one after
     raw text) and the ``--options`` tokens, each of which must be exactly one token."""
     refusal = {tokenize(w if chat else " " + w)[0] for w in REFUSAL_STARTS}
-    option_ids = []
-    for i, opt in enumerate(options):
-        ids = tokenize(opt)
-        if len(ids) != 1:
-            raise SteerError(f"{opt!r} is {len(ids)} tokens; each option must be one token", field=f"--options.{i}")
-        option_ids.append(ids[0])
-    if len(set(option_ids)) != len(option_ids):
-        raise SteerError("two options are the same token", field="--options")
-    return Probes(tuple(sorted(refusal)), tuple(options), tuple(option_ids))
+    return Probes(tuple(sorted(refusal)), tuple(options), one_token_ids(tokenize, options, "--options"))
 
 
 def is_refusal(text: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +91,24 @@ def string(params: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SteerError("is required and must be a non-empty string", field=f"{where}.{key}")
     return value
+
+
+def one_token_ids(tokenize: Callable[[str], list[int]], options: Sequence[Any], f: str) -> tuple[int, ...]:
+    """The token id of each option (answer choices): each must be a non-empty string that is exactly one token,
+    a different one from the others; else a 400 naming ``f[i]``. Shared by ``entropic``'s ``options``, the
+    evaluation's ``--options`` and the EAST extractor, so all three read choices the same way."""
+    ids: list[int] = []
+    for i, option in enumerate(options):
+        if not isinstance(option, str) or not option:
+            raise SteerError("must be a non-empty string", field=f"{f}[{i}]")
+        toks = tokenize(option)
+        if len(toks) != 1:
+            raise SteerError(f"{option!r} is {len(toks)} tokens for this model; an option must be exactly one "
+                             "(mind the leading space)", field=f"{f}[{i}]")
+        if toks[0] in ids:
+            raise SteerError(f"{option!r} repeats an earlier option's token", field=f"{f}[{i}]")
+        ids.append(toks[0])
+    return tuple(ids)
 
 
 def vector_layer(stored: StoredVector, params: Mapping[str, Any], ctx: ResolveContext, where: str) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from steerserve.errors import SteerError
-from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, string, vector_layer
+from steerserve.methods.base import Compiled, check_keys, coeff, coeff_value, one_token_ids, string, vector_layer
 from steerserve.runtime.loop import MAX_OPTIONS, LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
@@ -46,18 +46,7 @@ def option_tokens(value: Any, ctx: ResolveContext, f: str) -> tuple[int, ...]:
     """``options``: 2..MAX_OPTIONS distinct strings, each exactly one token of this model -> their ids."""
     if not isinstance(value, list) or not 2 <= len(value) <= MAX_OPTIONS:
         raise SteerError(f"must be a list of 2 to {MAX_OPTIONS} one-token strings", field=f)
-    ids: list[int] = []
-    for i, option in enumerate(value):
-        if not isinstance(option, str) or not option:
-            raise SteerError("must be a non-empty string", field=f"{f}[{i}]")
-        toks = ctx.tokenize(option)
-        if len(toks) != 1:
-            raise SteerError(f"{option!r} is {len(toks)} tokens for this model; an option must be exactly one "
-                             "(mind the leading space)", field=f"{f}[{i}]")
-        if toks[0] in ids:
-            raise SteerError(f"{option!r} repeats an earlier option's token", field=f"{f}[{i}]")
-        ids.append(toks[0])
-    return tuple(ids)
+    return one_token_ids(ctx.tokenize, value, f)
 
 
 class Entropic:

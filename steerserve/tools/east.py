@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from steerserve.engines.hf import HFEngine
+from steerserve.methods.base import one_token_ids
 from steerserve.runtime.hooks import Capture
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.plan import SteerOp
@@ -124,13 +125,8 @@ def game_text(s: Situation) -> str:
 
 def option_ids(tokenizer: Any, options: Sequence[str] = OPTIONS) -> tuple[int, ...]:
     """The option strings' token ids; each must be exactly one token (else ``H`` is not one softmax)."""
-    ids = []
-    for option in options:
-        toks = tokenizer(option, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise ValueError(f"option {option!r} is {len(toks)} tokens for this tokenizer; it must be one")
-        ids.append(int(toks[0]))
-    return tuple(ids)
+    return one_token_ids(lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]), options,
+                         "options")
 
 
 def choice_entropy(logits: torch.Tensor, options: Sequence[int]) -> torch.Tensor:
