@@ -1,0 +1,76 @@
+"""Refusal controllers (Guiding Giants, Hegazy et al. 2505.20309, the paper's version): the weights, and
+the read op that runs them inside a step.
+
+A controller is ``Linear(4H, D) - ReLU - Linear(D, 1 + N)`` on the concatenated residual states of four
+read layers (normally the last four) at a request's **last prompt token**; its outputs give a bounded
+global scale ``s = sigmoid(o_0)`` and per-layer weights ``w_l = sigmoid(o_{1+l})``. The request's patch is
+then ``h_l[t] += alpha * s * w_l * scale_l * r`` at every layer ``l`` and every generated token ``t``
+(``r``: a unit refusal direction; ``scale_l``: the layer's mean residual norm, so ``alpha`` is in units of
+a typical state's length, like ``add``'s ``coeff`` on a direction). Input standardisation, if the
+trainer used any, is folded into ``w1``/``b1``.
+
+On the device the decision is made in the graph: a *read* op gathers each controlled request's last
+prompt token at the read layers into ``Registers.ctrl_in`` and, after the last read layer, writes
+``s * w`` into the request's ``Registers.layer_gain`` row; the ``gain`` ops of the request are scaled
+by it from the next step on (``StepTables.fill``). The host never reads it to decide anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+READ_LAYERS = 4  # states the controller reads: this many layers, concatenated ([4H])
+
+
+@dataclass(frozen=True, eq=False)
+class ControllerWeights:
+    """One controller: ``w1 [D, 4H]``, ``b1 [D]``, ``w2 [1 + N, D]``, ``b2 [1 + N]`` (fp32, CPU), the layers it
+    reads (``READ_LAYERS`` of them, ascending), the unit ``direction [H]`` it modulates and the per-layer
+    patch ``scales [N]``."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    read_layers: tuple[int, ...]
+    direction: torch.Tensor
+    scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        d, four_h = self.w1.shape
+        n = self.scales.shape[0]
+        h = self.direction.shape[0]
+        if four_h != READ_LAYERS * h or self.b1.shape != (d,) or self.w2.shape != (1 + n, d) or self.b2.shape != (1 + n,):
+            raise ValueError("controller shapes disagree: w1 [D, 4H], b1 [D], w2 [1+N, D], b2 [1+N], scales [N]")
+        if len(self.read_layers) != READ_LAYERS or list(self.read_layers) != sorted(set(self.read_layers)):
+            raise ValueError(f"a controller reads {READ_LAYERS} distinct layers, ascending")
+        if self.read_layers[0] < 0 or self.read_layers[-1] >= n:
+            raise ValueError("read layers out of range")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.scales.shape[0])
+
+    @property
+    def key(self) -> str:
+        """Content hash: requests naming the same weights share one copy on the device."""
+        h = hashlib.sha256()
+        for t in (self.w1, self.b1, self.w2, self.b2, self.direction, self.scales):
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(repr(self.read_layers).encode())
+        return h.hexdigest()[:32]
+
+
+def controller_outputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                       b2: torch.Tensor) -> torch.Tensor:
+    """``x [R, 4H]`` -> ``[R, 1 + N]``: column 0 the scale ``s``, columns ``1..N`` the weights ``w_l``, all
+    ``sigmoid``-bounded in ``(0, 1)``. The trainer and the device op both call this (same arithmetic)."""
+    return torch.sigmoid(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1, b1)), w2, b2))
+
+
+def layer_gains(out: torch.Tensor) -> torch.Tensor:
+    """``[R, 1 + N]`` controller outputs -> ``[R, N]`` the per-layer gains ``s * w_l``."""
+    return out[:, :1] * out[:, 1:]
