@@ -49,6 +49,7 @@ class Settings:
     # in the engine; beyond it a request gets 429. Hidden-state captures (actadd pairs, extraction) read at
     # most ``capture_tokens`` prompt tokens per request through the serving engine.
     loop_slots: int = 64
+    controller_slots: int = 4  # distinct refusal controllers in flight at once (each slot holds one's weights)
     capture_tokens: int = 1024
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments (vllm engine)
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up

@@ -112,9 +112,9 @@ class Service:
             raise SteerError(f"prompt + max_tokens exceeds the model's context of {self.info.max_model_len}",
                              field="max_tokens")
         rid = request_id or uuid.uuid4().hex
-        request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop)
+        request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop, resolved.controller)
         outputs = self.engine.generate(request)
-        if resolved.loop is not None:
+        if request.needs_cell:
             self.loops.check()  # refuse before queueing when every slot is taken (429)
             outputs = self.loops.holding(rid, outputs)
         return Submitted(rid, prompt, resolved, outputs)

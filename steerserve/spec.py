@@ -18,6 +18,7 @@ import torch
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 
@@ -95,3 +96,4 @@ class ResolvedSpec:
     ops: tuple[SteerOp, ...]
     applied: tuple[AppliedIntervention, ...]
     loop: LoopSpec | None = None  # at most one closed loop per request
+    controller: ControllerWeights | None = None  # at most one refusal controller per request

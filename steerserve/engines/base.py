@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 import torch
 
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 
@@ -32,6 +33,12 @@ class GenerationRequest:
     sampling: SamplingParams
     ops: tuple[SteerOp, ...] = ()  # compiled steering, positions already absolute
     loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
+    controller: ControllerWeights | None = None  # refusal controller: decides its per-layer gains in-graph
+
+    @property
+    def needs_cell(self) -> bool:
+        """Whether the request holds a register cell (a closed loop or a controller) for its lifetime."""
+        return self.loop is not None or self.controller is not None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from steerserve.engines.sampling import Detokenizer, make_generator, sample
 from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.control_op import ControllerSlots, ControllerUnit
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
@@ -42,7 +44,8 @@ class _Seq:
     detok: Detokenizer
     gen: torch.Generator | None
     pin: Pin | None = None  # its vectors in the bank, once admitted
-    cell: int = 0  # its register cell (closed-loop requests), once admitted; 0 = none
+    cell: int = 0  # its register cell (closed-loop or controlled requests), once admitted; 0 = none
+    ctrl_slot: int = -1  # its controller's slot, once admitted; -1 = none
     pos: int = 0  # tokens in the KV cache = absolute position of the next input token
     last: int = 0  # last sampled token, the next input
     completion: int = 0
@@ -59,8 +62,11 @@ class HFEngine(EngineThread):
         self.max_batch = settings.max_batch or 16
         self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, self.max_batch),
                                  settings.max_interventions)
-        self.hooks = SteeringHooks(self.layers, self.bank, self.tables)
-        self.regs = Registers(settings.loop_slots)
+        self.regs = Registers(settings.loop_slots, info.num_layers)
+        self.ctrl = ControllerUnit(settings.controller_slots, self.regs.sink + 1, info.num_layers, info.hidden_size,
+                                   settings.loop_slots)
+        self.ctrl_slots = ControllerSlots(settings.controller_slots)
+        self.hooks = SteeringHooks(self.layers, self.bank, self.tables, self.ctrl, self.regs)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self._waiting: deque[_Seq] = deque()
@@ -139,15 +145,30 @@ class HFEngine(EngineThread):
                 continue
             if pin is None:
                 return  # the bank is full of vectors in use: wait for a request to finish
-            if seq.req.loop is not None:
-                cell = self.regs.open(seq.req.loop)
+            if seq.req.needs_cell:
+                cell = self.regs.open(seq.req.loop, controlled=seq.req.controller is not None)
                 if cell is None:  # the front end admits at most loop_slots closed-loop requests: not reached
                     pin.release(self.bank)
                     return
                 seq.cell = cell
             self._waiting.popleft()
             seq.pin = pin
+            if seq.req.controller is not None and not self._take_controller(seq, seq.req.controller):
+                continue
             self._prefill(seq)
+
+    def _take_controller(self, seq: _Seq, weights: ControllerWeights) -> bool:
+        """Give ``seq`` its controller's slot (loading the weights if the slot held another); False (and the
+        request ended with a 429) when every slot is held by requests in flight."""
+        got = self.ctrl_slots.acquire(weights.key)
+        if got is None:
+            self._finish(seq, "abort", error=f"all {self.ctrl_slots.capacity} controller slots are in use by other "
+                         "requests; retry shortly", status=429, code="controller_slots_full")
+            return False
+        seq.ctrl_slot, load = got
+        if load:
+            self.ctrl.load(seq.ctrl_slot, weights)
+        return True
 
     def _prefill(self, seq: _Seq) -> None:
         """The prompt's forward pass, alone. Whatever goes wrong fails this request only: it answers with
@@ -156,8 +177,13 @@ class HFEngine(EngineThread):
             ids = torch.tensor([seq.req.prompt_token_ids])
             n = ids.shape[1]
             segments = [self._segment(seq, 0, n)]
-            self.tables.fill(n, segments, self.bank.weight, self.regs.gain)
-            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            self.tables.fill(n, segments, self.bank.weight, self.regs.gain, self.regs.layer_gain)
+            # A controlled request: its controller reads the last prompt token in this forward pass.
+            self.ctrl.fill([(n - 1, seq.cell, seq.ctrl_slot)] if seq.ctrl_slot >= 0 else [])
+            try:
+                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            finally:
+                self.ctrl.fill([])
             if self.tables.flagged(segments):
                 return self._refuse(seq)
             if seq.cell:  # the first token's distribution sets the gain of the first decode step
@@ -177,7 +203,7 @@ class HFEngine(EngineThread):
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
         segments = [self._segment(s, i, 1) for i, s in enumerate(seqs)]
-        self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain)
+        self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain, self.regs.layer_gain)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
@@ -228,6 +254,8 @@ class HFEngine(EngineThread):
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
+        if seq.ctrl_slot >= 0 and seq.req.controller is not None:
+            self.ctrl_slots.release(seq.req.controller.key)
         report = {}
         if seq.cell:
             report = self.regs.report(seq.cell)

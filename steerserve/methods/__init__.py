@@ -12,11 +12,14 @@ from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
 from steerserve.methods.cot_compress import CotCompress
 from steerserve.methods.entropic import Entropic
+from steerserve.methods.refusal_controller import RefusalController
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import AppliedIntervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress(),
+                                                   RefusalController())}
 
 
 def get_method(name: str, field: str = "method") -> Method:
@@ -37,6 +40,7 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
     ops: list[SteerOp] = []
     applied: list[AppliedIntervention] = []
     loop: LoopSpec | None = None
+    controller: ControllerWeights | None = None
     for i, iv in enumerate(spec.interventions):
         f = f"{where}.interventions.{i}"
         method = get_method(iv.method, field=f"{f}.method")
@@ -45,9 +49,13 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
             if loop is not None:
                 raise SteerError("only one closed-loop intervention per request", field=f)
             loop = compiled.loop
+        if compiled.controller is not None:
+            if controller is not None:
+                raise SteerError("only one refusal controller per request", field=f)
+            controller = compiled.controller
         ops.extend(compiled.ops)
         applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
-    return ResolvedSpec(tuple(ops), tuple(applied), loop)
+    return ResolvedSpec(tuple(ops), tuple(applied), loop, controller)
 
 
 __all__ = ["REGISTRY", "Compiled", "Method", "get_method", "resolve"]

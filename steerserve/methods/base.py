@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from steerserve.errors import SteerError
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import PromptInfo, ResolveContext
@@ -22,6 +23,7 @@ class Compiled:
     artifacts: tuple[str, ...] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
+    controller: ControllerWeights | None = None  # read op deciding the request's per-layer gains
 
 
 class Method(Protocol):

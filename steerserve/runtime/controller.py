@@ -43,7 +43,8 @@ class ControllerWeights:
         d, four_h = self.w1.shape
         n = self.scales.shape[0]
         h = self.direction.shape[0]
-        if four_h != READ_LAYERS * h or self.b1.shape != (d,) or self.w2.shape != (1 + n, d) or self.b2.shape != (1 + n,):
+        shapes = (self.b1.shape, self.w2.shape, self.b2.shape)
+        if four_h != READ_LAYERS * h or shapes != ((d,), (1 + n, d), (1 + n,)):
             raise ValueError("controller shapes disagree: w1 [D, 4H], b1 [D], w2 [1+N, D], b2 [1+N], scales [N]")
         if len(self.read_layers) != READ_LAYERS or list(self.read_layers) != sorted(set(self.read_layers)):
             raise ValueError(f"a controller reads {READ_LAYERS} distinct layers, ascending")

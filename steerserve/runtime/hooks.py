@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.ops import steer_guarded_
+from steerserve.runtime.registers import Registers
 from steerserve.runtime.tables import StepTables
 
 
@@ -26,21 +28,27 @@ class SteeringHooks:
     """Applies ``ops.steer_guarded_`` at the output of every decoder layer, reading the current step's tables
     (tokens whose steering would be non-finite stay unsteered and are marked in ``tables.bad``)."""
 
-    def __init__(self, layers: Sequence[nn.Module], bank: VectorBank, tables: StepTables) -> None:
-        self.bank, self.tables = bank, tables
+    def __init__(self, layers: Sequence[nn.Module], bank: VectorBank, tables: StepTables,
+                 ctrl: ControllerUnit | None = None, regs: Registers | None = None) -> None:
+        self.bank, self.tables, self.ctrl, self.regs = bank, tables, ctrl, regs
         self._handles: list[RemovableHandle] = [
             layer.register_forward_hook(self._make(i)) for i, layer in enumerate(layers)
         ]
 
     def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.tables.active:
-                return None  # nothing steered this step: leave the output untouched
+            reading = self.ctrl is not None and self.ctrl.active
+            if not self.tables.active and not reading:
+                return None  # nothing steered or read this step: leave the output untouched
             h = _hidden(output)  # [B, S, H]
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
             n = flat.shape[0]
-            steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
-                           self.tables.delta(index))
+            if self.tables.active:
+                steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
+                               self.tables.delta(index))
+            if reading:  # after steering: the stream the next block reads
+                assert self.ctrl is not None and self.regs is not None
+                self.ctrl.read_layer(index, flat, self.regs)
             return _replace(output, flat.view_as(h))
 
         return hook

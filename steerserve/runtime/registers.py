@@ -22,9 +22,11 @@ _LN2 = math.log(2.0)
 
 
 class Registers:
-    """``gain``, ``target``, ``entropy`` and the PI state, one cell per slot (``[S + 2]`` each)."""
+    """``gain``, ``target``, ``entropy`` and the PI state, one cell per slot (``[S + 2]`` each); the per-layer
+    gains ``layer_gain [S + 2, N]`` and the controller scale ``ctrl_score [S + 2]`` that a refusal controller's
+    read op writes (``runtime.controller``)."""
 
-    def __init__(self, slots: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, slots: int, num_layers: int = 1, device: torch.device | str = "cpu") -> None:
         if slots < 1:
             raise ValueError("the register file needs at least one slot")
         self.slots = slots
@@ -46,17 +48,27 @@ class Registers:
         self.option_ids = torch.zeros((n, MAX_OPTIONS), dtype=torch.int64, device=device)
         self.option_on = torch.zeros((n, MAX_OPTIONS), dtype=torch.bool, device=device)
         self.gate = full(0.0)
+        # A gain op at layer l is scaled by gain[cell] * layer_gain[cell, l]. 1 everywhere except in a
+        # controlled request's cell, which starts at 0 (no patch before its controller has decided) and
+        # takes s * w_l at its last prompt token; x * 1.0 == x, so other requests stay bit-identical.
+        self.layer_gain = torch.ones((n, num_layers), dtype=torch.float32, device=device)
+        self.ctrl_score = full(math.nan)  # the controller's s (NaN: not controlled, or not decided yet)
         self._free = list(range(slots - 1, -1, -1))  # host-side free list of slots
 
     @property
     def in_use(self) -> int:
         return self.slots - len(self._free)
 
-    def open(self, loop: LoopSpec) -> int | None:
-        """Take a slot for a request with ``loop``; returns its cell, or None when every slot is taken."""
+    def open(self, loop: LoopSpec | None, controlled: bool = False) -> int | None:
+        """Take a slot for a request with ``loop`` (None: gain 1, no loop) and/or a controller; returns its
+        cell, or None when every slot is taken."""
         if not self._free:
             return None
         cell = self._free.pop() + 1
+        self.layer_gain[cell] = 0.0 if controlled else 1.0
+        self.ctrl_score[cell] = math.nan
+        if loop is None:
+            return cell  # gain 1, target NaN: the cell's neutral values, as ``close`` left them
         # Integral bounds: the integral term alone can reach but not pass the gain bounds (no wind-up).
         i_low = (loop.low - loop.initial) / loop.ki if loop.ki > 0 else 0.0
         i_high = (loop.high - loop.initial) / loop.ki if loop.ki > 0 else 0.0
@@ -73,9 +85,14 @@ class Registers:
         return cell
 
     def report(self, cell: int) -> dict[str, float | None]:
-        """What the request's response reports: mean measured entropy, steps, final gain (a host read)."""
+        """What the request's response reports: mean measured entropy, steps, final gain, and the
+        controller's scale if it has one (a host read, between steps)."""
+        score = float(self.ctrl_score[cell])
+        ctrl: dict[str, float | None] = {} if math.isnan(score) else {"controller_scale": score}
+        if math.isnan(float(self.target[cell])):
+            return ctrl
         steps = float(self.steps[cell])
-        return {"mean_entropy_bits": float(self.entropy_sum[cell]) / steps if steps else None,
+        return {**ctrl, "mean_entropy_bits": float(self.entropy_sum[cell]) / steps if steps else None,
                 "loop_steps": steps, "final_gain": float(self.gain[cell]),
                 "target_entropy_bits": float(self.target[cell])}
 
@@ -83,6 +100,8 @@ class Registers:
         """Free the slot; its cells go back to neutral (a later holder starts clean in ``open``)."""
         self.gain[cell] = 1.0
         self.target[cell] = math.nan
+        self.layer_gain[cell] = 1.0
+        self.ctrl_score[cell] = math.nan
         self._free.append(cell - 1)
 
 

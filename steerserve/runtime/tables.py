@@ -107,12 +107,13 @@ class StepTables:
         return int(self._rows[OpKind.ADD].shape[1])
 
     def fill(self, num_tokens: int, segments: Sequence[Segment], bank: torch.Tensor | None = None,
-             gain: torch.Tensor | None = None) -> None:
+             gain: torch.Tensor | None = None, layer_gain: torch.Tensor | None = None) -> None:
         """Lay out the step. Tokens not covered by any segment (padding) stay neutral: row 0, scale 0.
 
         ``gain`` (``Registers.gain``, ``[cells]``): when the step has ``gain`` ops, their scales are multiplied
         by their request's gain on the device, here, before any op reads them: the value the sampler-side op
-        wrote at the previous step (stream order; the host never reads it).
+        wrote at the previous step (stream order; the host never reads it). ``layer_gain`` (``Registers.
+        layer_gain``, ``[cells, L]``): and by the request's per-layer gain, which a controller's read op wrote.
 
         With ``bank``, small steps (decode) also get every layer's addition ``[L, T, H]`` gathered at
         once (``delta``): one gather per step instead of one per layer, and vetted once per step
@@ -143,8 +144,10 @@ class StepTables:
                 cells = self.cells[kind][:, :dirty]
                 cells.copy_(torch.from_numpy(self._cells[kind][:, :dirty]))
                 if self._gained and gain is not None:
-                    scales = self.scales[kind][:, :dirty]
+                    scales = self.scales[kind][:, :dirty]  # [L, T, K]
                     scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
+                    if layer_gain is not None:  # [cells, L]: layer l of cell c reads layer_gain[c, l]
+                        scales.mul_(layer_gain.t().gather(1, cells.reshape(cells.shape[0], -1)).view_as(scales))
         # Slice once per step, not once per layer: the op then only picks its layer's views.
         ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
         add_rows = self.rows[OpKind.ADD][:, :num_tokens, :ka]  # [L, T, Ka]

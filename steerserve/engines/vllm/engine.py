@@ -29,9 +29,11 @@ from steerserve.config import Settings
 from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
-from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_ops
+from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_controller, encode_ops
 from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.model_info import ModelInfo
+from steerserve.runtime.control_op import ControllerSlots
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.ops import NON_FINITE_CODE
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class VLLMEngine:
         self.llm: Any = None
         self._poll: FailurePoll | None = None
         self._capture_lock = asyncio.Lock()  # one capture request at a time: each fits the buffer alone
+        self.ctrl_slots = ControllerSlots(settings.controller_slots)
+        self._ctrl_lock = asyncio.Lock()  # a slot's weights are in the worker before any request names it
 
     @property
     def bank_capacity(self) -> int:
@@ -100,7 +104,8 @@ class VLLMEngine:
             "generation_config": "vllm",  # sampling defaults come from each request, as on the hf engine
             "disable_log_stats": True,
             **engine_kwargs(bank_slots=s.bank_slots, max_interventions=s.max_interventions,
-                            loop_slots=s.loop_slots, capture_tokens=s.capture_tokens),
+                            loop_slots=s.loop_slots, capture_tokens=s.capture_tokens,
+                            controller_slots=s.controller_slots),
         }
         if s.max_batch is not None:
             args["max_num_seqs"] = s.max_batch
@@ -139,7 +144,7 @@ class VLLMEngine:
         worker = (await llm.collective_rpc("steerserve_stats"))[0]
         return {"running": llm.get_num_unfinished_requests(), **worker, **self.gate.stats()}
 
-    def _params(self, request: GenerationRequest) -> Any:
+    def _params(self, request: GenerationRequest, controller: tuple[int, str] | None = None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -149,7 +154,8 @@ class VLLMEngine:
             seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
             stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop)} if request.ops else None,
+            extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop, controller=controller)}
+            if request.ops else None,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
@@ -159,12 +165,19 @@ class VLLMEngine:
             raise EngineUnavailable()
         vectors = {op.vector.key: op.vector.rows for op in request.ops}
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
-        salt = cache_salt(request.ops, request.loop)
+        weights = request.controller
+        salt = cache_salt(request.ops, request.loop, None if weights is None else weights.key)
         if salt is not None:
             prompt["cache_salt"] = salt
         rid = request.request_id
-        params = self._params(request)  # before the gate: if it raises, nothing is held
-        await self.gate.enter(rid, vectors)  # waits while the bank is full
+        slot = None if weights is None else await self._load_controller(weights)
+        try:
+            params = self._params(request, None if weights is None else (slot, weights.key))  # type: ignore[arg-type]
+            await self.gate.enter(rid, vectors)  # waits while the bank is full
+        except BaseException:
+            if weights is not None:
+                self.ctrl_slots.release(weights.key)
+            raise
         llm, poll, completion, checked = self.llm, self._poll, 0, time.monotonic()
         stream = None
         try:
@@ -188,7 +201,7 @@ class VLLMEngine:
                 extra: dict[str, object] = {}
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
-                if out.finished and request.loop is not None:  # what its loop measured (read between steps)
+                if out.finished and request.needs_cell:  # what its loop/controller measured (between steps)
                     report = (await llm.collective_rpc("steerserve_loop_report", args=(rid,)))[0]
                     if report is not None:
                         extra["report"] = report
@@ -203,8 +216,27 @@ class VLLMEngine:
                 except Exception:  # a dead engine has nothing left to abort
                     log.debug("closing the stream of %s failed", rid, exc_info=True)
             await self.gate.leave(rid)
+            if weights is not None:  # after vLLM finished or aborted it: the slot may be reused
+                self.ctrl_slots.release(weights.key)
             if poll is not None:
                 poll.forget(rid)
+
+    async def _load_controller(self, weights: ControllerWeights) -> int:
+        """The worker slot holding ``weights``, loading them first if needed; 429 when every slot is held
+        by requests in flight."""
+        async with self._ctrl_lock:
+            got = self.ctrl_slots.acquire(weights.key)
+            if got is None:
+                raise SteerError(f"all {self.ctrl_slots.capacity} controller slots are in use by other requests; "
+                                 "retry shortly", field="steering", status=429, code="controller_slots_full")
+            slot, load = got
+            if load:
+                try:
+                    await self.llm.collective_rpc("steerserve_load_controller", args=(slot, encode_controller(weights)))
+                except BaseException:
+                    self.ctrl_slots.forget(weights.key)
+                    raise
+            return slot
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         """Unsteered states of each prompt at ``layers``, read by capture requests through vLLM itself."""

@@ -29,6 +29,7 @@ import torch
 
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer
+from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
 from steerserve.runtime.registers import Registers
 from steerserve.runtime.tables import StepTables
@@ -37,12 +38,14 @@ from steerserve.runtime.tables import StepTables
 @dataclass
 class SteerState:
     """What the op reads at run time: one per worker process (``bank.weight [R, H]``, tables
-    ``[layers, max_tokens, slots]``), with the closed-loop registers and the capture buffer."""
+    ``[layers, max_tokens, slots]``), with the closed-loop registers, the capture buffer and the
+    controller unit."""
 
     bank: VectorBank
     tables: StepTables
     regs: Registers
     capture: CaptureBuffer
+    ctrl: ControllerUnit
     # True under CUDA-graph capture: no host branches, full fixed-shape tables (slots) every call.
     static: bool = False
 
@@ -69,11 +72,14 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     state = _STATE
     if state is None:
         return
-    if state.static or state.capture.active:  # after steering: the stream the next block reads
-        _steer_tables(state, h, residual, layer)
-        state.capture.read_layer(layer, (h + residual)[: h.shape[0] if state.static else state.capture.num_tokens])
-        return
     _steer_tables(state, h, residual, layer)
+    capture, ctrl = state.static or state.capture.active, state.static or state.ctrl.active
+    if capture or ctrl:  # reads come after steering: the stream the next block reads
+        stream = h + residual  # [T, H]
+        if capture:
+            state.capture.read_layer(layer, stream[: h.shape[0] if state.static else state.capture.num_tokens])
+        if ctrl:
+            state.ctrl.read_layer(layer, stream, state.regs, state.static)
 
 
 def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:

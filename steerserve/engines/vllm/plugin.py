@@ -90,8 +90,8 @@ def code_fingerprint() -> str:
 
 
 def engine_kwargs(*, bank_slots: int = Settings.bank_slots, max_interventions: int = Settings.max_interventions,
-                  loop_slots: int = Settings.loop_slots,
-                  capture_tokens: int = Settings.capture_tokens) -> dict[str, Any]:
+                  loop_slots: int = Settings.loop_slots, capture_tokens: int = Settings.capture_tokens,
+                  controller_slots: int = Settings.controller_slots) -> dict[str, Any]:
     """Arguments for ``vllm.LLM(...)`` / ``AsyncEngineArgs(...)`` that enable steering.
 
     ``additional_config`` is both the channel to the worker (sizes) and a compile-cache key factor:
@@ -104,5 +104,6 @@ def engine_kwargs(*, bank_slots: int = Settings.bank_slots, max_interventions: i
         "worker_cls": f"steerserve.engines.vllm.worker.{worker}",
         "additional_config": {"steerserve": {"bank_slots": bank_slots, "max_interventions": max_interventions,
                                              "loop_slots": loop_slots, "capture_tokens": capture_tokens,
+                                             "controller_slots": controller_slots,
                                              "code": code_fingerprint()}},
     }

@@ -8,7 +8,12 @@ MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lis
      "ops": [[kind, layer, key, scale, start, stop, positional, gain], ...],
      "vectors": {key: [rows, hidden, <float32 little-endian bytes>]},
      "loop": {LoopSpec field: value} | None,               # closed loop (runtime.loop.LoopSpec)
+     "controller": [slot, key] | None,                     # refusal controller, loaded in that slot
      "capture": bool}                                      # a capture request (runtime.capture)
+
+A controller's weights (~10 MB) do not travel with each request: the front end loads them into a worker
+slot once (``steerserve_load_controller`` with ``encode_controller``) and requests name the slot and the
+weights' key, which the worker checks.
 
 Vectors are keyed by content hash (``VectorRef.key``), so 30 layers of one spec cost 30 x H x 4 bytes
 and identical vectors are sent once per request. The worker rebuilds ``SteerOp``s with the same keys,
@@ -28,11 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 
 EXTRA_KEY = "steerserve"
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,11 @@ class Wired:
     ops: tuple[SteerOp, ...] = ()
     loop: LoopSpec | None = None
     capture: bool = False
+    controller: tuple[int, str] | None = None  # (worker slot, weights key)
 
 
-def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bool = False) -> dict[str, Any]:
+def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bool = False,
+               controller: tuple[int, str] | None = None) -> dict[str, Any]:
     """The ``extra_args["steerserve"]`` payload for ``ops`` (and a closed loop, or a capture request)."""
     vectors: dict[str, list[Any]] = {}
     rows: list[list[Any]] = []
@@ -56,7 +64,7 @@ def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bo
         rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional, op.gain])
     return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors,
             "loop": None if loop is None else {**asdict(loop), "options": list(loop.options)},
-            "capture": capture}
+            "controller": None if controller is None else list(controller), "capture": capture}
 
 
 def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
@@ -82,14 +90,35 @@ def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
     if raw_loop is not None:
         numbers = {k: float(v) for k, v in raw_loop.items() if k != "options"}
         loop = LoopSpec(**numbers, options=tuple(int(t) for t in raw_loop.get("options", ())))
-    return Wired(ops, loop, bool(payload.get("capture")))
+    raw_ctrl = payload.get("controller")
+    controller = None if raw_ctrl is None else (int(raw_ctrl[0]), str(raw_ctrl[1]))
+    return Wired(ops, loop, bool(payload.get("capture")), controller)
+
+
+_CONTROLLER_TENSORS = ("w1", "b1", "w2", "b2", "direction", "scales")
+
+
+def encode_controller(weights: ControllerWeights) -> dict[str, Any]:
+    """A controller's weights as MessagePack-able data (fp32 little-endian bytes with shapes)."""
+    out: dict[str, Any] = {"read_layers": list(weights.read_layers)}
+    for name in _CONTROLLER_TENSORS:
+        t = getattr(weights, name).to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
+        out[name] = [list(t.shape), t.tobytes()]
+    return out
+
+
+def decode_controller(payload: Mapping[str, Any]) -> ControllerWeights:
+    """Inverse of ``encode_controller``."""
+    tensors = {name: torch.from_numpy(np.frombuffer(payload[name][1], dtype="<f4").reshape(payload[name][0]).copy())
+               for name in _CONTROLLER_TENSORS}
+    return ControllerWeights(read_layers=tuple(int(x) for x in payload["read_layers"]), **tensors)
 
 
 def from_extra_args(extra_args: Mapping[str, Any] | None) -> Wired:
     return decode_ops((extra_args or {}).get(EXTRA_KEY))
 
 
-def cache_salt(ops: Sequence[SteerOp], loop: LoopSpec | None = None) -> str | None:
+def cache_salt(ops: Sequence[SteerOp], loop: LoopSpec | None = None, controller: str | None = None) -> str | None:
     """A prefix-cache salt that differs between specs (None for unsteered: share with plain traffic).
 
     Coarse on purpose: blocks wholly before every op's ``start`` could be shared, but a salt applies to
@@ -97,7 +126,7 @@ def cache_salt(ops: Sequence[SteerOp], loop: LoopSpec | None = None) -> str | No
     """
     if not ops:
         return None
-    h = hashlib.sha256(repr(loop).encode())
+    h = hashlib.sha256(repr((loop, controller)).encode())
     for op in ops:
         h.update(repr((op.kind.value, op.layer, op.vector.key, float(op.scale), op.start, op.stop,
                        op.positional, op.gain)).encode())

@@ -35,9 +35,10 @@ import torch
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
-from steerserve.engines.vllm.wire import from_extra_args
+from steerserve.engines.vllm.wire import decode_controller, from_extra_args
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
+from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
@@ -55,7 +56,8 @@ class SteeringRunnerMixin:
     _steer_reqs: dict[str, Pin]  # req_id -> its vectors in the bank and its ops' placement
     _steer_step: list[tuple[str, Segment]]  # this step's steered requests, as laid out in the tables
     _steer_failed: dict[str, str]  # req_id -> why its steering was refused (until the front end takes it)
-    _steer_cells: dict[str, int]  # req_id -> register cell of a closed-loop request
+    _steer_cells: dict[str, int]  # req_id -> register cell of a closed-loop or controlled request
+    _steer_ctrl: dict[str, tuple[int, int]]  # req_id -> (controller slot, prompt length) of a controlled request
     _steer_reports: dict[str, dict[str, float | None]]  # finished closed-loop req_id -> what its loop measured
     _steer_rows: torch.Tensor | None  # this step's register cell per batch row (closed loops), else None
     _capture_reqs: set[str]  # capture requests in flight
@@ -76,13 +78,20 @@ class SteeringRunnerMixin:
                     state.regs.close(cell)
                     _forget_oldest(self._steer_reports)
                 self._capture_reqs.discard(req_id)
+                self._steer_ctrl.pop(req_id, None)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
                 wired = from_extra_args(params.extra_args if params is not None else None)
                 if wired.capture:
                     self._capture_reqs.add(new.req_id)
-                if wired.loop is not None and new.req_id not in self._steer_cells:
-                    cell = state.regs.open(wired.loop)
+                if wired.controller is not None:
+                    slot, key = wired.controller
+                    if state.ctrl.keys[slot] != key or new.prompt_token_ids is None:
+                        raise RuntimeError(f"request {new.req_id}: controller slot {slot} does not hold its "
+                                           "controller (load it first: steerserve_load_controller)")
+                    self._steer_ctrl[new.req_id] = (slot, len(new.prompt_token_ids))
+                if (wired.loop is not None or wired.controller is not None) and new.req_id not in self._steer_cells:
+                    cell = state.regs.open(wired.loop, controlled=wired.controller is not None)
                     if cell is None:  # the front end admits at most loop_slots of them (engines.slots)
                         raise RuntimeError(f"request {new.req_id}: no free closed-loop register slot")
                     self._steer_cells[new.req_id] = cell
@@ -106,7 +115,7 @@ class SteeringRunnerMixin:
         batch = self.input_batch
         starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
-        step, reads = [], []
+        step, reads, ctrl_reads = [], [], []
         cells = self._steer_cells
         rows = np.full(batch.num_reqs, state.regs.sink, dtype=np.int64) if cells else None
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
@@ -117,11 +126,19 @@ class SteeringRunnerMixin:
                                              pin.placement(state.bank), cell)))
             if rows is not None and cell:
                 rows[i] = cell
+            ctrl = self._steer_ctrl.get(req_id)
+            if ctrl is not None:  # its controller reads the last prompt token, in the step that has it
+                last = ctrl[1] - 1 - int(computed[i])
+                if 0 <= last < int(num_scheduled_tokens[i]):
+                    ctrl_reads.append((int(starts[i]) + last, cell, ctrl[0]))
             if req_id in self._capture_reqs:
                 reads.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
         total = int(scheduler_output.total_num_scheduled_tokens)
         if step or state.tables.active:  # skip the table work on all-unsteered steps
-            state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain)
+            state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain,
+                              state.regs.layer_gain)
+        if ctrl_reads or state.ctrl.active:
+            state.ctrl.fill(ctrl_reads)
         if reads or state.capture.active:
             for r in state.capture.fill(total, reads):
                 log.warning("steerserve: capture of %s skipped this step (the buffer is full)", r.request)
@@ -195,7 +212,7 @@ def _steer_runner(runner: Any) -> None:
         _RUNNER_CLASSES[cls] = type(f"Steering{cls.__name__}", (SteeringRunnerMixin, cls), {})
     runner.__class__ = _RUNNER_CLASSES[cls]
     runner._steer_reqs, runner._steer_step, runner._steer_failed, runner._rewound = {}, [], {}, {}
-    runner._steer_cells, runner._steer_reports, runner._steer_rows = {}, {}, None
+    runner._steer_cells, runner._steer_reports, runner._steer_rows, runner._steer_ctrl = {}, {}, None, {}
     runner._capture_reqs, runner._captures = set(), Captures()
 
 
@@ -222,10 +239,13 @@ def _setup(worker: Any) -> None:
     # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
     # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
     static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
-    regs = Registers(int(conf.get("loop_slots", Settings.loop_slots)), device=runner.device)
+    loop_slots = int(conf.get("loop_slots", Settings.loop_slots))
+    regs = Registers(loop_slots, num_layers, device=runner.device)
+    ctrl = ControllerUnit(int(conf.get("controller_slots", Settings.controller_slots)), regs.sink + 1, num_layers,
+                          hidden, loop_slots, device=runner.device)
     capture = CaptureBuffer(num_layers, int(conf.get("capture_tokens", Settings.capture_tokens)), hidden, max_tokens,
                             device=runner.device)
-    steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, static=static))
+    steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, ctrl, static=static))
     log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
              type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
 
@@ -248,6 +268,13 @@ def _make_worker(base: type) -> type:
                 return {"steered": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
             return {"steered": len(self.model_runner._steer_reqs), "loop_slots": state.regs.in_use,
                     **state.bank.stats()}
+
+        def steerserve_load_controller(self, slot: int, payload: dict[str, Any]) -> None:
+            """Load a controller's weights (``wire.encode_controller``) into ``slot``, between steps; the front
+            end (``ControllerSlots``) only reuses a slot that no request in flight holds."""
+            state = steer_ops.current()
+            if state is not None:
+                state.ctrl.load(slot, decode_controller(payload))
 
         def steerserve_take_failed(self) -> dict[str, str]:
             """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
