@@ -25,7 +25,7 @@ from typing import Any
 from steerserve.errors import SteerError
 from steerserve.spec import SteerSpec
 
-STRENGTH_FIELDS = ("coeff", "beta", "gamma")
+STRENGTH_FIELDS = ("coeff", "beta", "gamma", "alpha")
 PLACEHOLDER = "{prompt}"  # where a prompt template takes the data item
 AUTO = "auto"  # a --coeffs value: the method's calibrated strength
 Coeff = float | str  # a number, or AUTO
