@@ -6,6 +6,7 @@ Everything here is engine-neutral and framework-free; ``api/`` calls it with pla
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
 from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
+from steerserve.engines.switching import switching
 from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.methods import resolve
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
@@ -113,7 +115,13 @@ class Service:
                              field="max_tokens")
         rid = request_id or uuid.uuid4().hex
         request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop, resolved.controller)
-        outputs = self.engine.generate(request)
+        ss = resolved.safeswitch
+        if ss is None:
+            outputs = self.engine.generate(request)
+        else:  # the pilot is held back; a flagged request is generated again with the refusal head
+            request = dataclasses.replace(request, probes=ss.probes)
+            regen = dataclasses.replace(request, request_id=f"{rid}-switched", probes=None, head=ss.head)
+            outputs = switching(self.engine, request, regen, ss.threshold)
         if request.needs_cell:
             self.loops.check()  # refuse before queueing when every slot is taken (429)
             outputs = self.loops.holding(rid, outputs)

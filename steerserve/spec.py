@@ -21,6 +21,7 @@ from steerserve.model_info import ModelInfo
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.safeswitch import SafeSwitchSpec
 
 if TYPE_CHECKING:
     from steerserve.store.artifacts import ArtifactStore
@@ -97,3 +98,4 @@ class ResolvedSpec:
     applied: tuple[AppliedIntervention, ...]
     loop: LoopSpec | None = None  # at most one closed loop per request
     controller: ControllerWeights | None = None  # at most one refusal controller per request
+    safeswitch: SafeSwitchSpec | None = None  # at most one SafeSwitch per request

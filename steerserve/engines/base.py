@@ -12,6 +12,7 @@ from steerserve.model_info import ModelInfo
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.safeswitch import HeadDelta, ProbePair
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -34,11 +35,18 @@ class GenerationRequest:
     ops: tuple[SteerOp, ...] = ()  # compiled steering, positions already absolute
     loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
     controller: ControllerWeights | None = None  # refusal controller: decides its per-layer gains in-graph
+    probes: ProbePair | None = None  # SafeSwitch probes: read at the last prompt token and after the pilot
+    head: HeadDelta | None = None  # refusal head: this request's logits get the head's delta
 
     @property
     def needs_cell(self) -> bool:
-        """Whether the request holds a register cell (a closed loop or a controller) for its lifetime."""
-        return self.loop is not None or self.controller is not None
+        """Whether the request holds a register cell (a closed loop, a controller, probes) for its lifetime."""
+        return self.loop is not None or self.controller is not None or self.probes is not None
+
+    @property
+    def wired(self) -> bool:
+        """Whether the engine's worker must know of the request (anything beyond plain generation)."""
+        return bool(self.ops) or self.needs_cell or self.head is not None
 
 
 @dataclass(frozen=True)

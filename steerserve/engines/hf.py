@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +28,12 @@ from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.control_op import ControllerSlots, ControllerUnit
 from steerserve.runtime.controller import ControllerWeights
+from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
+from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, ProbePair
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class _Seq:
     pin: Pin | None = None  # its vectors in the bank, once admitted
     cell: int = 0  # its register cell (closed-loop or controlled requests), once admitted; 0 = none
     ctrl_slot: int = -1  # its controller's slot, once admitted; -1 = none
+    slots: dict[str, int] = field(default_factory=dict)  # kind (controller, probes, head) -> its slot
+    probe_sent: bool = False  # the probes' scores went out (after the pilot tokens)
     pos: int = 0  # tokens in the KV cache = absolute position of the next input token
     last: int = 0  # last sampled token, the next input
     completion: int = 0
@@ -65,8 +69,13 @@ class HFEngine(EngineThread):
         self.regs = Registers(settings.loop_slots, info.num_layers)
         self.ctrl = ControllerUnit(settings.controller_slots, self.regs.sink + 1, info.num_layers, info.hidden_size,
                                    settings.loop_slots)
-        self.ctrl_slots = ControllerSlots(settings.controller_slots)
+        self.head = HeadPoint(settings.controller_slots, info.hidden_size, info.vocab_size, self.max_batch,
+                              self.regs.sink)
+        # Slots of controllers, probe pairs and refusal heads, by content key (loaded on admission).
+        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in ("controller", "probes", "head")}
         self.hooks = SteeringHooks(self.layers, self.bank, self.tables, self.ctrl, self.regs)
+        self._normed: torch.Tensor | None = None  # [B, S, H] the final norm's output of the last forward
+        model.model.norm.register_forward_hook(self._keep_normed)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self._waiting: deque[_Seq] = deque()
@@ -153,22 +162,51 @@ class HFEngine(EngineThread):
                 seq.cell = cell
             self._waiting.popleft()
             seq.pin = pin
-            if seq.req.controller is not None and not self._take_controller(seq, seq.req.controller):
+            if not self._take_slots(seq):
                 continue
             self._prefill(seq)
 
-    def _take_controller(self, seq: _Seq, weights: ControllerWeights) -> bool:
-        """Give ``seq`` its controller's slot (loading the weights if the slot held another); False (and the
-        request ended with a 429) when every slot is held by requests in flight."""
-        got = self.ctrl_slots.acquire(weights.key)
-        if got is None:
-            self._finish(seq, "abort", error=f"all {self.ctrl_slots.capacity} controller slots are in use by other "
-                         "requests; retry shortly", status=429, code="controller_slots_full")
-            return False
-        seq.ctrl_slot, load = got
-        if load:
-            self.ctrl.load(seq.ctrl_slot, weights)
+    def _take_slots(self, seq: _Seq) -> bool:
+        """Give ``seq`` the slots of its controller, probes and head (loading weights a slot does not hold);
+        False (and the request ended with a 429) when every slot of a kind is held by requests in flight."""
+        r = seq.req
+        for kind, weights in (("controller", r.controller), ("probes", r.probes), ("head", r.head)):
+            if weights is None:
+                continue
+            got = self.slots[kind].acquire(weights.key)
+            if got is None:
+                self._finish(seq, "abort", error=f"all {self.slots[kind].capacity} {kind} slots are in use by other "
+                             "requests; retry shortly", status=429, code="weight_slots_full")
+                return False
+            slot, load = got
+            seq.slots[kind] = slot
+            if load and isinstance(weights, ControllerWeights):
+                self.ctrl.load(slot, weights)
+            elif load and isinstance(weights, ProbePair):
+                self.head.load_probes(slot, weights)
+            elif load and isinstance(weights, HeadDelta):
+                self.head.load_head(slot, weights)
+        seq.ctrl_slot = seq.slots.get("controller", -1)
         return True
+
+    def _keep_normed(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self._normed = output
+
+    def _head_point(self, seqs: Sequence[_Seq], logits: torch.Tensor, first: bool) -> None:
+        """The head point on this forward's sampled rows (``logits [B, V]``, in place): stage-1 probes at a
+        prefill (``first``), stage-2 probes after the pilot, heads' deltas on their rows."""
+        probes, heads = [], []
+        for i, s in enumerate(seqs):
+            if "probes" in s.slots and (first or s.pos == len(s.req.prompt_token_ids) + PILOT_TOKENS - 1):
+                probes.append((i, s.cell, s.slots["probes"], 0 if first else 1))
+            if "head" in s.slots:
+                heads.append((i, s.slots["head"]))
+        if not probes and not heads:
+            return
+        assert self._normed is not None
+        self.head.fill(probes, heads)
+        self.head.apply(self._normed[:, -1], logits, self.regs)
+        self.head.fill([], [])
 
     def _prefill(self, seq: _Seq) -> None:
         """The prompt's forward pass, alone. Whatever goes wrong fails this request only: it answers with
@@ -186,6 +224,7 @@ class HFEngine(EngineThread):
                 self.ctrl.fill([])
             if self.tables.flagged(segments):
                 return self._refuse(seq)
+            self._head_point([seq], out.logits[:, -1], first=True)
             if seq.cell:  # the first token's distribution sets the gain of the first decode step
                 entropy_step_(self.regs, out.logits[0, -1:], torch.tensor([seq.cell]))
             seq.pos = n
@@ -207,6 +246,7 @@ class HFEngine(EngineThread):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
+        self._head_point(seqs, out.logits[:, -1], first=False)
         if any(s.cell for s in seqs):  # closed loops: decide the next step's gains from these logits
             cells = torch.tensor([s.cell or self.regs.sink for s in seqs])
             entropy_step_(self.regs, out.logits[:, -1], cells)
@@ -254,8 +294,9 @@ class HFEngine(EngineThread):
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
-        if seq.ctrl_slot >= 0 and seq.req.controller is not None:
-            self.ctrl_slots.release(seq.req.controller.key)
+        for kind, weights in (("controller", seq.req.controller), ("probes", seq.req.probes), ("head", seq.req.head)):
+            if kind in seq.slots and weights is not None:
+                self.slots[kind].release(weights.key)
         report = {}
         if seq.cell:
             report = self.regs.report(seq.cell)
@@ -266,6 +307,8 @@ class HFEngine(EngineThread):
         out = self._output(seq, (token,) if token is not None else (), text, reason)
         if report:
             out.extra["report"] = report
+        if seq.req.probes is not None and not seq.probe_sent:
+            out.extra["probe"] = report
         seq.emit(out)
 
     def _drop_done(self) -> None:
@@ -275,7 +318,11 @@ class HFEngine(EngineThread):
             self._active = [s for s in self._active if not s.done]
 
     def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any) -> GenerationOutput:
-        return GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion)
+        out = GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion)
+        if seq.req.probes is not None and not seq.probe_sent and seq.completion > PILOT_TOKENS and reason is None:
+            seq.probe_sent = True  # the pilot is out: the scores, for the front end to decide what the client sees
+            out.extra["probe"] = self.regs.report(seq.cell)
+        return out
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -13,13 +13,15 @@ from steerserve.methods.base import Compiled, Method
 from steerserve.methods.cot_compress import CotCompress
 from steerserve.methods.entropic import Entropic
 from steerserve.methods.refusal_controller import RefusalController
+from steerserve.methods.safeswitch import SafeSwitch
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.safeswitch import SafeSwitchSpec
 from steerserve.spec import AppliedIntervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress(),
-                                                   RefusalController())}
+                                                   RefusalController(), SafeSwitch())}
 
 
 def get_method(name: str, field: str = "method") -> Method:
@@ -41,6 +43,7 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
     applied: list[AppliedIntervention] = []
     loop: LoopSpec | None = None
     controller: ControllerWeights | None = None
+    safeswitch: SafeSwitchSpec | None = None
     for i, iv in enumerate(spec.interventions):
         f = f"{where}.interventions.{i}"
         method = get_method(iv.method, field=f"{f}.method")
@@ -53,9 +56,13 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
             if controller is not None:
                 raise SteerError("only one refusal controller per request", field=f)
             controller = compiled.controller
+        if compiled.safeswitch is not None:
+            if safeswitch is not None:
+                raise SteerError("only one safeswitch per request", field=f)
+            safeswitch = compiled.safeswitch
         ops.extend(compiled.ops)
         applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
-    return ResolvedSpec(tuple(ops), tuple(applied), loop, controller)
+    return ResolvedSpec(tuple(ops), tuple(applied), loop, controller, safeswitch)
 
 
 __all__ = ["REGISTRY", "Compiled", "Method", "get_method", "resolve"]

@@ -11,6 +11,7 @@ from steerserve.errors import SteerError
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
+from steerserve.runtime.safeswitch import SafeSwitchSpec
 from steerserve.spec import PromptInfo, ResolveContext
 from steerserve.store.artifacts import StoredVector
 
@@ -24,6 +25,7 @@ class Compiled:
     detail: Mapping[str, Any] = field(default_factory=dict)
     loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
     controller: ControllerWeights | None = None  # read op deciding the request's per-layer gains
+    safeswitch: SafeSwitchSpec | None = None  # probes at the head point; a refusal head if they fire
 
 
 class Method(Protocol):

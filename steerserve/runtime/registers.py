@@ -53,6 +53,8 @@ class Registers:
         # takes s * w_l at its last prompt token; x * 1.0 == x, so other requests stay bit-identical.
         self.layer_gain = torch.ones((n, num_layers), dtype=torch.float32, device=device)
         self.ctrl_score = full(math.nan)  # the controller's s (NaN: not controlled, or not decided yet)
+        # SafeSwitch: each stage's probe probability (NaN until that stage's probe has read its token).
+        self.probe = torch.full((n, 2), math.nan, dtype=torch.float32, device=device)
         self._free = list(range(slots - 1, -1, -1))  # host-side free list of slots
 
     @property
@@ -67,6 +69,7 @@ class Registers:
         cell = self._free.pop() + 1
         self.layer_gain[cell] = 0.0 if controlled else 1.0
         self.ctrl_score[cell] = math.nan
+        self.probe[cell] = math.nan
         if loop is None:
             return cell  # gain 1, target NaN: the cell's neutral values, as ``close`` left them
         # Integral bounds: the integral term alone can reach but not pass the gain bounds (no wind-up).
@@ -89,6 +92,9 @@ class Registers:
         controller's scale if it has one (a host read, between steps)."""
         score = float(self.ctrl_score[cell])
         ctrl: dict[str, float | None] = {} if math.isnan(score) else {"controller_scale": score}
+        for stage, p in enumerate(self.probe[cell].tolist()):
+            if not math.isnan(p):
+                ctrl[f"probe_stage{stage + 1}"] = p
         if math.isnan(float(self.target[cell])):
             return ctrl
         steps = float(self.steps[cell])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,27 @@ class Probe:
             raise ValueError("probe shapes disagree: w1 [D, H], b1 [D], w2 [2, D], b2 [2]")
 
 
+def _key(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True, eq=False)
+class ProbePair:
+    """Stage 1 (intent) and stage 2 (compliance) probes of one ``probe`` artifact."""
+
+    stage1: Probe
+    stage2: Probe
+
+    @property
+    def key(self) -> str:
+        """Content hash: requests naming the same probes share one slot on the device."""
+        return _key(*(getattr(p, n) for p in (self.stage1, self.stage2) for n in ("w1", "b1", "w2", "b2")))
+
+
 def probe_prob(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """``x [R, H]`` post-final-norm states -> ``[R]`` probability of the positive class. The trainer and the
     device op both call this (same arithmetic)."""
@@ -54,7 +76,22 @@ class HeadDelta:
         if self.a.dim() != 2 or self.b.dim() != 2 or self.a.shape[0] != self.b.shape[1]:
             raise ValueError("head delta shapes disagree: a [r, H], b [V, r]")
 
+    @property
+    def key(self) -> str:
+        """Content hash: requests naming the same head share one slot on the device."""
+        return _key(self.a, self.b)
+
 
 def head_logits(h: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``h [R, H]`` post-final-norm states -> ``[R, V]`` refusal-head logits: ``h base^T + (h a^T) b^T``."""
     return torch.nn.functional.linear(h, base) + torch.nn.functional.linear(torch.nn.functional.linear(h, a), b)
+
+
+@dataclass(frozen=True, eq=False)
+class SafeSwitchSpec:
+    """What a request's ``safeswitch`` intervention asks: its probes, the head a flagged request switches
+    to, and the probability both stages must reach."""
+
+    probes: ProbePair
+    head: HeadDelta
+    threshold: float

@@ -29,12 +29,12 @@ from steerserve.config import Settings
 from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
-from steerserve.engines.vllm.wire import EXTRA_KEY, cache_salt, encode_controller, encode_ops
+from steerserve.engines.vllm.wire import EXTRA_KEY, Slotted, Weights, cache_salt, encode_ops, encode_weights
 from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.control_op import ControllerSlots
-from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.ops import NON_FINITE_CODE
+from steerserve.runtime.safeswitch import PILOT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ class VLLMEngine:
         self.llm: Any = None
         self._poll: FailurePoll | None = None
         self._capture_lock = asyncio.Lock()  # one capture request at a time: each fits the buffer alone
-        self.ctrl_slots = ControllerSlots(settings.controller_slots)
-        self._ctrl_lock = asyncio.Lock()  # a slot's weights are in the worker before any request names it
+        # Worker slots of controllers, probe pairs and refusal heads (loaded once, named by requests).
+        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in ("controller", "probes", "head")}
+        self._load_lock = asyncio.Lock()  # a slot's weights are in the worker before any request names it
 
     @property
     def bank_capacity(self) -> int:
@@ -144,7 +145,7 @@ class VLLMEngine:
         worker = (await llm.collective_rpc("steerserve_stats"))[0]
         return {"running": llm.get_num_unfinished_requests(), **worker, **self.gate.stats()}
 
-    def _params(self, request: GenerationRequest, controller: tuple[int, str] | None = None) -> Any:
+    def _params(self, request: GenerationRequest, slotted: dict[str, Slotted]) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -154,8 +155,9 @@ class VLLMEngine:
             seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
             stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop, controller=controller)}
-            if request.ops else None,
+            extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop, controller=slotted.get("controller"),
+                                              probes=slotted.get("probes"), head=slotted.get("head"))}
+            if request.wired else None,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
@@ -165,20 +167,23 @@ class VLLMEngine:
             raise EngineUnavailable()
         vectors = {op.vector.key: op.vector.rows for op in request.ops}
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
-        weights = request.controller
-        salt = cache_salt(request.ops, request.loop, None if weights is None else weights.key)
+        salt = cache_salt(request.ops, request.loop, None if request.controller is None else request.controller.key)
         if salt is not None:
             prompt["cache_salt"] = salt
         rid = request.request_id
-        slot = None if weights is None else await self._load_controller(weights)
+        held = {kind: w for kind, w in (("controller", request.controller), ("probes", request.probes),
+                                        ("head", request.head)) if w is not None}
+        slotted: dict[str, Slotted] = {}
         try:
-            params = self._params(request, None if weights is None else (slot, weights.key))  # type: ignore[arg-type]
+            for kind, w in held.items():
+                slotted[kind] = (await self._load(kind, w), w.key)
+            params = self._params(request, slotted)
             await self.gate.enter(rid, vectors)  # waits while the bank is full
         except BaseException:
-            if weights is not None:
-                self.ctrl_slots.release(weights.key)
+            self._release(held, slotted)
             raise
         llm, poll, completion, checked = self.llm, self._poll, 0, time.monotonic()
+        asked: set[str] = set()
         stream = None
         try:
             if llm is None or llm.errored:  # died (or is restarting) while this request waited at the gate
@@ -201,9 +206,15 @@ class VLLMEngine:
                 extra: dict[str, object] = {}
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
-                if out.finished and request.needs_cell:  # what its loop/controller measured (between steps)
-                    report = (await llm.collective_rpc("steerserve_loop_report", args=(rid,)))[0]
-                    if report is not None:
+                probing = request.probes is not None and "probe" not in asked
+                if probing and (out.finished or completion > PILOT_TOKENS) or out.finished and request.needs_cell:
+                    # What its loop/controller/probes measured (read between steps): with probes, once the
+                    # pilot tokens are out, so that the front end can decide what the client sees.
+                    report = (await llm.collective_rpc("steerserve_loop_report", args=(rid,)))[0] or {}
+                    if probing:
+                        asked.add("probe")
+                        extra["probe"] = report
+                    if out.finished and report:
                         extra["report"] = report
                 yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
         except EngineDeadError:
@@ -216,27 +227,31 @@ class VLLMEngine:
                 except Exception:  # a dead engine has nothing left to abort
                     log.debug("closing the stream of %s failed", rid, exc_info=True)
             await self.gate.leave(rid)
-            if weights is not None:  # after vLLM finished or aborted it: the slot may be reused
-                self.ctrl_slots.release(weights.key)
+            self._release(held, slotted)  # after vLLM finished or aborted it: the slots may be reused
             if poll is not None:
                 poll.forget(rid)
 
-    async def _load_controller(self, weights: ControllerWeights) -> int:
-        """The worker slot holding ``weights``, loading them first if needed; 429 when every slot is held
-        by requests in flight."""
-        async with self._ctrl_lock:
-            got = self.ctrl_slots.acquire(weights.key)
+    async def _load(self, kind: str, weights: Weights) -> int:
+        """The worker slot holding ``weights`` (a ``kind``: controller, probes, head), loading them first if
+        needed; 429 when every slot of that kind is held by requests in flight."""
+        slots = self.slots[kind]
+        async with self._load_lock:
+            got = slots.acquire(weights.key)
             if got is None:
-                raise SteerError(f"all {self.ctrl_slots.capacity} controller slots are in use by other requests; "
-                                 "retry shortly", field="steering", status=429, code="controller_slots_full")
+                raise SteerError(f"all {slots.capacity} {kind} slots are in use by other requests; retry shortly",
+                                 field="steering", status=429, code="weight_slots_full")
             slot, load = got
             if load:
                 try:
-                    await self.llm.collective_rpc("steerserve_load_controller", args=(slot, encode_controller(weights)))
+                    await self.llm.collective_rpc("steerserve_load", args=(slot, encode_weights(weights)))
                 except BaseException:
-                    self.ctrl_slots.forget(weights.key)
+                    slots.forget(weights.key)
                     raise
             return slot
+
+    def _release(self, held: dict[str, Weights], slotted: dict[str, Slotted]) -> None:
+        for kind in slotted:
+            self.slots[kind].release(held[kind].key)
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         """Unsteered states of each prompt at ``layers``, read by capture requests through vLLM itself."""

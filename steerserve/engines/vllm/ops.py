@@ -30,6 +30,7 @@ import torch
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer
 from steerserve.runtime.control_op import ControllerUnit
+from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
 from steerserve.runtime.registers import Registers
 from steerserve.runtime.tables import StepTables
@@ -46,6 +47,7 @@ class SteerState:
     regs: Registers
     capture: CaptureBuffer
     ctrl: ControllerUnit
+    head: HeadPoint
     # True under CUDA-graph capture: no host branches, full fixed-shape tables (slots) every call.
     static: bool = False
 

@@ -9,6 +9,7 @@ MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lis
      "vectors": {key: [rows, hidden, <float32 little-endian bytes>]},
      "loop": {LoopSpec field: value} | None,               # closed loop (runtime.loop.LoopSpec)
      "controller": [slot, key] | None,                     # refusal controller, loaded in that slot
+     "probes": [slot, key] | None, "head": [slot, key] | None,  # SafeSwitch probes / refusal head
      "capture": bool}                                      # a capture request (runtime.capture)
 
 A controller's weights (~10 MB) do not travel with each request: the front end loads them into a worker
@@ -36,6 +37,7 @@ import torch
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.safeswitch import HeadDelta, Probe, ProbePair
 
 EXTRA_KEY = "steerserve"
 WIRE_VERSION = 4
@@ -49,10 +51,15 @@ class Wired:
     loop: LoopSpec | None = None
     capture: bool = False
     controller: tuple[int, str] | None = None  # (worker slot, weights key)
+    probes: tuple[int, str] | None = None
+    head: tuple[int, str] | None = None
+
+
+Slotted = tuple[int, str] | None  # (worker slot, weights key) of weights loaded ahead of the request
 
 
 def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bool = False,
-               controller: tuple[int, str] | None = None) -> dict[str, Any]:
+               controller: Slotted = None, probes: Slotted = None, head: Slotted = None) -> dict[str, Any]:
     """The ``extra_args["steerserve"]`` payload for ``ops`` (and a closed loop, or a capture request)."""
     vectors: dict[str, list[Any]] = {}
     rows: list[list[Any]] = []
@@ -64,7 +71,8 @@ def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bo
         rows.append([op.kind.value, op.layer, ref.key, float(op.scale), op.start, op.stop, op.positional, op.gain])
     return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors,
             "loop": None if loop is None else {**asdict(loop), "options": list(loop.options)},
-            "controller": None if controller is None else list(controller), "capture": capture}
+            "controller": None if controller is None else list(controller), "capture": capture,
+            "probes": None if probes is None else list(probes), "head": None if head is None else list(head)}
 
 
 def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
@@ -90,28 +98,51 @@ def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
     if raw_loop is not None:
         numbers = {k: float(v) for k, v in raw_loop.items() if k != "options"}
         loop = LoopSpec(**numbers, options=tuple(int(t) for t in raw_loop.get("options", ())))
-    raw_ctrl = payload.get("controller")
-    controller = None if raw_ctrl is None else (int(raw_ctrl[0]), str(raw_ctrl[1]))
-    return Wired(ops, loop, bool(payload.get("capture")), controller)
+    def slotted(key: str) -> Slotted:
+        raw = payload.get(key)
+        return None if raw is None else (int(raw[0]), str(raw[1]))
+
+    return Wired(ops, loop, bool(payload.get("capture")), slotted("controller"), slotted("probes"), slotted("head"))
 
 
 _CONTROLLER_TENSORS = ("w1", "b1", "w2", "b2", "direction", "scales")
+_PROBE_TENSORS = ("w1", "b1", "w2", "b2")
 
 
-def encode_controller(weights: ControllerWeights) -> dict[str, Any]:
-    """A controller's weights as MessagePack-able data (fp32 little-endian bytes with shapes)."""
-    out: dict[str, Any] = {"read_layers": list(weights.read_layers)}
-    for name in _CONTROLLER_TENSORS:
-        t = getattr(weights, name).to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
-        out[name] = [list(t.shape), t.tobytes()]
-    return out
+def _pack(t: torch.Tensor) -> list[Any]:
+    a = t.to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return [list(a.shape), a.tobytes()]
 
 
-def decode_controller(payload: Mapping[str, Any]) -> ControllerWeights:
-    """Inverse of ``encode_controller``."""
-    tensors = {name: torch.from_numpy(np.frombuffer(payload[name][1], dtype="<f4").reshape(payload[name][0]).copy())
-               for name in _CONTROLLER_TENSORS}
-    return ControllerWeights(read_layers=tuple(int(x) for x in payload["read_layers"]), **tensors)
+def _unpack(raw: Sequence[Any]) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(raw[1], dtype="<f4").reshape(raw[0]).copy())
+
+
+Weights = ControllerWeights | ProbePair | HeadDelta
+
+
+def encode_weights(weights: Weights) -> dict[str, Any]:
+    """Weights loaded into a worker slot ahead of the requests that name them, as MessagePack-able data
+    (fp32 little-endian bytes with shapes): a controller, a SafeSwitch probe pair or a refusal head."""
+    if isinstance(weights, ControllerWeights):
+        return {"kind": "controller", "read_layers": list(weights.read_layers),
+                **{n: _pack(getattr(weights, n)) for n in _CONTROLLER_TENSORS}}
+    if isinstance(weights, ProbePair):
+        return {"kind": "probes", **{f"{s}.{n}": _pack(getattr(getattr(weights, s), n))
+                                     for s in ("stage1", "stage2") for n in _PROBE_TENSORS}}
+    return {"kind": "head", "a": _pack(weights.a), "b": _pack(weights.b)}
+
+
+def decode_weights(payload: Mapping[str, Any]) -> Weights:
+    """Inverse of ``encode_weights``."""
+    kind = payload["kind"]
+    if kind == "controller":
+        return ControllerWeights(read_layers=tuple(int(x) for x in payload["read_layers"]),
+                                 **{n: _unpack(payload[n]) for n in _CONTROLLER_TENSORS})
+    if kind == "probes":
+        s1, s2 = (Probe(**{n: _unpack(payload[f"{s}.{n}"]) for n in _PROBE_TENSORS}) for s in ("stage1", "stage2"))
+        return ProbePair(s1, s2)
+    return HeadDelta(_unpack(payload["a"]), _unpack(payload["b"]))
 
 
 def from_extra_args(extra_args: Mapping[str, Any] | None) -> Wired:

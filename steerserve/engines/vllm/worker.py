@@ -35,13 +35,16 @@ import torch
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
-from steerserve.engines.vllm.wire import decode_controller, from_extra_args
+from steerserve.engines.vllm.wire import decode_weights, from_extra_args
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.control_op import ControllerUnit
+from steerserve.runtime.controller import ControllerWeights
+from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
+from steerserve.runtime.safeswitch import PILOT_TOKENS, ProbePair
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class SteeringRunnerMixin:
     _steer_failed: dict[str, str]  # req_id -> why its steering was refused (until the front end takes it)
     _steer_cells: dict[str, int]  # req_id -> register cell of a closed-loop or controlled request
     _steer_ctrl: dict[str, tuple[int, int]]  # req_id -> (controller slot, prompt length) of a controlled request
+    _steer_probe: dict[str, tuple[int, int]]  # req_id -> (probe slot, prompt length): SafeSwitch probes
+    _steer_head: dict[str, int]  # req_id -> head slot: its logits get the refusal head's delta
     _steer_reports: dict[str, dict[str, float | None]]  # finished closed-loop req_id -> what its loop measured
     _steer_rows: torch.Tensor | None  # this step's register cell per batch row (closed loops), else None
     _capture_reqs: set[str]  # capture requests in flight
@@ -79,18 +84,22 @@ class SteeringRunnerMixin:
                     _forget_oldest(self._steer_reports)
                 self._capture_reqs.discard(req_id)
                 self._steer_ctrl.pop(req_id, None)
+                self._steer_probe.pop(req_id, None)
+                self._steer_head.pop(req_id, None)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
                 wired = from_extra_args(params.extra_args if params is not None else None)
                 if wired.capture:
                     self._capture_reqs.add(new.req_id)
-                if wired.controller is not None:
-                    slot, key = wired.controller
-                    if state.ctrl.keys[slot] != key or new.prompt_token_ids is None:
-                        raise RuntimeError(f"request {new.req_id}: controller slot {slot} does not hold its "
-                                           "controller (load it first: steerserve_load_controller)")
-                    self._steer_ctrl[new.req_id] = (slot, len(new.prompt_token_ids))
-                if (wired.loop is not None or wired.controller is not None) and new.req_id not in self._steer_cells:
+                n_prompt = len(new.prompt_token_ids or ())
+                for got, keys, into in ((wired.controller, state.ctrl.keys, self._steer_ctrl),
+                                        (wired.probes, state.head.probe_keys, self._steer_probe)):
+                    if got is not None:
+                        into[new.req_id] = (_slot(new.req_id, got, keys), n_prompt)
+                if wired.head is not None:
+                    self._steer_head[new.req_id] = _slot(new.req_id, wired.head, state.head.head_keys)
+                cell_needed = wired.loop is not None or wired.controller is not None or wired.probes is not None
+                if cell_needed and new.req_id not in self._steer_cells:
                     cell = state.regs.open(wired.loop, controlled=wired.controller is not None)
                     if cell is None:  # the front end admits at most loop_slots of them (engines.slots)
                         raise RuntimeError(f"request {new.req_id}: no free closed-loop register slot")
@@ -115,7 +124,7 @@ class SteeringRunnerMixin:
         batch = self.input_batch
         starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
-        step, reads, ctrl_reads = [], [], []
+        step, reads, ctrl_reads, probe_rows, head_rows = [], [], [], [], []
         cells = self._steer_cells
         rows = np.full(batch.num_reqs, state.regs.sink, dtype=np.int64) if cells else None
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
@@ -131,6 +140,15 @@ class SteeringRunnerMixin:
                 last = ctrl[1] - 1 - int(computed[i])
                 if 0 <= last < int(num_scheduled_tokens[i]):
                     ctrl_reads.append((int(starts[i]) + last, cell, ctrl[0]))
+            probe = self._steer_probe.get(req_id)
+            if probe is not None:  # SafeSwitch: stage 1 at the last prompt token, stage 2 after the pilot
+                sampled = int(computed[i]) + int(num_scheduled_tokens[i]) - 1  # position of the sampled row
+                for stage, at in enumerate((probe[1] - 1, probe[1] + PILOT_TOKENS - 1)):
+                    if sampled == at:
+                        probe_rows.append((i, cell, probe[0], stage))
+            head = self._steer_head.get(req_id)
+            if head is not None:
+                head_rows.append((i, head))
             if req_id in self._capture_reqs:
                 reads.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
         total = int(scheduler_output.total_num_scheduled_tokens)
@@ -139,6 +157,8 @@ class SteeringRunnerMixin:
                               state.regs.layer_gain)
         if ctrl_reads or state.ctrl.active:
             state.ctrl.fill(ctrl_reads)
+        if probe_rows or head_rows or state.head.active:
+            state.head.fill(probe_rows, head_rows)
         if reads or state.capture.active:
             for r in state.capture.fill(total, reads):
                 log.warning("steerserve: capture of %s skipped this step (the buffer is full)", r.request)
@@ -213,7 +233,32 @@ def _steer_runner(runner: Any) -> None:
     runner.__class__ = _RUNNER_CLASSES[cls]
     runner._steer_reqs, runner._steer_step, runner._steer_failed, runner._rewound = {}, [], {}, {}
     runner._steer_cells, runner._steer_reports, runner._steer_rows, runner._steer_ctrl = {}, {}, None, {}
+    runner._steer_probe, runner._steer_head = {}, {}
     runner._capture_reqs, runner._captures = set(), Captures()
+
+
+def _slot(req_id: str, got: tuple[int, str], keys: list[str | None]) -> int:
+    """The slot a request names, after checking that it holds the weights the request was built for."""
+    slot, key = got
+    if not 0 <= slot < len(keys) or keys[slot] != key:
+        raise RuntimeError(f"request {req_id}: worker slot {slot} does not hold its weights (load them first: "
+                           "steerserve_load)")
+    return slot
+
+
+def _with_head_point(model: Any) -> None:
+    """Wrap ``model.compute_logits`` (called on the sampled rows' post-final-norm states, in batch order,
+    outside the compiled graph): the head point's probes read those states, its heads add their deltas."""
+    compute = model.compute_logits
+
+    def compute_logits(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        logits = compute(hidden_states, *args, **kwargs)
+        state = steer_ops.current()
+        if state is not None and state.head.active and logits is not None:
+            state.head.apply(hidden_states, logits, state.regs)
+        return logits
+
+    model.compute_logits = compute_logits
 
 
 def _forget_oldest(d: dict[str, Any], limit: int = 10_000) -> None:
@@ -243,9 +288,13 @@ def _setup(worker: Any) -> None:
     regs = Registers(loop_slots, num_layers, device=runner.device)
     ctrl = ControllerUnit(int(conf.get("controller_slots", Settings.controller_slots)), regs.sink + 1, num_layers,
                           hidden, loop_slots, device=runner.device)
+    vocab = worker.vllm_config.model_config.get_vocab_size()
+    head = HeadPoint(int(conf.get("controller_slots", Settings.controller_slots)), hidden, vocab,
+                     worker.vllm_config.scheduler_config.max_num_seqs, regs.sink, device=runner.device)
+    _with_head_point(model)
     capture = CaptureBuffer(num_layers, int(conf.get("capture_tokens", Settings.capture_tokens)), hidden, max_tokens,
                             device=runner.device)
-    steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, ctrl, static=static))
+    steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, ctrl, head, static=static))
     log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
              type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
 
@@ -269,12 +318,19 @@ def _make_worker(base: type) -> type:
             return {"steered": len(self.model_runner._steer_reqs), "loop_slots": state.regs.in_use,
                     **state.bank.stats()}
 
-        def steerserve_load_controller(self, slot: int, payload: dict[str, Any]) -> None:
-            """Load a controller's weights (``wire.encode_controller``) into ``slot``, between steps; the front
-            end (``ControllerSlots``) only reuses a slot that no request in flight holds."""
+        def steerserve_load(self, slot: int, payload: dict[str, Any]) -> None:
+            """Load weights (``wire.encode_weights``: a controller, probes or a head) into ``slot`` of their
+            unit, between steps; the front end (``ControllerSlots``) only reuses a slot no request in flight holds."""
             state = steer_ops.current()
-            if state is not None:
-                state.ctrl.load(slot, decode_controller(payload))
+            if state is None:
+                return
+            weights = decode_weights(payload)
+            if isinstance(weights, ControllerWeights):
+                state.ctrl.load(slot, weights)
+            elif isinstance(weights, ProbePair):
+                state.head.load_probes(slot, weights)
+            else:
+                state.head.load_head(slot, weights)
 
         def steerserve_take_failed(self) -> dict[str, str]:
             """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
