@@ -10,6 +10,8 @@ the compiled graph, chunk by chunk. Skipped where vLLM is not installed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -29,10 +31,13 @@ from transformers import AutoTokenizer
 from steerserve.config import Settings
 from steerserve.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
+from steerserve.engines.switching import switching
 from steerserve.engines.vllm.engine import VLLMEngine
 from steerserve.model import model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from tests import test_controller_runtime as cr
+from tests import test_safeswitch_runtime as ss
 from tests.paths import models_dir
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits.",
@@ -319,3 +324,35 @@ async def test_closed_loop_matches_hf_under_chunked_prefill(engine: VLLMEngine, 
             break
         await asyncio.sleep(0.05)
     assert stats["loop_slots"] == 0 and stats["steered"] == 0
+
+
+# ---- the head point and the controller read op (their own modules test them on the hf engine) ----
+
+async def test_controller_gives_hf_tokens_under_chunked_prefill(engine: VLLMEngine, hf_engine: HFEngine) -> None:
+    w = cr.random_controller(0, hf_engine.info.hidden_size, hf_engine.info.num_layers, bias=0.5)
+    reqs = [cr.controlled(cr.ids_of(t), w) for t in cr.PROMPTS]
+    got = await asyncio.gather(*[cr.run(engine, r) for r in reqs])  # batched, prefilled in 32-token chunks
+    for r, (tokens, report) in zip(reqs, got, strict=True):
+        want, want_report = await cr.run(hf_engine, cr.controlled(r.prompt_token_ids, w))
+        assert tokens == want
+        assert math.isclose(float(report["controller_scale"]), float(want_report["controller_scale"]),  # type: ignore[arg-type]
+                            rel_tol=1e-4)
+
+
+async def test_safeswitch_gives_hf_tokens_and_scores(engine: VLLMEngine, hf_engine: HFEngine) -> None:
+    info = hf_engine.info
+    probes, delta = ss.pair(0, info.hidden_size), ss.head(0, info.hidden_size, info.vocab_size)
+    for text in ss.PROMPTS:
+        ids = ss.ids_of(text)
+        for kw in ({"probes": probes}, {"head": delta}):
+            got, got_report = await ss.collect(engine.generate(ss.request(ids, **kw)))
+            want, want_report = await ss.collect(hf_engine.generate(ss.request(ids, **kw)))
+            assert ss.tokens(got) == ss.tokens(want)
+            for key in ("probe_stage1", "probe_stage2"):
+                if key in want_report:
+                    assert math.isclose(float(got_report[key]), float(want_report[key]), rel_tol=1e-3)  # type: ignore[arg-type]
+    first = ss.request(ss.ids_of(ss.PROMPTS[0]), probes=ss.pair(1, info.hidden_size, 20.0))
+    regen = dataclasses.replace(first, request_id=f"{first.request_id}-switched", probes=None, head=delta)
+    outs, report = await ss.collect(switching(engine, first, regen, 0.5))
+    headed, _ = await ss.collect(hf_engine.generate(ss.request(first.prompt_token_ids, head=delta)))
+    assert report["switched"] is True and ss.tokens(outs) == ss.tokens(headed)
