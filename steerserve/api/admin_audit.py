@@ -147,10 +147,10 @@ class AuditMiddleware:
 
         try:
             await self.app(scope, receive, audited_send)
-        except BaseException:
-            if not written:  # unhandled: the outer middleware answers 500
+        except BaseException as exc:
+            if not written:  # unhandled: the outer middleware answers 500; cancelled: nobody is answered (499)
                 written = True
-                await self._write(build_entry(scope, actor, note, 500, b""))
+                await self._write(build_entry(scope, actor, note, 500 if isinstance(exc, Exception) else 499, b""))
             raise
 
 

@@ -68,8 +68,10 @@ class AuditEntry:
         return outcome_of(self.status)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with ``outcome``."""
-        return {**asdict(self), "artifacts": list(self.artifacts), "outcome": self.outcome}
+        """JSON-ready, with ``outcome``; ``id`` and ``at`` first."""
+        d = asdict(self)
+        return {"id": d.pop("id"), "at": d.pop("at"), **d, "artifacts": list(self.artifacts),
+                "outcome": self.outcome}
 
 
 class AuditLog:
