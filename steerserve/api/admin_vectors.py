@@ -4,9 +4,12 @@ Uploading a vector, ``POST /admin/vectors``, takes one of
 - JSON ``{"name", "description"?, "vectors": {"<layer>": [hidden_size floats], ...}}``;
 - raw safetensors bytes (tensors ``layer.<i>``) as ``application/octet-stream``, with ``?name=...`` and
   optionally ``&description=...`` in the query string, e.g.
-  ``curl --data-binary @v.safetensors -H 'Content-Type: application/octet-stream' '.../admin/vectors?name=v'``.
-  ``multipart/form-data`` is not accepted (415): parsing it needs python-multipart, which this server
-  does not depend on.
+  ``curl --data-binary @v.safetensors -H 'Content-Type: application/octet-stream' '.../admin/vectors?name=v'``;
+- ``multipart/form-data``: the same bytes as the file part ``file`` (``application/octet-stream`` or no
+  content type) and text fields ``name`` and optionally ``description``, e.g.
+  ``curl -F file=@v.safetensors -F name=v .../admin/vectors``. The parts are parsed as the body arrives,
+  the body still counted against ``max_upload_bytes`` by the guard.
+Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``).
 A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``);
 these routes list, show, enable and delete vectors and directions alike.
 
@@ -15,6 +18,7 @@ Auth, the router's settings and the artifact lookups shared with the pair routes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Annotated, Any
@@ -23,6 +27,8 @@ import torch
 from fastapi import Body, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerserve.api.admin import (
     Ref,
@@ -37,6 +43,7 @@ from steerserve.api.admin import (
     select_versions,
     service_of,
 )
+from steerserve.api.admin_audit import AuditNote, audit_note
 from steerserve.api.admin_schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
 from steerserve.api.document import COMPUTE_EXAMPLES, ENABLE_EXAMPLES
@@ -48,9 +55,10 @@ from steerserve.store.db import NAME_RE
 
 _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
 
+_FORM_FIELDS = ("file", "name", "description")  # a multipart upload's parts
+_FILE_TYPE = "application/octet-stream"
+
 router = admin_router()
-
-
 
 
 def _parse_upload(data: bytes) -> VectorUpload:
@@ -79,8 +87,9 @@ def _json_field(field: str | None) -> str | None:
     return "vectors" if field == "tensors" else field
 
 
-async def _upload_json(request: Request, store: ArtifactStore) -> ArtifactMeta:
+async def _upload_json(request: Request, store: ArtifactStore, note: AuditNote) -> ArtifactMeta:
     body = await run_sync(_parse_upload, await request.body())  # up to 64 MiB of JSON: not on the event loop
+    note.name = body.name
     check_description(body.description, request)
     tensors: dict[int, torch.Tensor] = {}
     for key, values in body.vectors.items():
@@ -95,15 +104,60 @@ async def _upload_json(request: Request, store: ArtifactStore) -> ArtifactMeta:
         raise
 
 
+async def _read_multipart(request: Request) -> tuple[str, str, bytes]:
+    """(name, description, file bytes) of a multipart upload; a refusal names the part."""
+    try:
+        # Two file parts at most, so that a repeated ``file`` is refused by name below, not by a count.
+        form = await request.form(max_files=2, max_fields=len(_FORM_FIELDS))
+    except StarletteHTTPException as exc:  # starlette's answer to python-multipart's parse errors
+        raise SteerError(f"not a valid multipart/form-data body: {exc.detail}", code="invalid_multipart") from None
+    try:
+        for key in dict.fromkeys(form.keys()):
+            if key not in _FORM_FIELDS:
+                raise SteerError(f"unknown field; a multipart upload has the parts {list(_FORM_FIELDS)}", field=key)
+            if len(form.getlist(key)) > 1:
+                raise SteerError("is given more than once", field=key)
+        texts: dict[str, str] = {}
+        for key in ("name", "description"):
+            value = form.get(key)
+            if isinstance(value, UploadFile):
+                raise SteerError(f"must be a text field (-F {key}=...), not a file part", field=key)
+            if value is not None:
+                texts[key] = value
+        if "name" not in texts:
+            raise SteerError("is required: a text field (-F name=...)", field="name")
+        upload = form.get("file")
+        if upload is None:
+            raise SteerError("is required: the safetensors bytes as a file part (-F file=@v.safetensors)",
+                             field="file")
+        if not isinstance(upload, UploadFile):
+            raise SteerError("must be a file part, with a filename (-F file=@v.safetensors), not a text field",
+                             field="file")
+        content_type = (upload.content_type or _FILE_TYPE).split(";")[0].strip().lower()
+        if content_type != _FILE_TYPE:
+            raise SteerError(f"has content type {content_type!r}: send the safetensors bytes as {_FILE_TYPE}",
+                             field="file", status=415, code="unsupported_media_type")
+        check_description(texts.get("description", ""), request)
+        return texts["name"], texts.get("description", ""), await upload.read()
+    finally:
+        await form.close()  # the file part may be spooled to a temporary file
+
+
 _UPLOAD_BODY = {
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": VectorUpload.model_json_schema()},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "name"], "additionalProperties": False,
+            "properties": {"file": {"type": "string", "format": "binary", "description": "the safetensors file"},
+                           "name": {"type": "string", "pattern": f"^{NAME_RE.pattern}$"},
+                           "description": {"type": "string", "maxLength": Settings.max_description_chars}}}},
     }},
     "parameters": [
-        {"name": "name", "in": "query", "required": False, "description": "the name, for a safetensors upload",
+        {"name": "name", "in": "query", "required": False,
+         "description": "the name, for a raw safetensors upload (application/octet-stream)",
          "schema": {"type": "string", "pattern": f"^{NAME_RE.pattern}$"}},
-        {"name": "description", "in": "query", "required": False, "description": "for a safetensors upload",
+        {"name": "description", "in": "query", "required": False, "description": "for a raw safetensors upload",
          "schema": {"type": "string", "maxLength": Settings.max_description_chars}},
     ],
 }
@@ -112,27 +166,31 @@ _UPLOAD_BODY = {
 @router.post("/vectors", status_code=201, openapi_extra=_UPLOAD_BODY, response_model=None,
              responses={201: {"model": ArtifactOut}, **errors(415)})
 async def upload_vector(request: Request) -> dict[str, Any]:
-    """Upload a vector: JSON, or raw safetensors bytes with ``?name=`` (see the module docstring)."""
-    store = service_of(request).store
+    """Upload a vector: JSON, raw safetensors bytes with ``?name=``, or a multipart form (see the module
+    docstring)."""
+    store, note = service_of(request).store, audit_note(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        meta = await _upload_json(request, store)
-    elif content_type == "multipart/form-data":
-        raise SteerError("multipart uploads are not supported (this server does not depend on python-multipart): "
-                         "send the safetensors bytes as the body, Content-Type application/octet-stream, with "
-                         "?name=...&description=...", status=415, code="unsupported_media_type")
+        return (await _upload_json(request, store, note)).to_dict()
+    if content_type == "multipart/form-data":
+        name, description, data = await _read_multipart(request)
+        note.name = name
     elif content_type == "application/octet-stream":
-        name = request.query_params.get("name")
-        if name is None:
+        query_name = note.name = request.query_params.get("name")
+        if query_name is None:
             raise SteerError("is required in the query string (?name=...)", field="name")
+        name = query_name
         description = request.query_params.get("description", "")
         check_description(description, request)
         data = await request.body()
-        meta = await run_sync(store.put_vector_file, name, data, description=description)
     else:
-        raise SteerError(f"unsupported content type {content_type or '(none)'!r}: send application/json or "
-                         "safetensors bytes as application/octet-stream", status=415,
+        raise SteerError(f"unsupported content type {content_type or '(none)'!r}: send application/json, "
+                         "safetensors bytes as application/octet-stream, or multipart/form-data", status=415,
                          code="unsupported_media_type")
+    # One path for a file however it came: the sha256 for the audit log (a refused file's too), then the
+    # store's checks and its atomic commit.
+    note.sha256 = await run_sync(lambda: hashlib.sha256(data).hexdigest())
+    meta = await run_sync(store.put_vector_file, name, data, description=description)
     return meta.to_dict()
 
 
@@ -176,6 +234,7 @@ async def enable_vector(name: Ref, body: Annotated[EnableVector, Body(openapi_ex
                         request: Request) -> dict[str, Any]:
     """Enable or disable every version of ``name``, or one (``name@v`` or ``"version"``)."""
     store = service_of(request).store
+    audit_note(request).action = "enable" if body.enabled else "disable"
 
     def work() -> list[ArtifactMeta]:
         target, version = select_target(store, STEERING_KINDS, name, body.version)

@@ -27,6 +27,7 @@ import torch
 from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.store import db
+from steerserve.store.audit import AuditLog
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
 from steerserve.store.vetting import NormPolicy, check_vectors
@@ -98,6 +99,7 @@ class ArtifactStore:
         self.dir = self.root / "artifacts"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._engine = db.make_engine(self.root / "manifest.sqlite")
+        self.audit = AuditLog(self._engine)  # the admin API's log, in the same manifest
         self.policy = NormPolicy()  # no norm limit until set_norm_policy
         self.max_description_chars = 1024
         # SQLite's write lock already serialises writers, across processes too; this lock only queues our

@@ -62,6 +62,26 @@ counters = sa.Table(
     sa.Column("last_version", sa.Integer, nullable=False),
 )
 
+# One row per admin request (``audit.py``): who, what, when, the artifact bytes' sha256, the outcome.
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),  # the order requests finished in
+    sa.Column("at", sa.String, nullable=False),  # ISO-8601 UTC
+    sa.Column("actor", sa.String, nullable=False),  # a credential's id ("admin:<8 hex>"), never the secret
+    sa.Column("action", sa.String, nullable=False),
+    sa.Column("route", sa.String, nullable=False),  # "DELETE /admin/vectors/{name}"
+    sa.Column("name", sa.String, nullable=True),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String, nullable=True),
+    sa.Column("sha256", sa.String(64), nullable=True),
+    sa.Column("artifacts", sa.JSON, nullable=False),  # [{"ref", "kind", "sha256"}] acted on
+    sa.Column("outcome", sa.String(8), nullable=False),  # ok | refused | failed
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("field", sa.String, nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+)
+
 
 @dataclass(frozen=True)
 class ArtifactMeta:
