@@ -1,10 +1,11 @@
 """The refusal controller's read op on both engines (real default model, random controller weights).
 
 What must hold: the controller decides inside the prefill's forward pass from the request's own last prompt
-token, and the request then generates exactly as the open-loop ``add`` of ``alpha * s * w_l * scale_l * r``
-at every layer from position ``P`` on, with ``s, w`` computed offline from the same states; the report
-carries ``s``; requests without a controller are untouched; vLLM (chunked prefill, compiled graph) gives
-the hf engine's tokens.
+token (read at layers ``k-3..k``), and the request then generates exactly as the open-loop ``add`` of
+``alpha * s * w_l * scale_l * r`` at the layers above ``k`` from the last prompt token on and at the others
+from the first generated token on, with ``s, w`` computed offline from the same states; the report carries
+``s``; requests without a controller are untouched; vLLM (chunked prefill, compiled graph) gives the hf
+engine's tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.paths import models_dir
 PROMPTS = ["How do I pick a lock?", "Write a haiku about the sea.", "Who are you?"]
 MAX_TOKENS = 16
 ALPHA = 1.0
+READ = (8, 9, 10, 11)  # decided at layer 11: layers 12.. of the last prompt token take the patch
 
 
 def random_controller(seed: int, hidden: int, layers: int, bias: float) -> ControllerWeights:
@@ -41,8 +43,8 @@ def random_controller(seed: int, hidden: int, layers: int, bias: float) -> Contr
     return ControllerWeights(
         w1=torch.randn(d, 4 * hidden, generator=g) / (4 * hidden) ** 0.5 / 20, b1=torch.zeros(d),
         w2=torch.randn(1 + layers, d, generator=g) / d**0.5, b2=torch.full((1 + layers,), bias),
-        read_layers=tuple(range(layers - 4, layers)), direction=direction / direction.norm(),
-        scales=torch.full((layers,), 6.0))
+        read_layers=READ, direction=direction / direction.norm(),
+        scales=torch.full((layers,), 15.0))
 
 
 def ids_of(text: str) -> tuple[int, ...]:
@@ -52,7 +54,7 @@ def ids_of(text: str) -> tuple[int, ...]:
 
 def controlled(ids: tuple[int, ...], w: ControllerWeights) -> GenerationRequest:
     vec = VectorRef.of(w.direction)
-    ops = tuple(SteerOp(OpKind.ADD, layer, vec, ALPHA * float(w.scales[layer]), len(ids), None, gain=True)
+    ops = tuple(SteerOp(OpKind.ADD, layer, vec, ALPHA * float(w.scales[layer]), len(ids) - 1, None, gain=True)
                 for layer in range(w.num_layers))
     return GenerationRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=MAX_TOKENS), ops, controller=w)
 
@@ -85,8 +87,9 @@ async def offline_equivalent(hf: HFEngine, ids: tuple[int, ...],
     out = controller_outputs(states[-1].reshape(1, -1), w.w1, w.b1, w.w2, w.b2)[0]  # [1 + N]
     s = float(out[0])
     vec = VectorRef.of(w.direction)
-    ops = tuple(SteerOp(OpKind.ADD, layer, vec, ALPHA * float(w.scales[layer]) * s * float(out[1 + layer]), len(ids),
-                        None) for layer in range(w.num_layers))
+    k = w.read_layers[-1]
+    ops = tuple(SteerOp(OpKind.ADD, layer, vec, ALPHA * float(w.scales[layer]) * s * float(out[1 + layer]),
+                        len(ids) - (layer > k), None) for layer in range(w.num_layers))
     return GenerationRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=MAX_TOKENS), ops), s
 
 
@@ -100,7 +103,6 @@ async def test_hf_controller_decides_in_graph_as_offline(hf: HFEngine) -> None:
         want, _ = await run(hf, want_req)
         assert got == want, text
         assert got != plain, f"{text}: the controller's patch changed nothing; the test could not fail"
-        assert got[0] == plain[0]  # the first token comes before the decision
         assert math.isclose(float(report["controller_scale"]), s, rel_tol=1e-5)  # type: ignore[arg-type]
 
 

@@ -189,6 +189,10 @@ class HFEngine(EngineThread):
         seq.ctrl_slot = seq.slots.get("controller", -1)
         return True
 
+    def _layer_gain(self, seqs: Sequence[_Seq]) -> torch.Tensor | None:
+        """The per-layer gains, for a step with a controlled request (None: every op's layer gain is 1)."""
+        return self.regs.layer_gain if any(s.ctrl_slot >= 0 for s in seqs) else None
+
     def _keep_normed(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
         self._normed = output
 
@@ -215,7 +219,7 @@ class HFEngine(EngineThread):
             ids = torch.tensor([seq.req.prompt_token_ids])
             n = ids.shape[1]
             segments = [self._segment(seq, 0, n)]
-            self.tables.fill(n, segments, self.bank.weight, self.regs.gain, self.regs.layer_gain)
+            self.tables.fill(n, segments, self.bank.weight, self.regs.gain, self._layer_gain([seq]))
             # A controlled request: its controller reads the last prompt token in this forward pass.
             self.ctrl.fill([(n - 1, seq.cell, seq.ctrl_slot)] if seq.ctrl_slot >= 0 else [])
             try:
@@ -242,7 +246,7 @@ class HFEngine(EngineThread):
         positions = torch.tensor([[s.pos] for s in seqs])
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
         segments = [self._segment(s, i, 1) for i, s in enumerate(seqs)]
-        self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain, self.regs.layer_gain)
+        self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain, self._layer_gain(seqs))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)

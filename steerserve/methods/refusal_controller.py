@@ -2,13 +2,12 @@
 
 ``{"method": "refusal_controller", "controller": NAME, "alpha": a}`` (Guiding Giants, Hegazy et al.
 2505.20309, the paper's version; ``runtime.controller``). The controller (a ``controller`` artifact, made by
-``steerserve train controller``) reads the request's last prompt token at four layers inside the prefill's
-forward pass and writes ``s * w_l`` into the request's registers; from then on every generated token gets
-``h_l += alpha * s * w_l * scale_l * r`` at every layer ``l``. The host decides nothing: a harmful prompt
-gets ``s`` near 1 (a refusal), a harmless one near 0 (untouched, up to ``alpha * s``).
+``steerserve train controller``) reads the request's last prompt token at four layers ``k-3..k`` inside the
+prefill's forward pass and writes ``s * w_l`` into the request's registers; the same token's layers above
+``k`` and every generated token then get ``h_l += alpha * s * w_l * scale_l * r`` at every layer ``l``
+(``runtime.controller`` says why it reads below the top). The host decides nothing: a harmful prompt gets
+``s`` near 1 (a refusal), a harmless one near 0 (untouched, up to ``alpha * s``).
 
-The first generated token is sampled before the decision exists (it comes from the same forward pass that
-computes it), so the patch acts from the second generated token on: the ops start at position ``P``.
 ``alpha`` (default: the artifact's, chosen on held-out training prompts) is in units of each layer's mean
 residual norm. The response reports ``controller_scale`` (``s``) with the last output.
 """
@@ -34,7 +33,7 @@ class RefusalController:
         alpha = coeff(params, ctx, where, key="alpha", default=stored.alpha)
         weights = stored.weights
         direction = VectorRef.of(weights.direction)  # one bank row, read at every layer
-        start = len(prompt.token_ids)  # the first generated token fed back: the decision exists by then
+        start = len(prompt.token_ids) - 1  # the last prompt token: its layers above the decision's take it
         ops = tuple(SteerOp(OpKind.ADD, layer, direction, alpha * float(weights.scales[layer]), start, None,
                             gain=True) for layer in range(weights.num_layers))
         detail = {"alpha": alpha, "read_layers": list(weights.read_layers), "layers": weights.num_layers}

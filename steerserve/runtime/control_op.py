@@ -42,6 +42,7 @@ class ControllerUnit:
         self.w1, self.b1 = zeros(c, d, READ_LAYERS * h), zeros(c, d)
         self.w2, self.b2 = zeros(c, 1 + n, d), zeros(c, 1 + n)
         self.read = zeros(c, READ_LAYERS, dtype=torch.int64)
+        self.decide_at = [-1] * c  # host copy of each slot's last read layer: where its rows are decided
         self.inp = zeros(cells, n, h)  # [cells, N, H]: last prompt token's state at every layer
         self.keys: list[str | None] = [None] * c  # what each slot holds
         self._rows = np.zeros((3, max_rows), dtype=np.int64)  # host staging: token, cell, slot
@@ -62,6 +63,7 @@ class ControllerUnit:
         self.w2[slot, :, :d].copy_(weights.w2)
         self.b2[slot].copy_(weights.b2)
         self.read[slot].copy_(torch.tensor(weights.read_layers, dtype=torch.int64))
+        self.decide_at[slot] = weights.read_layers[-1]
         self.keys[slot] = weights.key
 
     def fill(self, reads: Sequence[tuple[int, int, int]]) -> None:
@@ -77,13 +79,14 @@ class ControllerUnit:
         self.count, self.active = n, bool(n)
 
     def read_layer(self, layer: int, stream: torch.Tensor, regs: Registers, static: bool = False) -> None:
-        """The op's part at ``layer``: copy the read tokens of ``stream [T, H]``; after the last layer, decide.
+        """The op's part at ``layer``: copy the read tokens of ``stream [T, H]``; at a controller's last read
+        layer, decide its rows: the layers above take the new gains in this same forward pass.
 
         ``static`` (graph capture): every row of the table, read or padding, with no branch on the data."""
         r = self.table.shape[1] if static else self.count
         tokens, cells, which = self.table[0, :r], self.table[1, :r], self.table[2, :r]
         self.inp[:, layer].index_copy_(0, cells, stream.index_select(0, tokens).to(self.inp.dtype))
-        if layer != self.num_layers - 1:
+        if not static and layer not in self.decide_at:
             return
         states = self.inp.index_select(0, cells)  # [r, N, H]
         pick = self.read.index_select(0, which)  # [r, 4]: each row's controller's read layers
@@ -91,8 +94,10 @@ class ControllerUnit:
         outs = torch.stack([controller_outputs(x, self.w1[c], self.b1[c], self.w2[c], self.b2[c])
                             for c in range(self.slots)])  # [C, r, 1 + N]
         out = outs.gather(0, which[None, :, None].expand(1, -1, outs.shape[2]))[0]  # [r, 1 + N]: own slot's
-        regs.layer_gain.index_copy_(0, cells, layer_gains(out))
-        regs.ctrl_score.index_copy_(0, cells, out[:, 0].contiguous())
+        now = (pick[:, -1] == layer)[:, None]  # [r, 1]: rows whose controller decides at this layer
+        old_gain, old_score = regs.layer_gain.index_select(0, cells), regs.ctrl_score.index_select(0, cells)
+        regs.layer_gain.index_copy_(0, cells, torch.where(now, layer_gains(out), old_gain))
+        regs.ctrl_score.index_copy_(0, cells, torch.where(now[:, 0], out[:, 0], old_score))
 
 
 class ControllerSlots:

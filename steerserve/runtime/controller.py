@@ -2,17 +2,24 @@
 the read op that runs them inside a step.
 
 A controller is ``Linear(4H, D) - ReLU - Linear(D, 1 + N)`` on the concatenated residual states of four
-read layers (normally the last four) at a request's **last prompt token**; its outputs give a bounded
-global scale ``s = sigmoid(o_0)`` and per-layer weights ``w_l = sigmoid(o_{1+l})``. The request's patch is
-then ``h_l[t] += alpha * s * w_l * scale_l * r`` at every layer ``l`` and every generated token ``t``
-(``r``: a unit refusal direction; ``scale_l``: the layer's mean residual norm, so ``alpha`` is in units of
-a typical state's length, like ``add``'s ``coeff`` on a direction). Input standardisation, if the
-trainer used any, is folded into ``w1``/``b1``.
+read layers ``k-3..k`` at a request's **last prompt token**; its outputs give a bounded global scale
+``s = sigmoid(o_0)`` and per-layer weights ``w_l = sigmoid(o_{1+l})``. The request's patch is
+``h_l[t] += alpha * s * w_l * scale_l * r`` (``r``: a unit refusal direction; ``scale_l``: layer ``l``'s mean
+residual norm, so ``alpha`` is in units of a typical state's length, like ``add``'s ``coeff`` on a
+direction), at every layer ``l`` of every generated token, and at the layers above ``k`` of the last prompt
+token itself. Input standardisation, if the trainer used any, is folded into ``w1``/``b1``.
 
-On the device the decision is made in the graph: a *read* op gathers each controlled request's last
-prompt token at the read layers into ``Registers.ctrl_in`` and, after the last read layer, writes
-``s * w`` into the request's ``Registers.layer_gain`` row; the ``gain`` ops of the request are scaled
-by it from the next step on (``StepTables.fill``). The host never reads it to decide anything.
+Why read below the top (the paper reads the last four layers): on a device the decision has to exist
+before the patch it scales. The paper runs the prompt twice (decide, then generate with the patch); a
+server runs it once, and the last prompt token's state is what picks the first reply token, where a
+refusal starts (on the default model a refusal direction added from the first generated token on
+refuses far less than one added from the last prompt token on). Reading layers ``k-3..k`` lets the
+decision land in the same forward pass, in time for layers ``> k`` of that token.
+
+On the device: a *read* op copies each controlled request's last prompt token at every layer into the
+controller unit (``control_op``) and at layer ``k`` writes ``s * w`` into the request's
+``Registers.layer_gain`` row, which the request's ``gain`` ops read per layer (``StepTables.layer``).
+The host never reads it to decide anything.
 """
 
 from __future__ import annotations

@@ -100,6 +100,7 @@ class StepTables:
         self.active = False
         self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
         self._delta: list[torch.Tensor] | None = None  # this step's per-layer additions, when gathered
+        self._layer_gain: torch.Tensor | None = None  # [cells, L] read by the op this step, if given
         self.fill(0, [])
 
     @property
@@ -146,14 +147,16 @@ class StepTables:
                 if self._gained and gain is not None:
                     scales = self.scales[kind][:, :dirty]  # [L, T, K]
                     scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
-                    if layer_gain is not None:  # [cells, L]: layer l of cell c reads layer_gain[c, l]
-                        scales.mul_(layer_gain.t().gather(1, cells.reshape(cells.shape[0], -1)).view_as(scales))
+        # Per-layer gains are read by the op itself (``layer``), not here: a controller may write them in the
+        # middle of this very forward pass, for the layers above the one where it decides.
+        self._layer_gain = layer_gain if self._gained else None
         # Slice once per step, not once per layer: the op then only picks its layer's views.
         ka, kb = self.width[OpKind.ADD], self.width[OpKind.ABLATE]
         add_rows = self.rows[OpKind.ADD][:, :num_tokens, :ka]  # [L, T, Ka]
         add_scales = self.scales[OpKind.ADD][:, :num_tokens, :ka]
         self._delta = None
-        if bank is not None and ka and add_rows.shape[0] * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS:
+        small = bank is not None and add_rows.shape[0] * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS
+        if bank is not None and ka and small and self._layer_gain is None:
             self._delta = list(vetted_delta(bank, add_rows, add_scales, self.bad[:num_tokens]).unbind(0))
         self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
                                self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
@@ -210,10 +213,20 @@ class StepTables:
         """``(add_rows, add_scales, abl_rows, abl_scales)`` for one layer, ``[T, K]`` each.
 
         ``sliced`` trims to this step's tokens and used slot widths (eager engines); graph-captured engines
-        pass ``sliced=False`` and keep the fixed shapes.
+        pass ``sliced=False`` and keep the fixed shapes. With per-layer gains this step (``fill``'s
+        ``layer_gain``), the scales are multiplied by them here, when the op asks: their current values.
         """
+        add, abl = OpKind.ADD, OpKind.ABLATE
         if sliced:
             a, s, ar, as_ = self._views[layer]
+        else:
+            a, s = self.rows[add][layer], self.scales[add][layer]
+            ar, as_ = self.rows[abl][layer], self.scales[abl][layer]
+        lg = self._layer_gain
+        if lg is None:
             return a, s, ar, as_
-        add, abl = OpKind.ADD, OpKind.ABLATE
-        return self.rows[add][layer], self.scales[add][layer], self.rows[abl][layer], self.scales[abl][layer]
+        own = lg[:, layer]  # [cells]: each cell's gain at this layer (1 for cell 0 and open-loop ops)
+        n = s.shape[0]
+        s = s * own.index_select(0, self.cells[add][layer, :n, : s.shape[1]].reshape(-1)).view_as(s)
+        as_ = as_ * own.index_select(0, self.cells[abl][layer, :n, : as_.shape[1]].reshape(-1)).view_as(as_)
+        return a, s, ar, as_

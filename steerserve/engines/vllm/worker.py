@@ -153,8 +153,9 @@ class SteeringRunnerMixin:
                 reads.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
         total = int(scheduler_output.total_num_scheduled_tokens)
         if step or state.tables.active:  # skip the table work on all-unsteered steps
+            controlled = any(req_id in self._steer_ctrl for req_id, _ in step)
             state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain,
-                              state.regs.layer_gain)
+                              state.regs.layer_gain if controlled else None)
         if ctrl_reads or state.ctrl.active:
             state.ctrl.fill(ctrl_reads)
         if probe_rows or head_rows or state.head.active:
