@@ -24,6 +24,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     admin_key: str | None = None
+    # A client API key no policy binds: "reject" (401) or "default" (served under the default policy, for
+    # clients that must send some key, such as the official openai client, where no keys are handed out).
+    unknown_keys: str = "reject"
     dtype: str = "float32"
     # Policy limits checked at the edge (spec resolution), before anything is queued.
     max_coeff: float = 100.0
@@ -55,6 +58,10 @@ class Settings:
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
     models_root: Path | None = None  # where prepared models live; default <home>/models
 
+    def __post_init__(self) -> None:
+        if self.unknown_keys not in ("reject", "default"):
+            raise ValueError(f"unknown_keys must be 'reject' or 'default', not {self.unknown_keys!r}")
+
     @property
     def store_dir(self) -> Path:
         return self.home / "store"
@@ -69,6 +76,7 @@ class Settings:
         env = os.environ
         s = cls(
             admin_key=env.get("STEERSERVE_ADMIN_KEY") or None,
+            unknown_keys=env.get("STEERSERVE_UNKNOWN_KEYS", cls.unknown_keys),
             max_coeff=float(env.get("STEERSERVE_MAX_COEFF", cls.max_coeff)),
             max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
             engine=env.get("STEERSERVE_ENGINE", cls.engine),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -19,13 +20,14 @@ from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
 from steerserve.errors import EngineUnavailable, SteerError
-from steerserve.methods import resolve
+from steerserve.methods import check_policy, resolve
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
 from steerserve.methods.base import coeff_value
 from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
+from steerserve.store.policies import DEFAULT, Policy, PolicyStore
 from steerserve.tools.extract import Pooling, mean_difference
 
 
@@ -56,6 +58,7 @@ class Service:
         self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
         self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
         self.loops = LoopSlots(settings.loop_slots)
+        self.policies = PolicyStore(store.engine)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
@@ -99,13 +102,14 @@ class Service:
         return self.renderer.render(prompt, messages)
 
     async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
-                     request_id: str | None = None) -> Submitted:
-        """Resolve the steering against model, store and policy, then queue. Raises SteerError (4xx, or
-        503 ``EngineUnavailable`` while the engine is down)."""
+                     request_id: str | None = None, policy: Policy | None = None) -> Submitted:
+        """Resolve the steering against model, store and ``policy`` (None: unrestricted, for in-process
+        callers; the HTTP edge always passes one), then queue. Raises SteerError (4xx, 403 for what the
+        policy forbids, or 503 ``EngineUnavailable`` while the engine is down)."""
         if not await self.healthy():
             raise EngineUnavailable()
         spec = SteerSpec.from_dict(steering)
-        resolved = await resolve(spec, prompt, self.ctx)
+        resolved = await resolve(spec, prompt, self.ctx, policy=policy)
         rows = sum(v.rows for v in {op.vector.key: op.vector for op in resolved.ops}.values())
         capacity = getattr(self.engine, "bank_capacity", None)
         if capacity is not None and rows > capacity:
@@ -126,6 +130,27 @@ class Service:
             self.loops.check()  # refuse before queueing when every slot is taken (429)
             outputs = self.loops.holding(rid, outputs)
         return Submitted(rid, prompt, resolved, outputs)
+
+    async def policy_for(self, key: str | None) -> Policy:
+        """The policy of a request with client ``key``: ``default`` without one (the admin key counts as
+        none); a key no policy binds is a 401, or the default policy with ``unknown_keys="default"``."""
+        admin = self.settings.admin_key
+        if key is None or (admin is not None and hmac.compare_digest(key.encode(), admin.encode())):
+            return await asyncio.to_thread(self.policies.get, DEFAULT)
+        policy = await asyncio.to_thread(self.policies.policy_for_key, key)
+        if policy is not None:
+            return policy
+        if self.settings.unknown_keys == "default":
+            return await asyncio.to_thread(self.policies.get, DEFAULT)
+        raise SteerError("unknown API key: send 'Authorization: Bearer <key>' with a key an admin bound to a policy, "
+                         "or no Authorization header for the default policy", status=401, code="invalid_api_key")
+
+    async def put_policy(self, policy: Policy, *, replace: bool) -> tuple[Policy, bool]:
+        """Store ``policy`` once its methods exist and its mandatory interventions resolve on a short chat
+        prompt (400 naming the field otherwise; nothing is written). Returns it as stored and whether new."""
+        probe = await asyncio.to_thread(self.render, None, [{"role": "user", "content": "Hello."}])
+        await check_policy(policy, probe, self.ctx)
+        return await asyncio.to_thread(self.policies.put, policy, replace=replace)
 
     async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,
                           description: str = "") -> ArtifactMeta:

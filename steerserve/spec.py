@@ -90,6 +90,7 @@ class AppliedIntervention:
     method: str
     artifacts: tuple[str, ...]  # "name@version"
     detail: Mapping[str, Any]
+    policy: str | None = None  # set for a policy's mandatory intervention: the policy's name
 
 
 @dataclass(frozen=True)

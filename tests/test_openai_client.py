@@ -16,8 +16,11 @@ STORY: list[Any] = [{"role": "user", "content": "Tell me a short story about a d
 
 
 @pytest.fixture(scope="module")
-def oai(base_url: str) -> Iterator[OpenAI]:
-    with OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0, timeout=120) as c:
+def oai(base_url: str, client: httpx.Client, admin_headers: dict[str, str]) -> Iterator[OpenAI]:
+    # The official client always sends a key, and a key no policy binds is a 401: one bound to the default policy.
+    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "default", "label": "openai client tests"})
+    assert r.status_code == 201, r.text
+    with OpenAI(base_url=f"{base_url}/v1", api_key=r.json()["key"], max_retries=0, timeout=120) as c:
         yield c
 
 

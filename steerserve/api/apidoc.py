@@ -32,10 +32,12 @@ class ErrorResponse(BaseModel):
 
 ERROR_DESCRIPTIONS = {
     400: "The request is invalid; error.param names the field",
-    401: "Missing or wrong admin key",
-    403: "The admin API is disabled (no admin key configured)",
+    401: "Missing or wrong key: the admin key on /admin routes, elsewhere an API key no policy binds",
+    403: "The admin API is disabled (no admin key configured), or the API key's policy forbids what the "
+         "request asks for (error.param names the field)",
     404: "Not found",
     413: "The request body is larger than the route's limit",
+    409: "Conflicts with what is stored (error.param names the field)",
     415: "Unsupported content type",
     500: "Internal server error",
     503: "The engine is not running, or aborted the request",
@@ -50,7 +52,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # Every route: the body cap (EdgeGuard) and the generic 500.
 APP_ERRORS = errors(413, 500)
 ADMIN_ERRORS = errors(400, 401, 403)
-GENERATION_ERRORS = errors(400, 503)
+GENERATION_ERRORS = errors(400, 401, 403, 503)
 
 # ---- generation -------------------------------------------------------------------------------------
 
@@ -69,6 +71,8 @@ class Applied(_Doc):
     method: str
     artifacts: list[str]  # "name@version"
     detail: dict[str, Any]
+    mandatory: bool  # applied by the API key's policy, whatever the request asked for
+    policy: str | None = None  # that policy, for a mandatory intervention
 
 
 class LoopReport(_Doc):
@@ -261,3 +265,31 @@ class PairList(_Doc):
     object: Literal["list"]
     data: list[PairOut]
 
+
+class PolicyOut(_Doc):
+    name: str
+    mandatory: list[dict[str, Any]]  # intervention objects applied to every request under the policy
+    allowed_methods: list[str] | None  # null: every method
+    max_coeff: float | None
+    method_caps: dict[str, float]
+    description: str
+    created: str  # empty for the built-in default policy
+    updated: str
+
+
+class PolicyList(_Doc):
+    object: Literal["list"]
+    data: list[PolicyOut]
+
+
+class KeyOut(_Doc):
+    id: str  # what DELETE /admin/keys/{id} takes
+    policy: str
+    label: str
+    created: str
+    key: str | None = None  # a generated key, in the response that created it only
+
+
+class KeyList(_Doc):
+    object: Literal["list"]
+    data: list[KeyOut]

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve import __version__
-from steerserve.api import admin_audit, admin_pairs, admin_vectors, apidoc, document, native, openai
+from steerserve.api import admin_audit, admin_pairs, admin_policies, admin_vectors, apidoc, document, native, openai
 from steerserve.api.admin_audit import AuditMiddleware
 from steerserve.api.guard import EdgeGuard
 from steerserve.api.streaming import ClientGone, Metrics, error_body
@@ -195,7 +195,8 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     app.include_router(admin_vectors.router)
     app.include_router(admin_pairs.router)
     app.include_router(admin_audit.router)
-    app.add_middleware(EdgeGuard, settings=settings)
+    app.include_router(admin_policies.router)
+    app.add_middleware(EdgeGuard, settings=settings, policy_for=service.policy_for)
     # Outside the guard: the audit log records what the client was answered, the guard's 413 included.
     app.add_middleware(AuditMiddleware, audit=service.store.audit, admin_key=settings.admin_key)
     app.add_middleware(EdgeMiddleware, metrics=metrics)  # added last: outermost, so it counts the guard's refusals

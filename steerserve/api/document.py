@@ -2,7 +2,7 @@
 
 ``tidy_openapi`` adjusts what FastAPI generates: it drops the 422 this server never sends (every validation
 failure is a 400 in the one error shape), adds the schemas only the event streams refer to, states the admin
-key as a bearer scheme, and writes the limits that come from the settings and the loaded model into the
+key and the (optional) client API key as bearer schemes, and writes the limits that come from the settings and the loaded model into the
 request schemas. The response models it refers to are in ``steerserve.api.apidoc``.
 """
 
@@ -39,8 +39,10 @@ def tidy_openapi(doc: dict[str, Any], settings: Settings, num_layers: int) -> di
     _, defs = models_json_schema([(m, "serialization") for m in STREAM_MODELS], ref_template=REF)
     for name, schema in defs.get("$defs", {}).items():
         schemas.setdefault(name, schema)
-    components["securitySchemes"] = {"adminKey": {"type": "http", "scheme": "bearer",
-                                                  "description": "Settings.admin_key (STEERSERVE_ADMIN_KEY)"}}
+    components["securitySchemes"] = {
+        "adminKey": {"type": "http", "scheme": "bearer", "description": "Settings.admin_key (STEERSERVE_ADMIN_KEY)"},
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "a client key bound to a policy "
+                   "(POST /admin/keys); without one the default policy applies"}}
     for path, item in doc.get("paths", {}).items():
         for op in item.values():
             if not isinstance(op, dict):
@@ -54,6 +56,8 @@ def tidy_openapi(doc: dict[str, Any], settings: Settings, num_layers: int) -> di
                     response["content"] = {"application/json": error}
             if path.startswith("/admin/"):
                 op["security"] = [{"adminKey": []}]
+            elif path == "/generate" or path.startswith("/v1/"):
+                op["security"] = [{}, {"apiKey": []}]  # optional
     # Limits from the settings and the loaded model, on the request fields that already state a bound.
     limits: dict[str, Callable[[dict[str, Any]], None]] = {
         "max_tokens": _set("maximum", settings.max_tokens_cap, "minimum"),
@@ -138,3 +142,10 @@ PAIR_EXAMPLES = examples(
     actadd_pair={"name": "love-hate", "positive": "Love", "negative": "Hate", "layer": 6, "coeff": 5.0},
 )
 ENABLE_EXAMPLES = examples(disable={"enabled": False}, enable_one_version={"enabled": True, "version": 1})
+_RESTRICTED = {"allowed_methods": ["actadd", "ablate"], "max_coeff": 8,
+               "description": "ActAdd and ablation only, |coeff| <= 8"}
+_MANDATORY = {"mandatory": [{"method": "ablate", "vector": "refusal"}], "method_caps": {"add": 4}}
+POLICY_EXAMPLES = examples(restricted={"name": "no-add", **_RESTRICTED}, mandatory={"name": "safe", **_MANDATORY})
+PUT_POLICY_EXAMPLES = examples(restricted=_RESTRICTED, mandatory=_MANDATORY)
+KEY_EXAMPLES = examples(generated={"policy": "default", "label": "alice"},
+                        given={"policy": "default", "key": "my-own-key-0123456789", "label": "bob"})

@@ -29,6 +29,7 @@ from steerserve.api.apidoc import (
     streamed,
 )
 from steerserve.api.document import CHAT_EXAMPLES, COMPLETION_EXAMPLES
+from steerserve.api.guard import policy_of
 from steerserve.api.schemas import ChatCompletionRequest, CompletionBase, CompletionRequest
 from steerserve.api.streaming import (
     Metrics,
@@ -54,12 +55,12 @@ def _model_card(request: Request) -> dict[str, Any]:
             "owned_by": "steerserve"}
 
 
-@router.get("/models", response_model=None, responses={200: {"model": ModelList}})
+@router.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401)})
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(request)]}
 
 
-@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(404)})
+@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(401, 404)})
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     _check_model(model, request.app.state.service)
     return _model_card(request)
@@ -93,7 +94,7 @@ async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[S
         sampling: SamplingParams = service.sampling(max_tokens=max_tokens, temperature=body.temperature,
                                                     top_p=body.top_p, seed=body.seed, stop=body.stop,
                                                     ignore_eos=body.ignore_eos)
-        sub = await service.submit(prompt, sampling, body.steering)
+        sub = await service.submit(prompt, sampling, body.steering, policy=policy_of(request))
     metrics: Metrics = request.app.state.metrics
     metrics.accepted(sub)
     return sub

@@ -28,7 +28,7 @@ from steerserve.service import Submitted
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ERROR_TYPES = {401: "authentication_error", 404: "not_found_error"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
 
 def error_type(status: int) -> str:
@@ -91,9 +91,12 @@ def check_steering_text(steering: Any, limit: int, max_interventions: int) -> No
 
 def steering_report(sub: Submitted, tally: Tally | None = None) -> dict[str, Any]:
     """``{"applied": [...]}``, plus ``"report"`` once a closed-loop request has finished (what its loop
-    measured: mean next-token entropy, steps, final gain)."""
-    out: dict[str, Any] = {"applied": [{"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail)}
-                                       for a in sub.resolved.applied]}
+    measured: mean next-token entropy, steps, final gain). A policy's mandatory interventions are marked
+    ``"mandatory": true`` with the policy's name."""
+    out: dict[str, Any] = {"applied": [
+        {"method": a.method, "artifacts": list(a.artifacts), "detail": dict(a.detail),
+         "mandatory": a.policy is not None, **({"policy": a.policy} if a.policy is not None else {})}
+        for a in sub.resolved.applied]}
     if tally is not None and tally.report:
         out["report"] = dict(tally.report)
     return out

@@ -1,11 +1,15 @@
-"""The steering methods, registered by name, and ``resolve``: a spec compiled into runtime ops by them.
+"""The steering methods, registered by name, and ``resolve``: a spec compiled into runtime ops by them,
+under the request's policy (``policy.py``), and ``check_policy``, the admin edge's check of a policy.
 
 Adding a method: one module here and one line in ``REGISTRY``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from steerserve.errors import SteerError
+from steerserve.methods import policy as policy_rules
 from steerserve.methods.ablate import Ablate
 from steerserve.methods.actadd import ActAdd
 from steerserve.methods.add import Add
@@ -14,14 +18,14 @@ from steerserve.methods.cot_compress import CotCompress
 from steerserve.methods.entropic import Entropic
 from steerserve.methods.refusal_controller import RefusalController
 from steerserve.methods.safeswitch import SafeSwitch
-from steerserve.runtime.controller import ControllerWeights
-from steerserve.runtime.loop import LoopSpec
-from steerserve.runtime.plan import SteerOp
-from steerserve.runtime.safeswitch import SafeSwitchSpec
-from steerserve.spec import AppliedIntervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
+from steerserve.spec import AppliedIntervention, Intervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
+from steerserve.store.policies import Policy
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress(),
                                                    RefusalController(), SafeSwitch())}
+
+# What a request may hold at most one of: (``Compiled`` attribute, what the refusal calls it).
+SINGLES = (("loop", "closed-loop intervention"), ("controller", "refusal controller"), ("safeswitch", "safeswitch"))
 
 
 def get_method(name: str, field: str = "method") -> Method:
@@ -31,38 +35,80 @@ def get_method(name: str, field: str = "method") -> Method:
         raise SteerError(f"unknown method {name!r}; known: {sorted(REGISTRY)}", field=field) from None
 
 
+async def _compile(iv: Intervention, prompt: PromptInfo, ctx: ResolveContext, f: str) -> Compiled:
+    return await get_method(iv.method, field=f"{f}.method").compile(iv.params, prompt, ctx, f)
 
-async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering") -> ResolvedSpec:
-    """Check every intervention against model, store and policy, and compile it to runtime ops."""
+
+def _check_singles(entries: Sequence[tuple[str, Compiled, bool]], owner: str | None) -> None:
+    """At most one of each of ``SINGLES`` per request. Client entries come first, so a clash with a mandatory
+    one is the client's (403 naming its field); a clash between the client's own is a 400."""
+    for attr, what in SINGLES:
+        first = ""
+        for f, compiled, is_mandatory in entries:
+            if getattr(compiled, attr) is None:
+                continue
+            if first and is_mandatory:
+                raise policy_rules.forbidden(f"policy {owner!r} applies a {what} of its own; a request under it "
+                                             "may not add another", first)
+            if first:
+                raise SteerError(f"only one {what} per request", field=f)
+            first = f
+
+
+async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering",
+                  policy: Policy | None = None) -> ResolvedSpec:
+    """Check every intervention against model, store and policy, and compile it to runtime ops.
+
+    With a ``policy`` the client's interventions must pass it and its mandatory interventions are appended
+    (``methods.policy``); without one (in-process callers: evaluation, benchmarks) nothing is restricted.
+    Mandatory interventions do not count against ``max_interventions``.
+    """
     if len(spec.interventions) > ctx.settings.max_interventions:
         raise SteerError(
             f"{len(spec.interventions)} interventions exceed the limit of {ctx.settings.max_interventions}",
             field=f"{where}.interventions",
         )
-    ops: list[SteerOp] = []
-    applied: list[AppliedIntervention] = []
-    loop: LoopSpec | None = None
-    controller: ControllerWeights | None = None
-    safeswitch: SafeSwitchSpec | None = None
-    for i, iv in enumerate(spec.interventions):
-        f = f"{where}.interventions.{i}"
-        method = get_method(iv.method, field=f"{f}.method")
-        compiled = await method.compile(iv.params, prompt, ctx, f)
-        if compiled.loop is not None:
-            if loop is not None:
-                raise SteerError("only one closed-loop intervention per request", field=f)
-            loop = compiled.loop
-        if compiled.controller is not None:
-            if controller is not None:
-                raise SteerError("only one refusal controller per request", field=f)
-            controller = compiled.controller
-        if compiled.safeswitch is not None:
-            if safeswitch is not None:
-                raise SteerError("only one safeswitch per request", field=f)
-            safeswitch = compiled.safeswitch
-        ops.extend(compiled.ops)
-        applied.append(AppliedIntervention(iv.method, compiled.artifacts, compiled.detail))
-    return ResolvedSpec(tuple(ops), tuple(applied), loop, controller, safeswitch)
+    client = [(f"{where}.interventions.{i}", iv) for i, iv in enumerate(spec.interventions)]
+    theirs: list[tuple[str, Intervention, Compiled]] = []
+    if policy is not None:
+        client = policy_rules.admit(policy, spec, where)
+        for f, iv in policy_rules.mandatory(policy):
+            try:
+                theirs.append((f, iv, await _compile(iv, prompt, ctx, f)))
+            except SteerError as exc:
+                raise policy_rules.broken(policy, exc) from None
+    guarded = policy_rules.guarded_artifacts([c.artifacts for _, _, c in theirs])
+    ours: list[tuple[str, Intervention, Compiled]] = []
+    for f, iv in client:
+        compiled = await _compile(iv, prompt, ctx, f)
+        if policy is not None:
+            policy_rules.check_compiled(policy, guarded, iv, compiled, f)
+        ours.append((f, iv, compiled))
+    owner = policy.name if policy is not None else None
+    entries = [(f, iv, c, False) for f, iv, c in ours] + [(f, iv, c, True) for f, iv, c in theirs]
+    _check_singles([(f, c, m) for f, _, c, m in entries], owner)
+    compiled_all = [c for _, _, c, _ in entries]
+    return ResolvedSpec(
+        tuple(op for c in compiled_all for op in c.ops),
+        tuple(AppliedIntervention(iv.method, c.artifacts, c.detail, owner if m else None) for _, iv, c, m in entries),
+        next((c.loop for c in compiled_all if c.loop is not None), None),
+        next((c.controller for c in compiled_all if c.controller is not None), None),
+        next((c.safeswitch for c in compiled_all if c.safeswitch is not None), None),
+    )
 
 
-__all__ = ["REGISTRY", "Compiled", "Method", "get_method", "resolve"]
+async def check_policy(policy: Policy, prompt: PromptInfo, ctx: ResolveContext) -> None:
+    """Refuse (400 naming the field) a policy that names an unknown method or whose mandatory interventions
+    do not resolve against the loaded model and store; called before a policy is stored."""
+    for k, name in enumerate(policy.allowed_methods or ()):
+        get_method(name, field=f"allowed_methods.{k}")
+    for name in policy.method_caps:
+        get_method(name, field=f"method_caps.{name}")
+    if len(policy.mandatory) > ctx.settings.max_interventions:
+        raise SteerError(f"{len(policy.mandatory)} interventions exceed the limit of "
+                         f"{ctx.settings.max_interventions}", field="mandatory")
+    entries = [(f, await _compile(iv, prompt, ctx, f), False) for f, iv in policy_rules.mandatory(policy, "mandatory")]
+    _check_singles(entries, policy.name)
+
+
+__all__ = ["REGISTRY", "Compiled", "Method", "check_policy", "get_method", "resolve"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from sqlalchemy.engine import Engine
 
 from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
@@ -119,6 +120,11 @@ class ArtifactStore:
     def close(self) -> None:
         """Release the database connections (the store must not be used afterwards)."""
         self._engine.dispose()
+
+    @property
+    def engine(self) -> Engine:
+        """The manifest's engine, shared with the tables kept beside the artifacts (``store.policies``)."""
+        return self._engine
 
     def put_vector(self, name: str, tensors: Mapping[int, torch.Tensor], *, method: str = "upload",
                    provenance: Mapping[str, Any] | None = None, description: str = "",

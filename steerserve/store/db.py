@@ -83,6 +83,32 @@ audit = sa.Table(
 )
 
 
+# Policies (``store.policies``): what a client key may steer with and what every request under it gets.
+# ``default`` governs requests without a key; with no row it is the built-in unrestricted one.
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("mandatory", sa.JSON, nullable=False),  # list of intervention objects ({"method": ..., ...})
+    sa.Column("allowed_methods", sa.JSON, nullable=True),  # list[str]; NULL: every method
+    sa.Column("max_coeff", sa.Float, nullable=True),
+    sa.Column("method_caps", sa.JSON, nullable=False),  # {"<method>": cap}
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("created", sa.String, nullable=False),
+    sa.Column("updated", sa.String, nullable=False),
+)
+
+# Client API keys: only the sha256 of a key is stored, never the key; ``id`` is what admins revoke by.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("policy", sa.String(64), nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("created", sa.String, nullable=False),
+)
+
 @dataclass(frozen=True)
 class ArtifactMeta:
     """One manifest row: what an artifact is, what model it was made for and how it was made."""
