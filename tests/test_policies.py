@@ -72,6 +72,7 @@ def test_policy_crud_and_validation(client: httpx.Client, admin_headers: dict[st
         ({"mandatory": [{"method": "add", "vector": "pol-safe", "coeff": 1, "layers": [99]}]}, "mandatory.0.layers.0"),
         ({"mandatory": [{"vector": "pol-safe"}]}, "mandatory.0.method"),
         ({"max_coeff": -1}, "max_coeff"),
+        ({"mandatory": [safe] * 5}, "mandatory"),  # more than max_interventions
     ]
     for body, param in bad:
         error(client.post("/admin/policies", headers=h, json={"name": "crud", **body}), 400, param)
@@ -97,11 +98,14 @@ def test_policy_crud_and_validation(client: httpx.Client, admin_headers: dict[st
     key_id = r.json()["id"]
     (listed,) = [k for k in client.get("/admin/keys", headers=h).json()["data"] if k["id"] == key_id]
     assert listed == {k: v for k, v in r.json().items() if k != "key"}  # the key itself is shown once only
+    add = [{"method": "add", "vector": "pol-safe", "coeff": 2}]
+    error(generate(client, r.json()["key"], add), 403, "steering.interventions.0.coeff")
+    assert client.put("/admin/policies/crud", headers=h, json={"max_coeff": 3}).status_code == 200
+    assert generate(client, r.json()["key"], add).status_code == 200  # a bound key follows the new rules at once
     error(client.delete("/admin/policies/crud", headers=h), 409, "name")  # a key is bound to it
     error(client.delete("/admin/policies/default", headers=h), 409, "name")
     error(client.post("/admin/keys", headers=h, json={"policy": "no-such-policy"}), 400, "policy")
     error(client.post("/admin/keys", headers=h, json={"policy": "crud", "key": "short"}), 400, "key")
-    error(client.post("/admin/keys", headers=h, json={"policy": "crud", "key": "test-key"}), 400, "key")
     assert client.delete(f"/admin/keys/{key_id}", headers=h).status_code == 200
     error(client.delete(f"/admin/keys/{key_id}", headers=h), 404, "id")
     assert client.delete("/admin/policies/crud", headers=h).json()["name"] == "crud"

@@ -5,8 +5,9 @@ key the whole API answers 403; a missing or wrong key is a 401. The key is check
 before any byte of the body is read (and again, by the same rule, as the routers' dependency). Store calls,
 body parsing and prompt tokenizing are synchronous and run in a worker thread (``run_sync``).
 
-The routes are in ``admin_vectors`` (stored steering vectors), ``admin_pairs`` (ActAdd prompt pairs) and
-``admin_audit`` (the audit log, and the middleware that writes it).
+The routes are in ``admin_vectors`` (stored steering vectors), ``admin_pairs`` (ActAdd prompt pairs),
+``admin_audit`` (the audit log, and the middleware that writes it) and ``admin_policies`` (policies and the
+client API keys bound to them).
 """
 
 from __future__ import annotations

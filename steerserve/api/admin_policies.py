@@ -24,7 +24,6 @@ from steerserve.api.admin import admin_router, check_description, run_sync, serv
 from steerserve.api.apidoc import KeyList, KeyOut, PolicyList, PolicyOut, errors
 from steerserve.api.document import KEY_EXAMPLES, POLICY_EXAMPLES, PUT_POLICY_EXAMPLES
 from steerserve.api.schemas import BodyModel, Description, Name, StrictModel
-from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.store.db import NAME_RE
 from steerserve.store.policies import MAX_KEY_CHARS, MIN_KEY_CHARS, Policy
@@ -44,7 +43,7 @@ class MandatoryIntervention(BaseModel):
 
 
 class PolicyBody(StrictModel, BodyModel):
-    mandatory: Annotated[list[MandatoryIntervention], Field(max_length=Settings.max_interventions)] = []
+    mandatory: list[MandatoryIntervention] = []  # at most the server's max_interventions (checked by the service)
     allowed_methods: list[Annotated[str, Field(min_length=1)]] | None = None  # None: every method
     max_coeff: Cap | None = None  # cap on |coeff|, |beta|, |beta_max|, |gamma| of the client's interventions
     method_caps: dict[str, Cap] = {}  # tighter caps per method
