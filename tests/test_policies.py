@@ -254,3 +254,26 @@ def test_openai_client_with_a_bound_key(bound_oai: OpenAI, base_url: str, client
     with OpenAI(base_url=f"{base_url}/v1", api_key="sk-not-bound-anywhere", max_retries=0) as stranger, \
             pytest.raises(openai.AuthenticationError):
         stranger.models.list()
+
+
+def test_a_second_closed_loop_under_a_mandatory_one_is_403(client: httpx.Client, make_key: Callable[..., str],
+                                                           fresh_vector: Callable[[str], dict[str, Any]]) -> None:
+    fresh_vector("pol-loop")
+    fresh_vector("pol-any")
+    loop = {"method": "entropic", "target_entropy": 1.0, "layer": 18}
+    key = make_key("looped", mandatory=[{**loop, "vector": "pol-loop"}])
+    r = generate(client, key)
+    assert r.status_code == 200, r.text
+    err = error(generate(client, key, [{**loop, "vector": "pol-any"}]), 403, "steering.interventions.0")
+    assert "closed-loop" in err["message"] and "'looped'" in err["message"]
+    error(generate(client, None, [{**loop, "vector": "pol-any"}, {**loop, "vector": "pol-loop"}]), 400,
+          "steering.interventions.1")  # without a policy: the client's own clash, as before
+
+
+def test_audit_log_names_policies_and_key_ids_never_keys(client: httpx.Client, admin_headers: dict[str, str],
+                                                         make_key: Callable[..., str]) -> None:
+    key = make_key("audited", description="audit me")
+    entries = client.get("/admin/audit", headers=admin_headers, params={"limit": 1000}).json()["data"]
+    assert any(e["kind"] == "policy" and e["name"] == "audited" and e["action"] == "update" for e in entries)
+    assert any(e["kind"] == "api_key" and e["action"] == "create" and e["outcome"] == "ok" for e in entries)
+    assert key not in str(entries)

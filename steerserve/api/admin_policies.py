@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from steerserve.api.admin import admin_router, check_description, run_sync, service_of
+from steerserve.api.admin_audit import audit_note
 from steerserve.api.apidoc import KeyList, KeyOut, PolicyList, PolicyOut, errors
 from steerserve.api.document import KEY_EXAMPLES, POLICY_EXAMPLES, PUT_POLICY_EXAMPLES
 from steerserve.api.schemas import BodyModel, Description, Name, StrictModel
@@ -65,7 +66,14 @@ class KeyCreate(StrictModel, BodyModel):
     label: Description = ""
 
 
+def _note(request: Request, kind: str, name: str | None) -> None:
+    """What the audit log records of this request: a policy or an API key (by id, never the key)."""
+    note = audit_note(request)
+    note.kind, note.name = kind, name
+
+
 async def _store(request: Request, body: PolicyBody, name: str, *, replace: bool) -> JSONResponse:
+    _note(request, "policy", name)
     check_description(body.description, request)
     stored, created = await service_of(request).put_policy(body.policy(name), replace=replace)
     return JSONResponse(stored.to_dict(), status_code=201 if created else 200)
@@ -86,6 +94,7 @@ async def create_policy(body: Annotated[PolicyCreate, Body(openapi_examples=POLI
 
 @router.get("/policies/{name}", response_model=None, responses={200: {"model": PolicyOut}, **errors(404)})
 async def show_policy(name: PolicyName, request: Request) -> dict[str, Any]:
+    _note(request, "policy", name)
     return (await run_sync(service_of(request).policies.get, name)).to_dict()
 
 
@@ -101,6 +110,7 @@ async def put_policy(name: PolicyName, body: Annotated[PolicyBody, Body(openapi_
                responses={200: {"model": PolicyOut}, **errors(404, 409)})
 async def delete_policy(name: PolicyName, request: Request) -> dict[str, Any]:
     """Delete a policy no key is bound to; returns what was deleted."""
+    _note(request, "policy", name)
     return (await run_sync(service_of(request).policies.delete, name)).to_dict()
 
 
@@ -108,6 +118,7 @@ async def delete_policy(name: PolicyName, request: Request) -> dict[str, Any]:
 async def create_key(body: Annotated[KeyCreate, Body(openapi_examples=KEY_EXAMPLES)],
                      request: Request) -> dict[str, Any]:
     """Bind a key to a policy: a generated one (returned here, once) or ``key``."""
+    _note(request, "api_key", None)
     service = service_of(request)
     limit = service.settings.max_description_chars
     if len(body.label) > limit:
@@ -115,6 +126,7 @@ async def create_key(body: Annotated[KeyCreate, Body(openapi_examples=KEY_EXAMPL
     if body.key is not None and body.key == service.settings.admin_key:
         raise SteerError("must not be the admin key", field="key")
     record, generated = await run_sync(service.policies.add_key, body.policy, body.key, body.label)
+    _note(request, "api_key", record.id)
     return {**record.to_dict(), **({"key": generated} if generated is not None else {})}
 
 
@@ -126,4 +138,5 @@ async def list_keys(request: Request) -> dict[str, Any]:
 @router.delete("/keys/{key_id}", response_model=None, responses={200: {"model": KeyOut}, **errors(404)})
 async def revoke_key(key_id: KeyId, request: Request) -> dict[str, Any]:
     """Revoke a key: requests with it get 401 from now on."""
+    _note(request, "api_key", key_id)
     return (await run_sync(service_of(request).policies.revoke, key_id)).to_dict()
