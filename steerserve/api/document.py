@@ -2,8 +2,8 @@
 
 ``tidy_openapi`` adjusts what FastAPI generates: it drops the 422 this server never sends (every validation
 failure is a 400 in the one error shape), adds the schemas only the event streams refer to, states the admin
-key and the (optional) client API key as bearer schemes, and writes the limits that come from the settings and the loaded model into the
-request schemas. The response models it refers to are in ``steerserve.api.apidoc``.
+key and the (optional) client API key as bearer schemes, and writes the limits that come from the settings
+and the loaded model into the request schemas. The response models it refers to are in ``steerserve.api.apidoc``.
 """
 
 from __future__ import annotations
