@@ -26,7 +26,9 @@ class Settings:
     admin_key: str | None = None
     # A client API key no policy binds: "reject" (401) or "default" (served under the default policy, for
     # clients that must send some key, such as the official openai client, where no keys are handed out).
-    unknown_keys: str = "reject"
+    # A client key no policy binds: "auto" serves it under the default policy until an admin binds a first
+    # key (as vLLM accepts any key when it has none), then refuses it (401); "reject" / "default" always.
+    unknown_keys: str = "auto"
     dtype: str = "float32"
     # Policy limits checked at the edge (spec resolution), before anything is queued.
     max_coeff: float = 100.0
@@ -59,8 +61,8 @@ class Settings:
     models_root: Path | None = None  # where prepared models live; default <home>/models
 
     def __post_init__(self) -> None:
-        if self.unknown_keys not in ("reject", "default"):
-            raise ValueError(f"unknown_keys must be 'reject' or 'default', not {self.unknown_keys!r}")
+        if self.unknown_keys not in ("auto", "reject", "default"):
+            raise ValueError(f"unknown_keys must be 'auto', 'reject' or 'default', not {self.unknown_keys!r}")
 
     @property
     def store_dir(self) -> Path:

@@ -133,14 +133,16 @@ class Service:
 
     async def policy_for(self, key: str | None) -> Policy:
         """The policy of a request with client ``key``: ``default`` without one (the admin key counts as
-        none); a key no policy binds is a 401, or the default policy with ``unknown_keys="default"``."""
+        none); a key no policy binds is a 401, or the default policy with ``unknown_keys="default"``, or with
+        ``"auto"`` (the default) while no key is bound at all."""
         admin = self.settings.admin_key
         if key is None or (admin is not None and hmac.compare_digest(key.encode(), admin.encode())):
             return await asyncio.to_thread(self.policies.get, DEFAULT)
         policy = await asyncio.to_thread(self.policies.policy_for_key, key)
         if policy is not None:
             return policy
-        if self.settings.unknown_keys == "default":
+        mode = self.settings.unknown_keys
+        if mode == "default" or (mode == "auto" and not await asyncio.to_thread(self.policies.has_keys)):
             return await asyncio.to_thread(self.policies.get, DEFAULT)
         raise SteerError("unknown API key: send 'Authorization: Bearer <key>' with a key an admin bound to a policy, "
                          "or no Authorization header for the default policy", status=401, code="invalid_api_key")

@@ -185,7 +185,8 @@ def test_broken_mandatory_fails_closed(client: httpx.Client, admin_headers: dict
 
 
 @pytest.mark.parametrize("authorization", ["Bearer not-a-bound-key-123456", "Basic dGVzdC1rZXk=", "not-a-key"])
-def test_unknown_key_is_401(client: httpx.Client, authorization: str) -> None:
+def test_unknown_key_is_401(client: httpx.Client, authorization: str, make_key: Callable[..., str]) -> None:
+    make_key("bound-first")  # unknown keys are refused once any key is bound (``unknown_keys="auto"``)
     for method, path in (("POST", "/generate"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
         r = client.request(method, path, headers={"Authorization": authorization},
                            json={"messages": STORY, "max_tokens": 1})

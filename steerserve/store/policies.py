@@ -197,6 +197,11 @@ class PolicyStore:
             conn.execute(sa.delete(db.api_keys).where(db.api_keys.c.id == key_id))
         return ApiKey(row["id"], row["policy"], row["label"], row["created"])
 
+    def has_keys(self) -> bool:
+        """Whether any client key is bound."""
+        with db.read(self._engine) as conn:
+            return conn.execute(sa.select(db.api_keys.c.id).limit(1)).first() is not None
+
     def policy_for_key(self, key: str) -> Policy | None:
         """The policy ``key`` is bound to, or None for a key the store does not know."""
         with db.read(self._engine) as conn:
