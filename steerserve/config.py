@@ -91,5 +91,6 @@ class Settings:
             max_vector_norm_ratio=float(env.get("STEERSERVE_MAX_VECTOR_NORM_RATIO", cls.max_vector_norm_ratio)),
             engine_restarts=int(env.get("STEERSERVE_ENGINE_RESTARTS", cls.engine_restarts)),
             loop_slots=int(env.get("STEERSERVE_LOOP_SLOTS", cls.loop_slots)),
+            controller_slots=int(env.get("STEERSERVE_CONTROLLER_SLOTS", cls.controller_slots)),
         )
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})
