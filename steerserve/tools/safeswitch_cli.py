@@ -13,8 +13,13 @@ to every harmful fit prompt (the refusal head's training data). Labels:
 Rows are kept apart by use: ``[0, --fit)`` of each train file fit the probes (and, harmful ones, the head),
 ``[--fit, --fit + --hold)`` are held out for any choice (their figures are printed and recorded); the val
 files (all of ``harmful_val.json``, the first ``--val-harmless`` rows of ``harmless_val.json``) are only
-measured. The head is measured alone (always on): greedy ``--eval-tokens``-token replies to the harmful
-val prompts, judged by ``is_refusal``, after the fp16 rounding of the shipped file.
+measured. Stage 2 is also fitted on the stage-1 states with the stage-2 labels (position augmentation; off
+with ``--no-stage2-augment``): the harmful prompts it misses are those whose pilot tokens are generic
+("Once upon a time", "Dear [Name]"), and the last prompt token's state teaches it the request's harmfulness
+as later positions also carry it (5-fold leave-one-block-out CV on the train rows, the val rows unseen:
+combined F1 0.922 -> 0.935; on the HarmBench-like block, rows 208-259, 0.78 -> 0.82). The head is measured
+alone (always on): greedy ``--eval-tokens``-token replies to the harmful val prompts, judged by
+``is_refusal``, after the fp16 rounding of the shipped file.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ def add_safeswitch(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-epochs", type=int, default=10, help="probe epochs (10)")
     p.add_argument("--probe-lr", type=float, default=1e-3, help="probe AdamW learning rate (1e-3)")
     p.add_argument("--threshold", type=float, default=0.5, help="the probes' default threshold (0.5)")
+    p.add_argument("--no-stage2-augment", dest="stage2_augment", action="store_false",
+                   help="fit stage 2 on the stage-2 states only (default: also on the stage-1 states, same labels)")
     p.add_argument("--rank", type=int, default=16, help="rank of the refusal head's delta (16)")
-    p.add_argument("--head-epochs", type=int, default=3, help="head epochs (3)")
+    p.add_argument("--head-epochs", type=int, default=8, help="head epochs (8)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="head AdamW learning rate (1e-3; a LoRA's)")
     p.add_argument("--head-batch", type=int, default=64, help="head mini-batch in reply tokens (64)")
     p.add_argument("--eval-tokens", type=int, default=48, help="greedy tokens of a reply with the head (48)")
@@ -158,6 +165,8 @@ def train(args: argparse.Namespace) -> None:
     x2, _, y2 = xy(fit_names, 2)
     _log(f"fitting the probes: {len(y1)} rows, stage-2 positives {int(y2.sum())}/{int(y1.sum())} harmful")
     stage1 = ss.fit_probe(x1, y1, epochs=args.probe_epochs, lr=args.probe_lr, seed=args.seed)
+    if args.stage2_augment:  # position augmentation (module docstring): the stage-1 states, stage-2 labels
+        x2, y2 = torch.cat([x2, x1]), torch.cat([y2, y2])
     stage2 = ss.fit_probe(x2, y2, epochs=args.probe_epochs, lr=args.probe_lr, seed=args.seed + 1)
 
     def measure(names: Sequence[str]) -> dict[str, Any]:
@@ -200,6 +209,8 @@ def train(args: argparse.Namespace) -> None:
               "stage2": f"1 = harmful prompt whose greedy {args.judge_tokens}-token reply does not refuse "
                         "(is_refusal); 0 = refusing harmful replies and every harmless prompt"}
     probe_prov = {**common, "labels": labels, "pilot_tokens": PILOT_TOKENS, "width": PROBE_WIDTH,
+                  "stage2_fit": "stage-2 and stage-1 states, stage-2 labels" if args.stage2_augment else
+                                "stage-2 states",
                   "epochs": args.probe_epochs, "lr": args.probe_lr, "optimizer": "AdamW (weight decay 0.01)",
                   "figures": probe_figs, "state": "post-final-norm (what the output head reads)"}
     base = "tied_embeddings" if getattr(model.config, "tie_word_embeddings", False) else "lm_head"
