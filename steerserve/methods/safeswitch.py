@@ -17,7 +17,7 @@ from typing import Any
 
 from steerserve.errors import SteerError
 from steerserve.methods.base import Compiled, check_keys, string
-from steerserve.runtime.safeswitch import SafeSwitchSpec
+from steerserve.runtime.safeswitch import ProbePair, SafeSwitchSpec
 from steerserve.spec import PromptInfo, ResolveContext
 
 
@@ -36,8 +36,9 @@ class SafeSwitch:
         self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
     ) -> Compiled:
         check_keys(params, ("probes", "head", "threshold"), where)
-        probes = ctx.store.load_probes(string(params, "probes", where), field=f"{where}.probes")
-        head = ctx.store.load_head(string(params, "head", where), field=f"{where}.head")
-        threshold = probability(params.get("threshold", probes.threshold), f"{where}.threshold")
-        spec = SafeSwitchSpec(probes.pair, head.delta, threshold)
-        return Compiled((), (probes.meta.ref(), head.meta.ref()), {"threshold": threshold}, safeswitch=spec)
+        probe_meta, stage1, stage2, default = ctx.store.load_probes(string(params, "probes", where),
+                                                                    field=f"{where}.probes")
+        head_meta, delta = ctx.store.load_head(string(params, "head", where), field=f"{where}.head")
+        threshold = probability(params.get("threshold", default), f"{where}.threshold")
+        spec = SafeSwitchSpec(ProbePair(stage1, stage2), delta, threshold)
+        return Compiled((), (probe_meta.ref(), head_meta.ref()), {"threshold": threshold}, safeswitch=spec)

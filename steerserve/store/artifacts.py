@@ -1,5 +1,5 @@
-"""The artifact store: steering vectors, directions and ActAdd prompt pairs as safetensors files plus
-manifest rows.
+"""The artifact store: steering vectors, directions, SafeSwitch probes and heads and ActAdd prompt pairs
+as safetensors files plus manifest rows.
 
 Files live at ``<root>/artifacts/<name>/<version>.safetensors``; the SQLite manifest (``db.py``) decides
 what exists. A write lands the file first (temp file, fsync, rename, fsync of the folder) and only then
@@ -27,21 +27,26 @@ from sqlalchemy.engine import Engine
 
 from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
+from steerserve.runtime.safeswitch import HeadDelta, Probe
 from steerserve.store import db
 from steerserve.store.audit import AuditLog
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
+from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
 from steerserve.store.vetting import NormPolicy, check_vectors
 
 __all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
-KINDS = ("vector", "pair", "direction")
+KINDS = ("vector", "pair", "direction", "probe", "head")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
+FILE_KINDS = ("vector", "direction", "probe", "head")  # what a file upload may be (the /admin/vectors routes)
+SAFESWITCH_KINDS = ("probe", "head")  # their own tensors, not ``layer.<i>`` (``safeswitch`` describes them)
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # this store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format", "provenance", "description", "calibration", *DIRECTION_KEYS}
+            "layer_convention", "format", "provenance", "description", "calibration", *DIRECTION_KEYS,
+            *PROBE_KEYS, *HEAD_KEYS}
 
 
 def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
@@ -141,7 +146,8 @@ class ArtifactStore:
                         provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
         """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
         A file whose ``kind`` is ``direction`` is stored as a direction (one unit vector and its layer,
-        see ``directions``); any other file is a vector.
+        see ``directions``), one whose ``kind`` is ``probe`` or ``head`` as a SafeSwitch probe pair or refusal
+        head (their own tensors, see ``safeswitch``); any other file is a vector.
 
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
         file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
@@ -156,13 +162,13 @@ class ArtifactStore:
                 raise SteerError(f"unknown metadata key {key!r}; allowed: {sorted(_ALLOWED)}",
                                  field=f"metadata.{key}")
         kind = header.get("kind", "vector")
-        if kind not in STEERING_KINDS:
-            raise SteerError(f"kind {kind!r} cannot be uploaded as a file; expected one of {list(STEERING_KINDS)}",
+        if kind not in FILE_KINDS:
+            raise SteerError(f"kind {kind!r} cannot be uploaded as a file; expected one of {list(FILE_KINDS)}",
                              field="metadata.kind")
-        if kind == "vector":
-            for key in DIRECTION_KEYS:
-                if key in header:
-                    raise SteerError("only a 'direction' file carries this key", field=f"metadata.{key}")
+        for owner, keys in (("direction", DIRECTION_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS)):
+            for key in keys:
+                if kind != owner and key in header:
+                    raise SteerError(f"only a {owner!r} file carries this key", field=f"metadata.{key}")
         expected = {"layer_convention": LAYER_CONVENTION, "model_fingerprint": self.model.fingerprint}
         for key, want in expected.items():
             if header.get(key, want) != want:
@@ -175,6 +181,8 @@ class ArtifactStore:
                 if not (header[key].isascii() and header[key].isdigit()):
                     raise SteerError(f"must be a non-negative integer, got {header[key]!r}", field=key)
                 declared[key] = int(header[key])
+        if kind in SAFESWITCH_KINDS:
+            return self._put_safeswitch(name, kind, data, loaded, header, declared, provenance, description)
         by_layer: dict[int, torch.Tensor] = {}
         for tname, t in loaded.items():
             m = TENSOR_RE.fullmatch(tname)
@@ -190,6 +198,21 @@ class ArtifactStore:
         shown = {k: v for k, v in header.items() if k != "candidates"}
         prov = {"source": "file upload", "file_metadata": shown, **(provenance or {})}
         return self._commit(name, kind, data, vecs, header.get("method") or "upload", prov, description)
+
+    def _put_safeswitch(self, name: str, kind: str, data: bytes, loaded: Mapping[str, torch.Tensor],
+                        header: Mapping[str, str], declared: Mapping[str, int],
+                        provenance: Mapping[str, Any] | None, description: str) -> ArtifactMeta:
+        """The probe / head branch of ``put_vector_file`` (the common header checks done)."""
+        for key, have in (("hidden_size", self.model.hidden_size), ("num_layers", self.model.num_layers)):
+            if key in declared and declared[key] != have:
+                raise SteerError(f"{key} {declared[key]} does not match the loaded model's {have}", field=key)
+        if kind == "probe":
+            check_probes(self.model, header, loaded)
+        else:
+            check_head(self.model, header, loaded)
+        prov = {"source": "file upload", "file_metadata": dict(header), **(provenance or {})}
+        # No per-layer vectors: the manifest's ``layers`` and ``norms`` stay empty.
+        return self._commit(name, kind, data, {}, header.get("method") or "upload", prov, description)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",
@@ -273,6 +296,21 @@ class ArtifactStore:
         # Uploaded files are stored as sent (maybe float16); callers always get float32.
         return StoredVector(meta, {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()},
                             db.header_metadata(data))
+
+    def load_probes(self, ref: str, *, field: str = "probe",
+                    require_enabled: bool = True) -> tuple[ArtifactMeta, Probe, Probe, float]:
+        """The SafeSwitch probes ``ref`` names: ``(meta, stage 1, stage 2, default threshold)``, fp32."""
+        meta = self.get(ref, "probe", field=field, require_enabled=require_enabled)
+        data = self._read(meta, field)
+        stage1, stage2, threshold = check_probes(self.model, db.header_metadata(data), safetensors.torch.load(data))
+        return meta, stage1, stage2, threshold
+
+    def load_head(self, ref: str, *, field: str = "head",
+                  require_enabled: bool = True) -> tuple[ArtifactMeta, HeadDelta]:
+        """The refusal head ``ref`` names: ``(meta, delta)``, fp32 (``meta.provenance`` holds its metadata)."""
+        meta = self.get(ref, "head", field=field, require_enabled=require_enabled)
+        data = self._read(meta, field)
+        return meta, check_head(self.model, db.header_metadata(data), safetensors.torch.load(data))
 
     def load_pair(self, ref: str, *, field: str = "pair", require_enabled: bool = True) -> StoredPair:
         """The prompt pair ``ref`` names, if it was made for the loaded model."""

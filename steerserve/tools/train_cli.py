@@ -1,0 +1,17 @@
+"""``steerserve train KIND``: artifacts trained offline on the frozen model (CPU is enough).
+
+Kinds: ``safeswitch`` (the SafeSwitch probes and refusal head, ``tools.safeswitch_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from steerserve.tools.safeswitch_cli import add_safeswitch
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a model-side artifact offline (safeswitch)",
+                                description="Train an artifact offline on the frozen model (CPU is enough).")
+    kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True)
+    add_safeswitch(kinds)
