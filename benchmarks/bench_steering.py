@@ -8,6 +8,10 @@ own random vector on every decoder layer (so the batch holds N x layers distinct
 ``entropic`` with ``target_entropy`` compiles to (one vector at ``--loop-layer`` from the last prompt token
 on, its scale times the request's gain register, which the sampler-side step moves toward the request's
 own target entropy every step): the cost of the registers, the entropy step and the gain multiply.
+``--compare safeswitch``: unsteered vs the same N requests, every other one with SafeSwitch (the probes
+``--probes`` and head ``--head`` files, e.g. the shipped ones): the probes on the device, the pilot held
+back in the front end and, for a flagged request, the regeneration with the refusal head. The prompts are
+harmless, so unflagged requests must give the unsteered text exactly (the report counts differences).
 
 Each round runs both conditions back to back (the order flips every round, so slow drift of the machine
 falls on both sides equally). A condition submits all N requests at once so the engine decodes them in
@@ -18,6 +22,7 @@ both conditions do the same amount of work and only the steering differs.
     python benchmarks/bench_steering.py --engine vllm --requests 16 --max-tokens 64 --rounds 3
     python benchmarks/bench_steering.py --engine vllm --compare specs --requests 32
     python benchmarks/bench_steering.py --engine vllm --compare loop --requests 16
+    python benchmarks/bench_steering.py --engine vllm --compare safeswitch --requests 16
     python benchmarks/bench_steering.py --engine hf --requests 8
 
 The vectors are unit-norm per layer with a small coefficient (``add`` semantics, every position), so the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -39,10 +45,12 @@ import torch
 
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationRequest, SamplingParams
+from steerserve.engines.switching import switching
 from steerserve.model import load_hf, model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.safeswitch import ProbePair, SafeSwitchSpec
 
 PROMPTS = (
     "Tell me about your weekend.",
@@ -84,7 +92,11 @@ class RoundResult:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--engine", choices=("hf", "vllm"), default="vllm", help="engine to measure (default: vllm)")
-    p.add_argument("--compare", choices=("steering", "specs", "loop"), default="steering",
+    p.add_argument("--probes", type=Path, default=Path("vectors/safeswitch_probes.safetensors"),
+                   help="probe file (--compare safeswitch)")
+    p.add_argument("--head", type=Path, default=Path("vectors/refusal_head.safetensors"),
+                   help="refusal-head file (--compare safeswitch)")
+    p.add_argument("--compare", choices=("steering", "specs", "loop", "safeswitch"), default="steering",
                    help="steering: unsteered vs distinct vectors; specs: one shared spec vs distinct specs; "
                         "loop: unsteered vs distinct closed-loop specs")
     p.add_argument("--loop-layer", type=int, default=15, help="layer of the closed-loop vector (--compare loop)")
@@ -170,12 +182,32 @@ async def make_engine(args: argparse.Namespace) -> tuple[Engine, PromptRenderer]
     return engine, PromptRenderer(tokenizer, settings.max_prompt_tokens)
 
 
-async def run_batch(engine: Engine, requests: list[GenerationRequest]) -> RoundResult:
-    """Submit every request at once and wait for all of them; time from submission to the last finish."""
+def load_safeswitch(engine: Engine, probes: Path, head: Path) -> SafeSwitchSpec:
+    """The probes and head files, checked against the model as an upload would be."""
+    from safetensors import safe_open
+
+    from steerserve.store.safeswitch import check_head, check_probes
+
+    def read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    stage1, stage2, threshold = check_probes(engine.info, *read(probes))
+    return SafeSwitchSpec(ProbePair(stage1, stage2), check_head(engine.info, *read(head)), threshold)
+
+
+async def run_batch(engine: Engine, requests: list[GenerationRequest],
+                    switch: SafeSwitchSpec | None = None) -> RoundResult:
+    """Submit every request at once and wait for all of them; time from submission to the last finish.
+    Requests with probes run through SafeSwitch's front end (``switch``: their head and threshold)."""
 
     async def one(req: GenerationRequest) -> tuple[int, str]:
         text, count, reason = "", 0, None
-        async for out in engine.generate(req):
+        outputs = engine.generate(req)
+        if req.probes is not None and switch is not None:
+            regen = dataclasses.replace(req, request_id=f"{req.request_id}-switched", probes=None, head=switch.head)
+            outputs = switching(engine, req, regen, switch.threshold)
+        async for out in outputs:
             text += out.text
             count = out.completion_tokens
             reason = out.finish_reason
@@ -197,20 +229,25 @@ async def bench(args: argparse.Namespace) -> int:
     names = ("one spec", f"{n} specs") if args.compare == "specs" else ("unsteered", "steered")
     counts = (1, n) if args.compare == "specs" else (0, n)
     loop_layer = args.loop_layer if args.compare == "loop" else None
+    switch = load_safeswitch(engine, args.probes, args.head) if args.compare == "safeswitch" else None
     try:
         def make(vectors: int, tag: str) -> list[GenerationRequest]:
+            if switch is not None:  # every other request with the probes
+                plain = build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, 0, tag)
+                return [dataclasses.replace(r, probes=switch.probes) if vectors and i % 2 == 0 else r
+                        for i, r in enumerate(plain)]
             return build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, vectors, tag,
                                   loop_layer)
 
         conditions = dict(zip(names, counts, strict=True))
         # Warm-up: lazy initialisation, allocator growth, and the bank loads of every vector.
         for name, vectors in conditions.items():
-            await run_batch(engine, make(vectors, f"warm-{name}"))
+            await run_batch(engine, make(vectors, f"warm-{name}"), switch)
         results: dict[str, list[RoundResult]] = {name: [] for name in conditions}
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
-                res = await run_batch(engine, make(conditions[name], f"r{r}-{name}"))
+                res = await run_batch(engine, make(conditions[name], f"r{r}-{name}"), switch)
                 results[name].append(res)
                 print(f"round {r + 1} {name:>9}: {res.total:5d} tokens in {res.seconds:6.2f} s "
                       f"= {res.tok_per_s:7.1f} tok/s", flush=True)
@@ -227,7 +264,9 @@ def report(args: argparse.Namespace, model: str, layers: int, results: dict[str,
     print()
     print(f"engine {args.engine}, model {model}, {args.requests} concurrent requests, greedy, ignore_eos, "
           f"max_tokens {args.max_tokens}, {args.rounds} rounds")
-    if args.compare == "loop":
+    if args.compare == "safeswitch":
+        print(f"compare: unsteered vs every other request with SafeSwitch ({args.probes.name}, {args.head.name})")
+    elif args.compare == "loop":
         print(f"compare: unsteered vs a distinct closed-loop spec per request (a norm-8 random vector at layer "
               f"{args.loop_layer} from the last prompt token, times its gain; targets 0.5-2.5 bits)")
     else:
