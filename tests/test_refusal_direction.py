@@ -97,7 +97,8 @@ def test_direction_round_trip_and_kinds(store: ArtifactStore) -> None:
     (lambda: direction_file(candidates="{}"), "metadata.candidates"),
     (lambda: direction_file(model=dataclasses.replace(MODEL, fingerprint="fp-2")), "model_fingerprint"),
     (lambda: direction_file(model=dataclasses.replace(MODEL, hidden_size=9)), "hidden_size"),
-    (lambda: direction_file(kind="probe"), "metadata.kind"),
+    (lambda: direction_file(kind="bogus"), "metadata.kind"),
+    (lambda: direction_file(kind="probe"), "metadata.layer"),  # a probe file carries no direction keys
     (lambda: safetensors.torch.save({"layer.2": unit()}, metadata={"scale": "1.0"}), "metadata.scale"),
 ])
 def test_bad_directions_are_refused_naming_the_field(store: ArtifactStore, data: Any, field: str) -> None:

@@ -196,6 +196,8 @@ def test_batched_states_match_unpadded_forwards(real: Any) -> None:
     prompts = [_chat(renderer, t) for t in ("Hi", HARMLESS, "Name three colours of the rainbow, please.")]
     targets = [tuple(renderer.tokenize(ss.refusal_reply(i))) for i in (0, 7, 30)]
     out = ss.run_batch(model, prompts, 5, eos, targets)
+    assert out.steps.shape[1] == 5 and torch.equal(out.steps[:, 0], out.stage1)
+    assert torch.equal(out.steps[:, PILOT_TOKENS], out.stage2)
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         with torch.inference_mode():
             tf = model.model(input_ids=torch.tensor([[*p, *t[:-1]]])).last_hidden_state[0]  # [len, H]

@@ -3,10 +3,11 @@ the refusal head's fitting, and greedy replies with the head (``runtime.safeswit
 
 - ``run_batch`` prefills a left-padded batch of chat prompts once and, from that one prefill, reads the
   stage-1 state (last prompt token), decodes greedily (the model's own head, or a refusal head) to read the
-  stage-2 state (the position of the ``PILOT_TOKENS``-th pilot token, the state that predicts the next one)
-  and, given target replies, teacher-forces them from a copy of the prompt's KV cache for the head's loss.
-  Left padding is masked and ``position_ids`` count real tokens only, so a row's states match an unpadded
-  forward of that row (within float32 rounding, ~1e-5 on the default model).
+  stage-2 state (the position of the ``PILOT_TOKENS``-th pilot token, the state that predicts the next one;
+  ``steps`` holds the state at every decoded position) and, given target replies, teacher-forces them from
+  a copy of the prompt's KV cache for the head's loss. Left padding is masked and ``position_ids`` count
+  real tokens only, so a row's states match an unpadded forward of that row (within float32 rounding,
+  ~1e-5 on the default model).
 - ``fit_probe``: ``Linear(H, 64) - ReLU - Linear(64, 2)``, AdamW, class-balanced cross-entropy, on
   standardised states; the standardisation is folded into ``w1``/``b1`` so the runtime feeds raw states.
 - ``fit_head``: only the rank-``r`` delta ``a``, ``b`` trains (the model is frozen; the states of the
@@ -55,6 +56,7 @@ class BatchOut:
     stage2: torch.Tensor  # [B, H] post-final-norm state at the PILOT_TOKENS-th greedy token
     replies: list[tuple[int, ...]]  # greedy tokens, cut after the first end-of-sequence token
     teacher: list[torch.Tensor]  # per row [len(reply), H]: the states that predict each target reply token
+    steps: torch.Tensor  # [B, S, H]: the state at the last prompt token (0) and at greedy token j (j >= 1)
 
 
 def run_batch(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: set[int],
@@ -90,6 +92,7 @@ def run_batch(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: se
                        for i, t in enumerate(targets)]
         n = max(tokens, PILOT_TOKENS)
         out: list[torch.Tensor] = []
+        steps = [stage1]
         stage2 = stage1
         for step in range(n):  # h predicts token step + 1
             logits = model.lm_head(h) if head is None else head_logits(h, weight, head.a, head.b)  # [B, V]
@@ -100,10 +103,11 @@ def run_batch(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: se
             pos = pos[:, -1:] + 1
             h = body(input_ids=out[-1][:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                      use_cache=True).last_hidden_state[:, -1]
+            steps.append(h)
             if step + 1 == PILOT_TOKENS:
                 stage2 = h.clone()  # the state at the last pilot token's position
     gen = torch.stack(out, 1)[:, :tokens].tolist()
-    return BatchOut(stage1, stage2, [_cut(r, eos) for r in gen], teacher)
+    return BatchOut(stage1, stage2, [_cut(r, eos) for r in gen], teacher, torch.stack(steps, 1))
 
 
 def _cut(ids: list[int], eos: set[int]) -> tuple[int, ...]:

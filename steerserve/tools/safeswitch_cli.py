@@ -13,11 +13,12 @@ to every harmful fit prompt (the refusal head's training data). Labels:
 Rows are kept apart by use: ``[0, --fit)`` of each train file fit the probes (and, harmful ones, the head),
 ``[--fit, --fit + --hold)`` are held out for any choice (their figures are printed and recorded); the val
 files (all of ``harmful_val.json``, the first ``--val-harmless`` rows of ``harmless_val.json``) are only
-measured. Stage 2 is also fitted on the stage-1 states with the stage-2 labels (position augmentation; off
-with ``--no-stage2-augment``): the harmful prompts it misses are those whose pilot tokens are generic
-("Once upon a time", "Dear [Name]"), and the last prompt token's state teaches it the request's harmfulness
-as later positions also carry it (5-fold leave-one-block-out CV on the train rows, the val rows unseen:
-combined F1 0.922 -> 0.935; on the HarmBench-like block, rows 208-259, 0.78 -> 0.82). The head is measured
+measured. Stage 2 is fitted on the states at every pilot token (1..``PILOT_TOKENS``, same labels; the
+runtime reads the last): position augmentation, off with ``--no-stage2-augment``. The harmful prompts stage 2
+misses are mostly those whose pilot tokens are generic ("Once upon a time", "Dear [Name]", "In a small"),
+and three times the states help it a little (5-fold leave-one-block-out CV on the train rows, val unseen,
+combined F1 at the val split's 39:200 ratio: 0.895 -> 0.924; on the HarmBench-like block, rows 208-259,
+0.78 -> 0.83; the last prompt token's state or 8-15 reply positions did no better). The head is measured
 alone (always on): greedy ``--eval-tokens``-token replies to the harmful val prompts, judged by
 ``is_refusal``, after the fp16 rounding of the shipped file.
 """
@@ -61,7 +62,7 @@ def add_safeswitch(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-lr", type=float, default=1e-3, help="probe AdamW learning rate (1e-3)")
     p.add_argument("--threshold", type=float, default=0.5, help="the probes' default threshold (0.5)")
     p.add_argument("--no-stage2-augment", dest="stage2_augment", action="store_false",
-                   help="fit stage 2 on the stage-2 states only (default: also on the stage-1 states, same labels)")
+                   help="fit stage 2 on the stage-2 states only (default: on the states at every pilot token)")
     p.add_argument("--rank", type=int, default=16, help="rank of the refusal head's delta (16)")
     p.add_argument("--head-epochs", type=int, default=8, help="head epochs (8)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="head AdamW learning rate (1e-3; a LoRA's)")
@@ -108,7 +109,8 @@ def _collect(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: set
     where = {i: (o, j) for idx, o in outs for j, i in enumerate(idx)}  # row -> (its batch, its place there)
     rows = [where[i] for i in range(len(prompts))]
     return ss.BatchOut(torch.stack([o.stage1[j] for o, j in rows]), torch.stack([o.stage2[j] for o, j in rows]),
-                       [o.replies[j] for o, j in rows], [o.teacher[j] for o, j in rows] if targets else [])
+                       [o.replies[j] for o, j in rows], [o.teacher[j] for o, j in rows] if targets else [],
+                       torch.stack([o.steps[j] for o, j in rows]))  # every batch decodes as many steps
 
 
 def train(args: argparse.Namespace) -> None:
@@ -165,8 +167,9 @@ def train(args: argparse.Namespace) -> None:
     x2, _, y2 = xy(fit_names, 2)
     _log(f"fitting the probes: {len(y1)} rows, stage-2 positives {int(y2.sum())}/{int(y1.sum())} harmful")
     stage1 = ss.fit_probe(x1, y1, epochs=args.probe_epochs, lr=args.probe_lr, seed=args.seed)
-    if args.stage2_augment:  # position augmentation (module docstring): the stage-1 states, stage-2 labels
-        x2, y2 = torch.cat([x2, x1]), torch.cat([y2, y2])
+    if args.stage2_augment:  # position augmentation (module docstring): every pilot token's state, same labels
+        x2 = torch.cat([torch.cat([got[m].steps[:, j] for m in fit_names]) for j in range(1, PILOT_TOKENS + 1)])
+        y2 = y2.repeat(PILOT_TOKENS)
     stage2 = ss.fit_probe(x2, y2, epochs=args.probe_epochs, lr=args.probe_lr, seed=args.seed + 1)
 
     def measure(names: Sequence[str]) -> dict[str, Any]:
@@ -209,8 +212,8 @@ def train(args: argparse.Namespace) -> None:
               "stage2": f"1 = harmful prompt whose greedy {args.judge_tokens}-token reply does not refuse "
                         "(is_refusal); 0 = refusing harmful replies and every harmless prompt"}
     probe_prov = {**common, "labels": labels, "pilot_tokens": PILOT_TOKENS, "width": PROBE_WIDTH,
-                  "stage2_fit": "stage-2 and stage-1 states, stage-2 labels" if args.stage2_augment else
-                                "stage-2 states",
+                  "stage2_fit": f"the states at pilot tokens 1..{PILOT_TOKENS}, stage-2 labels" if args.stage2_augment
+                                else "stage-2 states",
                   "epochs": args.probe_epochs, "lr": args.probe_lr, "optimizer": "AdamW (weight decay 0.01)",
                   "figures": probe_figs, "state": "post-final-norm (what the output head reads)"}
     base = "tied_embeddings" if getattr(model.config, "tie_word_embeddings", False) else "lm_head"
