@@ -1,4 +1,4 @@
-"""Command line: ``steerserve serve|prepare|extract|calibrate|eval [...]`` (also ``python -m steerserve ...``).
+"""Command line: ``steerserve serve|prepare|extract|train|calibrate|eval [...]`` (also ``python -m steerserve ...``).
 
 Settings come from ``Settings.from_env`` (``STEERSERVE_*`` variables) with the flags given here on top.
 """
@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     from steerserve.evaluation import cli as eval_cli
-    from steerserve.tools import calibrate, extract_cli
+    from steerserve.tools import calibrate, controller_cli, extract_cli
 
     extract_cli.add_parser(commands)
+    controller_cli.add_parser(commands)
     calibrate.add_parser(commands)
     eval_cli.add_parser(commands)
     return parser

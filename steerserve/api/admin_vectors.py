@@ -10,8 +10,9 @@ Uploading a vector, ``POST /admin/vectors``, takes one of
   ``curl -F file=@v.safetensors -F name=v .../admin/vectors``. The parts are parsed as the body arrives,
   the body still counted against ``max_upload_bytes`` by the guard.
 Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``).
-A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``);
-these routes list, show, enable and delete vectors and directions alike.
+A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``),
+one that says ``kind: controller`` as a refusal controller (``store.controllers``); these routes list, show,
+enable and delete vectors, directions and controllers alike.
 
 Auth, the router's settings and the artifact lookups shared with the pair routes are in ``admin``.
 """
@@ -50,7 +51,7 @@ from steerserve.api.document import COMPUTE_EXAMPLES, ENABLE_EXAMPLES
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.prompts import PromptRenderer
-from steerserve.store.artifacts import STEERING_KINDS, ArtifactMeta, ArtifactStore, check_name
+from steerserve.store.artifacts import FILE_KINDS, ArtifactMeta, ArtifactStore, check_name
 from steerserve.store.db import NAME_RE
 
 _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
@@ -219,14 +220,14 @@ async def compute_vector(body: Annotated[ComputeVector, Body(openapi_examples=CO
 
 @router.get("/vectors", response_model=None, responses={200: {"model": ArtifactList}})
 async def list_vectors(request: Request, all_versions: bool = Query(False, alias="all")) -> dict[str, Any]:
-    metas = await run_sync(service_of(request).store.list, STEERING_KINDS)
+    metas = await run_sync(service_of(request).store.list, FILE_KINDS)
     return listing(metas) if all_versions else {"object": "list", "data": latest_versions(metas)}
 
 
 @router.get("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
 async def show_vector(name: Ref, request: Request) -> dict[str, Any]:
     """Every version of ``name``, or the one version ``name@v`` names."""
-    return listing(await run_sync(select_versions, service_of(request).store, STEERING_KINDS, name))
+    return listing(await run_sync(select_versions, service_of(request).store, FILE_KINDS, name))
 
 
 @router.patch("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
@@ -237,7 +238,7 @@ async def enable_vector(name: Ref, body: Annotated[EnableVector, Body(openapi_ex
     audit_note(request).action = "enable" if body.enabled else "disable"
 
     def work() -> list[ArtifactMeta]:
-        target, version = select_target(store, STEERING_KINDS, name, body.version)
+        target, version = select_target(store, FILE_KINDS, name, body.version)
         return store.set_enabled(target, body.enabled, version)
 
     return listing(await run_sync(work))
@@ -246,4 +247,4 @@ async def enable_vector(name: Ref, body: Annotated[EnableVector, Body(openapi_ex
 @router.delete("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})
 async def delete_vector(name: Ref, request: Request, version: Version = None) -> dict[str, Any]:
     """Delete every version of ``name``, or one (``name@v`` or ``?version=``); returns what was deleted."""
-    return listing(await run_sync(delete_selected, service_of(request).store, STEERING_KINDS, name, version))
+    return listing(await run_sync(delete_selected, service_of(request).store, FILE_KINDS, name, version))

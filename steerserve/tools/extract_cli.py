@@ -111,9 +111,14 @@ def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
 def write_artifact(path: Path, vectors: Mapping[int, torch.Tensor], header: dict[str, str]) -> None:
     """``vectors`` (layer -> ``[hidden]``) as a safetensors artifact file with ``header`` as its metadata."""
     data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
+    write_bytes(path, data)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically: a crash never leaves a half file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:  # atomic: a crash never leaves a half file under the final name
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
