@@ -161,11 +161,18 @@ def test_folding_the_standardisation_keeps_the_outputs() -> None:
 def test_auroc_and_alpha_choice() -> None:
     assert ct.auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2])) == 1.0
     assert ct.auroc(torch.tensor([0.5]), torch.tensor([0.5, 0.9])) == 0.25
-    rows = [{"alpha": a, "harmful_refusal": h, "harmless_refusal": s}
-            for a, h, s in ((0.05, 0.5, 0.0), (0.1, 0.85, 0.05), (0.2, 0.95, 0.1), (0.3, 1.0, 0.4))]
-    assert tr.choose_alpha(rows, 0.8, 0.1)[0]["alpha"] == 0.1  # the least patch meeting both targets
-    best, note = tr.choose_alpha(rows, 0.99, 0.01)
-    assert best["alpha"] == 0.2 and note.startswith("no alpha")
+    rates = {0.05: 0.5, 0.1: 0.85, 0.2: 0.95, 0.3: 1.0}
+    tried: list[float] = []
+
+    def rate(alpha: float) -> float:
+        tried.append(alpha)
+        return rates[alpha]
+
+    alpha, note = tr.choose_alpha([0.3, 0.1, 0.05, 0.2], rate, 0.8)
+    assert alpha == 0.1 and tried == [0.05, 0.1] and note.startswith("the smallest")  # larger ones not generated
+    tried.clear()
+    alpha, note = tr.choose_alpha([0.05, 0.1], rate, 0.99)
+    assert alpha == 0.1 and tried == [0.05, 0.1] and note.startswith("no alpha")
 
 
 # ---- the default model ------------------------------------------------------------------------------------------
@@ -205,7 +212,8 @@ def test_patched_forward_matches_a_plain_forward_and_spares_the_prompt(
         with torch.no_grad(), ct.patched(model, r, scales, delta):
             logp = torch.log_softmax(model(input_ids=torch.tensor([list(p + rep)])).logits[0].float(), -1)
         want = -sum(float(logp[len(p) + k - 1, rep[k]]) for k in range(1, len(rep))) / (len(rep) - 1)
-        assert math.isclose(float(nll[b]), want, rel_tol=1e-4), (float(nll[b]), want)
+        got = float(nll[b].detach())
+        assert math.isclose(got, want, rel_tol=1e-4), (got, want)
     plain = ct.greedy(model, prompts, 6, 2, [2])
     strong = ct.greedy(model, prompts, 6, 2, [2], torch.ones(2, 30), 1.0, r, scales)
     assert [s[0] for s in strong] == [p[0] for p in plain] and strong != plain

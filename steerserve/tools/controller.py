@@ -31,23 +31,27 @@ def _right_padded(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return ids
 
 
-def prompt_states(model: nn.Module, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+def prompt_states(model: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int],
                   batch: int = 16) -> torch.Tensor:
     """``[R, len(layers) * H]`` fp32: the states of ``layers`` (concatenated in order) at each prompt's last
     token, unsteered: the controller's input."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        ids = _right_padded(chunk)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    out = torch.empty(0)
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        chunk = [prompts[j] for j in idx]
         last = torch.tensor([len(p) - 1 for p in chunk])
         with torch.inference_mode(), Capture(model.model.layers, layers) as cap:
-            model.model(input_ids=ids, use_cache=False)
+            model.model(input_ids=_right_padded(chunk), use_cache=False)
         rows = torch.arange(len(chunk))
-        out.append(torch.cat([cap.outputs[layer][rows, last] for layer in layers], dim=-1).float())
-    return torch.cat(out)
+        x = torch.cat([cap.outputs[layer][rows, last] for layer in layers], dim=-1).float()  # [b, 4H]
+        if not out.numel():
+            out = torch.empty(len(prompts), x.shape[1])
+        out[idx] = x
+    return out
 
 
-def mean_norms(model: nn.Module, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
+def mean_norms(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
     """``[N]`` mean ``||h_l[t]||`` over tokens 1.. of every sequence at every layer (token 0, the attention
     sink, is an outlier), as a direction's ``scale`` is measured (``tools.refusal.mean_norms``)."""
     n = len(model.model.layers)
@@ -64,7 +68,7 @@ def mean_norms(model: nn.Module, seqs: Sequence[Sequence[int]], batch: int = 16)
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, direction: torch.Tensor, scales: torch.Tensor,
+def patched(model: Any, direction: torch.Tensor, scales: torch.Tensor,
             delta: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Within the block, the output of block ``l`` gets ``+ delta(l, h) [B, S, 1] * scales[l] * direction``
     (``delta`` returns None to leave a forward unpatched); gradients flow through ``delta``."""
@@ -108,7 +112,7 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, attn
 
 
-def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> Prefix:
+def prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> Prefix:
     """The prompts' key/value cache (the patch never touches prompt positions, so one prefill serves every
     training step)."""
     ids, attn = left_padded(prompts, pad_id)
@@ -119,7 +123,7 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> 
     return Prefix(attn, attn.sum(-1), cache)
 
 
-def reply_nll(model: nn.Module, prefix: Prefix, replies: Sequence[Sequence[int]], gains: torch.Tensor,
+def reply_nll(model: Any, prefix: Prefix, replies: Sequence[Sequence[int]], gains: torch.Tensor,
               alpha: float, direction: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``[B]`` mean NLL of reply tokens ``1..`` of each reply (teacher-forced after its prompt), with the patch
     ``alpha * gains[b, l]`` at every reply position; differentiable in ``gains [B, N]``."""
@@ -147,7 +151,7 @@ def reply_nll(model: nn.Module, prefix: Prefix, replies: Sequence[Sequence[int]]
     return per / torch.tensor([max(len(r) - 1, 1) for r in replies])
 
 
-def greedy(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id: int,
+def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id: int,
            eos_ids: Sequence[int], gains: torch.Tensor | None = None, alpha: float = 0.0,
            direction: torch.Tensor | None = None, scales: torch.Tensor | None = None,
            batch: int = 20) -> list[list[int]]:

@@ -35,10 +35,7 @@ from steerserve.tools.extract_cli import read_prompts, require_counts
 from steerserve.tools.refusal_cli import DATA
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser("train", help="train a model-side artifact offline (controller)",
-                                description="Train an artifact offline on the frozen model (CPU is enough).")
-    kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True)
+def add_controller(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("controller", help="a refusal controller (Guiding Giants, the paper's version)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--harmful", type=Path, default=DATA / "harmful_train.json")
@@ -54,23 +51,37 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10, help="stage 1 (s) epochs (10)")
     p.add_argument("--lr", type=float, default=5e-5, help="stage 1 AdamW learning rate (5e-5, the paper's)")
     p.add_argument("--batch", type=int, default=16, help="stage 1 mini-batch (16)")
-    p.add_argument("--reg", type=float, default=0.01, help="stage 1 L1 regulariser on w (0.01)")
-    p.add_argument("--w-mode", choices=("end_to_end", "fixed"), default="end_to_end")
-    p.add_argument("--fixed-w", type=float, default=0.5, help="w for every layer with --w-mode fixed (0.5)")
+    p.add_argument("--reg", type=float, default=0.01,
+                   help="stage 1 regulariser on w: reg * mean(logit(w)^2), holding w near 0.5 (0.01)")
+    p.add_argument("--w-mode", choices=("end_to_end", "fixed"), default="fixed",
+                   help="end_to_end: train w through the patched forward (stage 2); fixed (default): set w "
+                        "(see the README: end-to-end w did not give a usable controller on the default model)")
+    p.add_argument("--fixed-w", type=float, default=0.5, help="--w-mode fixed: w on the --fixed-layers (0.5)")
+    p.add_argument("--fixed-layers", default="direction",
+                   help="--w-mode fixed: 'direction' (the direction's own layer, default), 'all', or "
+                        "comma-separated layers that get --fixed-w; the others get w ~ 0")
+    p.add_argument("--e2e-init-w", type=float, default=None,
+                   help="stage 2: start every w at this value (the head's weights zeroed) instead of stage 1's")
     p.add_argument("--e2e-prompts", type=int, default=48, help="stage 2: fit rows of each file (48)")
-    p.add_argument("--e2e-epochs", type=int, default=3, help="stage 2 epochs (3)")
-    p.add_argument("--e2e-lr", type=float, default=3e-3, help="stage 2 AdamW learning rate on the w head (3e-3)")
-    p.add_argument("--e2e-batch", type=int, default=16, help="stage 2 batch, half harmful (16)")
+    p.add_argument("--e2e-epochs", type=int, default=4, help="stage 2 epochs (4)")
+    p.add_argument("--e2e-lr", type=float, default=1e-2, help="stage 2 AdamW learning rate on the w head (1e-2)")
+    p.add_argument("--e2e-batch", type=int, default=8, help="stage 2 batch, half harmful (8)")
     p.add_argument("--e2e-reg", type=float, default=0.1, help="stage 2 L1 regulariser on w (0.1)")
     p.add_argument("--reply-tokens", type=int, default=16, help="stage 2: length of the harmless greedy replies")
+    p.add_argument("--refusal-tokens", type=int, default=None,
+                   help="stage 2: score only the templated refusals' tokens 1..K (their onset; default: all)")
     p.add_argument("--alpha-train", type=float, default=0.1, help="stage 2 patch strength (0.1)")
-    p.add_argument("--alphas", default="0.05,0.075,0.1", help="alphas tried on the selection rows")
+    p.add_argument("--alphas", default="0.6,0.8,0.9,1,1.2",
+                   help="alphas tried on the selection rows, ascending until harmful refusal reaches the target")
     p.add_argument("--gen-tokens", type=int, default=48, help="greedy tokens judged on the selection rows (48)")
     p.add_argument("--min-harmful", type=float, default=0.8, help="alpha target: harmful refusal at least (0.8)")
     p.add_argument("--max-harmless", type=float, default=0.1, help="alpha target: harmless refusal at most (0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--description", default="")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    p.add_argument("--states-cache", type=Path, default=None,
+                   help="keep the controller inputs (states of every prompt) in this file and reuse them while "
+                        "the model, layers and prompts are the same")
     p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     p.set_defaults(func=run)
 
@@ -91,10 +102,19 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{flag.replace('_', '-')} must be a positive number")
     if not all(math.isfinite(a) and a > 0 for a in args.alpha_list):
         raise SystemExit("--alphas must be positive numbers")
+    if args.refusal_tokens is not None and args.refusal_tokens < 1:
+        raise SystemExit("--refusal-tokens must be at least 1")
     if args.e2e_prompts > args.fit:
         raise SystemExit("--e2e-prompts must not exceed --fit (stage 2 fits on fit rows only)")
-    if not 0 < args.fixed_w < 1:
-        raise SystemExit("--fixed-w must be in (0, 1) (w is a sigmoid)")
+    for flag in ("fixed_w", "e2e_init_w"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be in (0, 1) (w is a sigmoid)")
+    if args.fixed_layers not in ("direction", "all"):
+        try:
+            args.fixed_list = sorted({int(x) for x in args.fixed_layers.split(",")})
+        except ValueError:
+            raise SystemExit("--fixed-layers must be 'direction', 'all' or comma-separated layer indices") from None
     for path in (args.harmful, args.harmless, args.harmful_val, args.harmless_val, args.direction):
         if not path.is_file():
             raise SystemExit(f"{path} not found (the refusal splits live in ../shared/data/refusal/)")
@@ -120,13 +140,15 @@ def train(args: argparse.Namespace) -> None:
     from steerserve.prompts import PromptRenderer
     from steerserve.tools.controller_run import WIDTH, Tools, fit_and_select
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     torch.manual_seed(args.seed)
     settings = Settings.from_env(model=args.model)
     model, tokenizer, info = load_hf(model_path(settings), settings.dtype)
     model.requires_grad_(False)  # frozen: gradients flow to the controller only
     renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens)
     direction, source = _direction(args.direction)
+    if args.fixed_layers in ("direction", "all"):
+        args.fixed_list = [source["layer"]] if args.fixed_layers == "direction" else None
     if direction.shape != (info.hidden_size,):
         raise SystemExit(f"{args.direction} has hidden size {direction.shape[0]}, the model {info.hidden_size}")
 
@@ -144,8 +166,9 @@ def train(args: argparse.Namespace) -> None:
     eos = sorted({int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
     read_layers = list(range(info.num_layers - 4, info.num_layers))
-    result = fit_and_select(args, Tools(model, renderer, pad, eos), rows, read_layers, direction, _log)
-    seconds = time.monotonic() - started
+    tools = Tools(model, renderer, pad, eos, info.fingerprint)
+    result = fit_and_select(args, tools, rows, read_layers, direction, _log)
+    seconds, cpu = time.monotonic() - started, time.process_time() - cpu
     provenance: dict[str, Any] = {
         "command": "steerserve " + shlex.join(sys.argv[1:]),
         "data": {"harmful": str(args.harmful), "harmless": str(args.harmless), "field": args.field,
@@ -153,6 +176,7 @@ def train(args: argparse.Namespace) -> None:
                  "val": {"harmful": f"{args.harmful_val} (all {len(rows['harmful_val'])})",
                          "harmless": f"{args.harmless_val} rows [0, {len(rows['harmless_val'])})"}},
         "direction": source, "read_layers": read_layers, "width": WIDTH, "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
         "threads": torch.get_num_threads(), **result.provenance}
     header_extra = {"method": "refusal_controller", "provenance": json.dumps(provenance, allow_nan=False),
                     "description": args.description}
@@ -167,7 +191,8 @@ def train(args: argparse.Namespace) -> None:
           f"{result.auroc:.4f} ({len(rows['harmful_val'])} harmful vs {len(rows['harmless_val'])} harmless); "
           f"selection at alpha {result.alpha:g}: harmful refusal {sel['harmful_refusal']:.3f}, harmless "
           f"{sel['harmless_refusal']:.3f}, repetition {sel['harmful_repetition']:.3f}/"
-          f"{sel['harmless_repetition']:.3f}; {seconds / 60:.1f} min on {torch.get_num_threads()} thread(s)")
+          f"{sel['harmless_repetition']:.3f}; {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU, "
+          f"{torch.get_num_threads()} thread(s)")
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:

@@ -3,7 +3,9 @@
 Two stages, on standardised inputs (the standardisation is folded into ``w1``/``b1`` at the end, ``fold``):
 
 1. ``train_scale``: the whole network on BCE of ``s = sigmoid(o_0)`` (harmful = 1, harmless = 0) plus a small
-   L1 regulariser on the weights ``w = sigmoid(o_1..N)`` (``reg * mean(w)``), AdamW, mini-batches.
+   regulariser on the weights ``w = sigmoid(o_1..N)``, ``reg * mean(o_1..N ^ 2)``, which holds them near 0.5
+   (no task gradient reaches ``w`` here; an L1 price alone would only drive every ``w`` towards 0, as Adam
+   steps by about the learning rate whatever the gradient's size, and leave stage 2 saturated sigmoids).
 2. ``train_weights``: the per-layer weights end to end. Only the ``w`` head (rows ``1..N`` of ``w2``/``b2``)
    moves; the trunk and ``s`` stay as stage 1 left them. The loss is the reply NLL through the patched
    forward of the frozen model (``tools.controller.reply_nll``: tokens ``1..`` of a templated refusal for
@@ -16,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,11 +71,11 @@ def train_scale(net: Net, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
         total = 0.0
         for idx in torch.randperm(len(x), generator=gen).split(batch):
             out = net(x[idx])
-            loss = bce(out[:, 0], y[idx]) + reg * torch.sigmoid(out[:, 1:]).mean()
+            loss = bce(out[:, 0], y[idx]) + reg * out[:, 1:].pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             o = net(x_sel)[:, 0]
             row = {"epoch": epoch + 1, "train_loss": total / len(x), "select_bce": float(bce(o, y_sel)),
@@ -94,7 +97,7 @@ class Batch:
     harmful: torch.Tensor  # [B] bool
 
 
-def train_weights(net: Net, model: nn.Module, batches: Sequence[Batch], *, alpha: float, direction: torch.Tensor,
+def train_weights(net: Net, model: Any, batches: Sequence[Batch], *, alpha: float, direction: torch.Tensor,
                   scales: torch.Tensor, epochs: int, lr: float, reg: float, seed: int,
                   log: Log) -> list[dict[str, float]]:
     """Stage 2: the ``w`` head through the patched forward (``alpha`` the training strength); returns
@@ -122,8 +125,8 @@ def train_weights(net: Net, model: nn.Module, batches: Sequence[Batch], *, alpha
             loss.backward()
             opt.step()
             for key, m in (("harmful", b.harmful), ("harmless", ~b.harmful)):
-                sums[f"nll_{key}"] += float(nll[m].sum())
-                sums[f"w_{key}"] += float(w[m].mean(dim=1).sum())
+                sums[f"nll_{key}"] += float(nll[m].detach().sum())
+                sums[f"w_{key}"] += float(w[m].detach().mean(dim=1).sum())
                 counts[key] += int(m.sum())
         row = {"epoch": float(epoch + 1), "seconds": time.monotonic() - start}
         row.update({k: v / max(counts[k.split("_")[1]], 1) for k, v in sums.items()})
@@ -153,13 +156,15 @@ def gains(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tens
     return out[:, 0], out[:, :1] * out[:, 1:]
 
 
-def choose_alpha(results: Sequence[dict[str, float]], min_harmful: float,
-                 max_harmless: float) -> tuple[dict[str, float], str]:
-    """The smallest alpha whose selection figures meet both targets (the least patch that works); if none
-    does, the one with the widest gap between harmful and harmless refusal (and a note saying so)."""
-    ok = [r for r in results if r["harmful_refusal"] >= min_harmful and r["harmless_refusal"] <= max_harmless]
-    if ok:
-        return min(ok, key=lambda r: r["alpha"]), "meets both targets"
-    best = max(results, key=lambda r: (r["harmful_refusal"] - r["harmless_refusal"], -r["alpha"]))
-    return best, (f"no alpha met harmful >= {min_harmful} and harmless <= {max_harmless}: chose the widest "
-                  "harmful - harmless gap")
+def choose_alpha(alphas: Sequence[float], harmful_rate: Callable[[float], float],
+                 min_harmful: float) -> tuple[float, str]:
+    """In ascending order, the first alpha whose harmful refusal rate reaches ``min_harmful``: the least patch
+    that works (harmless refusal and repetition only grow with alpha), so larger ones are not generated. If
+    none reaches it, the one with the highest rate (the smaller on ties), and a note saying so."""
+    seen: dict[float, float] = {}
+    for alpha in sorted(alphas):
+        seen[alpha] = harmful_rate(alpha)
+        if seen[alpha] >= min_harmful:
+            return alpha, f"the smallest alpha tried whose harmful refusal reaches {min_harmful}"
+    best = max(seen, key=lambda a: (seen[a], -a))
+    return best, f"no alpha tried reached harmful refusal {min_harmful}: chose the highest rate"

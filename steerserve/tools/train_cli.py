@@ -1,0 +1,17 @@
+"""``steerserve train KIND``: artifacts trained offline on the frozen model (CPU is enough).
+
+Kinds: ``controller`` (a refusal controller, ``tools.controller_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from steerserve.tools.controller_cli import add_controller
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a model-side artifact offline (controller)",
+                                description="Train an artifact offline on the frozen model (CPU is enough).")
+    kinds = train.add_subparsers(dest="kind", metavar="KIND", required=True)
+    add_controller(kinds)
