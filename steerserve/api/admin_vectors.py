@@ -11,8 +11,9 @@ Uploading a vector, ``POST /admin/vectors``, takes one of
   the body still counted against ``max_upload_bytes`` by the guard.
 Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``).
 A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``),
-one that says ``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``);
-these routes list, show, enable and delete all of them alike.
+one that says ``kind: controller`` as a refusal controller (``store.controllers``), one that says
+``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``); these routes
+list, show, enable and delete all of them alike.
 
 Auth, the router's settings and the artifact lookups shared with the pair routes are in ``admin``.
 """

@@ -232,7 +232,7 @@ class ArtifactOut(_Doc):
     name: str
     version: int
     ref: str  # name@version
-    kind: Literal["vector", "pair", "direction", "probe", "head"]
+    kind: Literal["vector", "pair", "direction", "controller", "probe", "head"]
     model_fingerprint: str
     model_name: str
     hidden_size: int

@@ -1,5 +1,5 @@
-"""The artifact store: steering vectors, directions, SafeSwitch probes and heads and ActAdd prompt pairs
-as safetensors files plus manifest rows.
+"""The artifact store: steering vectors, directions, refusal controllers, SafeSwitch probes and heads, and
+ActAdd prompt pairs as safetensors files plus manifest rows.
 
 Files live at ``<root>/artifacts/<name>/<version>.safetensors``; the SQLite manifest (``db.py``) decides
 what exists. A write lands the file first (temp file, fsync, rename, fsync of the folder) and only then
@@ -27,26 +27,29 @@ from sqlalchemy.engine import Engine
 
 from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.safeswitch import HeadDelta, Probe
 from steerserve.store import db
 from steerserve.store.audit import AuditLog
+from steerserve.store.controllers import CONTROLLER_KEYS, check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
 from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
 from steerserve.store.vetting import NormPolicy, check_vectors
 
-__all__ = ["ArtifactMeta", "ArtifactStore", "StoredPair", "StoredVector", "check_name", "parse_ref"]
+__all__ = ["ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector", "check_name",
+           "parse_ref"]
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
-KINDS = ("vector", "pair", "direction", "probe", "head")
+KINDS = ("vector", "pair", "direction", "controller", "probe", "head")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
-FILE_KINDS = ("vector", "direction", "probe", "head")  # what a file upload may be (the /admin/vectors routes)
+FILE_KINDS = ("vector", "direction", "controller", "probe", "head")  # what a file upload may be (/admin/vectors)
 SAFESWITCH_KINDS = ("probe", "head")  # their own tensors, not ``layer.<i>`` (``safeswitch`` describes them)
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # this store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
             "layer_convention", "format", "provenance", "description", "calibration", *DIRECTION_KEYS,
-            *PROBE_KEYS, *HEAD_KEYS}
+            *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS}
 
 
 def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
@@ -85,6 +88,16 @@ class StoredVector:
         """A direction's candidate table (JSON), or [] if it has none."""
         value = json.loads(self.header.get("candidates", "[]"))
         return value if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class StoredController:
+    """A refusal controller (``store.controllers``): its fp32 weights and default ``alpha``."""
+
+    meta: ArtifactMeta
+    weights: ControllerWeights
+    alpha: float
+    header: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the file's safetensors metadata
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,9 @@ class ArtifactStore:
                         provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
         """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
         A file whose ``kind`` is ``direction`` is stored as a direction (one unit vector and its layer,
-        see ``directions``), one whose ``kind`` is ``probe`` or ``head`` as a SafeSwitch probe pair or refusal
-        head (their own tensors, see ``safeswitch``); any other file is a vector.
+        see ``directions``), one whose ``kind`` is ``controller`` as a refusal controller (see ``controllers``),
+        one whose ``kind`` is ``probe`` or ``head`` as a SafeSwitch probe pair or refusal head (their own
+        tensors, see ``safeswitch``); any other file is a vector.
 
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
         file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
@@ -165,7 +179,8 @@ class ArtifactStore:
         if kind not in FILE_KINDS:
             raise SteerError(f"kind {kind!r} cannot be uploaded as a file; expected one of {list(FILE_KINDS)}",
                              field="metadata.kind")
-        for owner, keys in (("direction", DIRECTION_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS)):
+        for owner, keys in (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS),
+                            ("head", HEAD_KEYS)):
             for key in keys:
                 if kind != owner and key in header:
                     raise SteerError(f"only a {owner!r} file carries this key", field=f"metadata.{key}")
@@ -183,6 +198,8 @@ class ArtifactStore:
                 declared[key] = int(header[key])
         if kind in SAFESWITCH_KINDS:
             return self._put_safeswitch(name, kind, data, loaded, header, declared, provenance, description)
+        if kind == "controller":
+            return self._put_controller(name, data, loaded, header, declared, provenance, description)
         by_layer: dict[int, torch.Tensor] = {}
         for tname, t in loaded.items():
             m = TENSOR_RE.fullmatch(tname)
@@ -213,6 +230,18 @@ class ArtifactStore:
         prov = {"source": "file upload", "file_metadata": dict(header), **(provenance or {})}
         # No per-layer vectors: the manifest's ``layers`` and ``norms`` stay empty.
         return self._commit(name, kind, data, {}, header.get("method") or "upload", prov, description)
+    def _put_controller(self, name: str, data: bytes, loaded: Mapping[str, torch.Tensor], header: Mapping[str, str],
+                        declared: Mapping[str, int], provenance: Mapping[str, Any] | None,
+                        description: str) -> ArtifactMeta:
+        """The controller branch of ``put_vector_file`` (the common header checks done)."""
+        for key, have in (("hidden_size", self.model.hidden_size), ("num_layers", self.model.num_layers)):
+            if key in declared and declared[key] != have:
+                raise SteerError(f"{key} {declared[key]} does not match the loaded model's {have}", field=key)
+        weights, _ = check_controller(self.model, header, loaded)
+        prov = {"source": "file upload", "file_metadata": dict(header), **(provenance or {})}
+        # The manifest's ``layers`` are the read layers; ``norms`` stay empty (no per-layer vector).
+        return self._commit(name, "controller", data, {}, header.get("method") or "upload", prov, description,
+                            layers=weights.read_layers)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",
@@ -311,6 +340,14 @@ class ArtifactStore:
         meta = self.get(ref, "head", field=field, require_enabled=require_enabled)
         data = self._read(meta, field)
         return meta, check_head(self.model, db.header_metadata(data), safetensors.torch.load(data))
+    def load_controller(self, ref: str, *, field: str = "controller",
+                        require_enabled: bool = True) -> StoredController:
+        """The refusal controller ``ref`` names (fp32 weights, default ``alpha``), if made for the loaded model."""
+        meta = self.get(ref, "controller", field=field, require_enabled=require_enabled)
+        data = self._read(meta, field)
+        header = db.header_metadata(data)
+        weights, alpha = check_controller(self.model, header, safetensors.torch.load(data))
+        return StoredController(meta, weights, alpha, header)
 
     def load_pair(self, ref: str, *, field: str = "pair", require_enabled: bool = True) -> StoredPair:
         """The prompt pair ``ref`` names, if it was made for the loaded model."""
@@ -327,7 +364,8 @@ class ArtifactStore:
         return file_header(self.model, kind, **extra)
 
     def _commit(self, name: str, kind: str, data: bytes, vecs: dict[int, torch.Tensor], method: str | None,
-                provenance: Mapping[str, Any] | None, description: str) -> ArtifactMeta:
+                provenance: Mapping[str, Any] | None, description: str,
+                layers: tuple[int, ...] | None = None) -> ArtifactMeta:
         """Allocate the next version, land the file durably, then insert its row, in one write transaction."""
         try:  # a deep, JSON-clean copy: the manifest stores it as JSON and must not fail at commit
             prov = json.loads(json.dumps(dict(provenance or {}), allow_nan=False))
@@ -339,7 +377,8 @@ class ArtifactStore:
             raise SteerError(f"is {len(description)} characters; the limit is {self.max_description_chars}",
                              field="description")
         sha, m = hashlib.sha256(data).hexdigest(), self.model
-        layers, norms = tuple(sorted(vecs)), {i: float(v.norm()) for i, v in sorted(vecs.items())}
+        norms = {i: float(v.norm()) for i, v in sorted(vecs.items())}
+        layers = tuple(sorted(vecs)) if layers is None else layers
         with self._lock:
             final: Path | None = None
             try:

@@ -1,0 +1,192 @@
+"""The model side of training a refusal controller (``runtime.controller``): states, the patched forward
+with autograd, patched greedy generation, and the figures (AUROC, refusal rates).
+
+Everything here runs the frozen transformers model directly (no engine): the end-to-end loss needs
+gradients through the forward, which the serving engines never compute. The patch follows the serving
+semantics exactly: ``h_l[t] += alpha * g[l] * scales[l] * r`` at the output of every block ``l`` (the
+project's layer convention, as the hf hooks capture) and every *generated* position ``t >= P``, with
+``g = s * w`` the request's gains; the prompt and so the first reply token are unpatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from steerserve.evaluation.metrics import is_refusal, repetition
+from steerserve.runtime.hooks import Capture
+
+
+def _right_padded(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[B, S]`` ids, zero-padded after each sequence (causal: padding after a token never reaches it)."""
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s))
+    return ids
+
+
+def prompt_states(model: Any, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                  batch: int = 16) -> torch.Tensor:
+    """``[R, len(layers) * H]`` fp32: the states of ``layers`` (concatenated in order) at each prompt's last
+    token, unsteered: the controller's input."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    out = torch.empty(0)
+    for i in range(0, len(order), batch):
+        idx = order[i : i + batch]
+        chunk = [prompts[j] for j in idx]
+        last = torch.tensor([len(p) - 1 for p in chunk])
+        with torch.inference_mode(), Capture(model.model.layers, layers) as cap:
+            model.model(input_ids=_right_padded(chunk), use_cache=False)
+        rows = torch.arange(len(chunk))
+        x = torch.cat([cap.outputs[layer][rows, last] for layer in layers], dim=-1).float()  # [b, 4H]
+        if not out.numel():
+            out = torch.empty(len(prompts), x.shape[1])
+        out[idx] = x
+    return out
+
+
+def mean_norms(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
+    """``[N]`` mean ``||h_l[t]||`` over tokens 1.. of every sequence at every layer (token 0, the attention
+    sink, is an outlier), as a direction's ``scale`` is measured (``tools.refusal.mean_norms``)."""
+    n = len(model.model.layers)
+    total, count = torch.zeros(n, dtype=torch.float64), 0
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        with torch.inference_mode(), Capture(model.model.layers, range(n)) as cap:
+            model.model(input_ids=_right_padded(chunk), use_cache=False)
+        for b, s in enumerate(chunk):
+            norms = torch.stack([cap.outputs[layer][b, 1 : len(s)].norm(dim=-1) for layer in range(n)])  # [N, T]
+            total += norms.double().sum(dim=1)
+            count += len(s) - 1
+    return (total / count).float()
+
+
+@contextlib.contextmanager
+def patched(model: Any, direction: torch.Tensor, scales: torch.Tensor,
+            delta: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, the output of block ``l`` gets ``+ delta(l, h) [B, S, 1] * scales[l] * direction``
+    (``delta`` returns None to leave a forward unpatched); gradients flow through ``delta``."""
+    r = direction.float()
+
+    def make(layer: int) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output  # [B, S, H]
+            d = delta(layer, h)
+            if d is None:
+                return None
+            h = h + d * (scales[layer] * r)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    handles = [block.register_forward_hook(make(i)) for i, block in enumerate(model.model.layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Prompts run once, unpatched, left-padded to a common end: the reply forwards continue from here."""
+
+    attn: torch.Tensor  # [B, W] 1 = a prompt token, 0 = left padding
+    lengths: torch.Tensor  # [B] prompt lengths (the next position id of each row)
+    cache: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values) [B, kv_heads, W, head_dim]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, W]`` ids left-padded with ``pad_id`` and the ``[B, W]`` attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], attn[b, width - len(p):] = torch.tensor(list(p)), 1
+    return ids, attn
+
+
+def prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> Prefix:
+    """The prompts' key/value cache (the patch never touches prompt positions, so one prefill serves every
+    training step)."""
+    ids, attn = left_padded(prompts, pad_id)
+    with torch.inference_mode():
+        out = model.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                          past_key_values=DynamicCache(config=model.config), use_cache=True)
+    cache = tuple((k.clone(), v.clone()) for k, v, *_ in out.past_key_values)  # plain tensors, reusable
+    return Prefix(attn, attn.sum(-1), cache)
+
+
+def reply_nll(model: Any, prefix: Prefix, replies: Sequence[Sequence[int]], gains: torch.Tensor,
+              alpha: float, direction: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean NLL of reply tokens ``1..`` of each reply (teacher-forced after its prompt), with the patch
+    ``alpha * gains[b, l]`` at every reply position; differentiable in ``gains [B, N]``."""
+    width = max(len(r) for r in replies)
+    ids = torch.zeros(len(replies), width, dtype=torch.long)  # right padding: after the reply, never read
+    for b, r in enumerate(replies):
+        ids[b, : len(r)] = torch.tensor(list(r))
+    attn = torch.cat([prefix.attn, torch.ones_like(ids)], dim=1)
+    positions = prefix.lengths[:, None] + torch.arange(width)[None, :]
+
+    def delta(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return alpha * gains[:, layer, None, None]  # [B, 1, 1]: every position here is a generated one
+
+    # reply position k holds token k and predicts token k + 1: positions 0 .. m - 2 for tokens 1 .. m - 1
+    rows = [b for b, r in enumerate(replies) for _ in range(len(r) - 1)]
+    cols = [k for r in replies for k in range(len(r) - 1)]
+    targets = torch.tensor([t for r in replies for t in list(r)[1:]])
+    cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix.cache])  # a fresh copy: update() appends
+    with patched(model, direction, scales, delta):
+        hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                             use_cache=True).last_hidden_state  # [B, R, H], after the final norm
+    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), dim=-1)  # [K, V]
+    nll = -logp[torch.arange(len(targets)), targets]
+    per = torch.zeros(len(replies)).index_add(0, torch.tensor(rows), nll)
+    return per / torch.tensor([max(len(r) - 1, 1) for r in replies])
+
+
+def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id: int,
+           eos_ids: Sequence[int], gains: torch.Tensor | None = None, alpha: float = 0.0,
+           direction: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+           batch: int = 20) -> list[list[int]]:
+    """Greedy replies (token ids, cut at the first end token), patched with ``alpha * gains [R, N]`` at
+    every generated position when ``gains`` is given (left-padded batches through ``generate``: its
+    prefill, the prompt, stays unpatched; each decode step feeds one generated token per row)."""
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        ids, attn = left_padded(chunk, pad_id)
+        width = ids.shape[1]
+        g = None if gains is None else gains[i : i + batch]
+
+        def delta(layer: int, h: torch.Tensor, g: torch.Tensor | None = g) -> torch.Tensor | None:
+            if g is None or h.shape[1] != 1:  # the prefill: prompt positions are never patched
+                return None
+            return alpha * g[:, layer, None, None]
+
+        ctx = patched(model, direction, scales, delta) if gains is not None and direction is not None \
+            and scales is not None else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=pad_id, eos_token_id=list(eos_ids))
+        for row in gen[:, width:].tolist():
+            cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def rates(texts: Sequence[str]) -> tuple[float, float]:
+    """(share judged a refusal, mean repeated-trigram share) of replies."""
+    return (sum(is_refusal(t) for t in texts) / len(texts), sum(repetition(t) for t in texts) / len(texts))
+
+
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counting half (the Mann-Whitney AUROC)."""
+    diff = pos.double()[:, None] - neg.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
