@@ -127,7 +127,7 @@ def test_controllers_and_vectors_do_not_stand_in_for_each_other(store: ArtifactS
     (lambda: controller_file(auroc="1.5"), "metadata.auroc"),
     (lambda: controller_file(direction="[]"), "metadata.direction"),
     (lambda: controller_file(layer="3"), "metadata.layer"),  # a direction's key
-    (lambda: controller_file(kind="probe"), "metadata.kind"),
+    (lambda: controller_file(kind="bogus"), "metadata.kind"),
     (lambda: controller_file(model=dataclasses.replace(MODEL, fingerprint="fp-2")), "model_fingerprint"),
     (lambda: controller_file(model=dataclasses.replace(MODEL, hidden_size=9)), "hidden_size"),
     (lambda: controller_file(num_layers="7"), "num_layers"),
