@@ -118,3 +118,23 @@ def test_bad_safeswitch_specs_name_the_field(client: httpx.Client, artifacts: di
     assert r.status_code in (400, 404, 422), r.text
     assert field in json.dumps(r.json())
     assert client.post("/generate", json={"messages": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_mandatory_safeswitch_under_a_key_policy(client: httpx.Client, admin_headers: dict[str, str],
+                                                 artifacts: dict[str, str]) -> None:
+    """A policy that always applies SafeSwitch: its key's requests are switched whatever they send, and a
+    client that tries to loosen it (another threshold) is refused with a 403 naming its intervention."""
+    mandatory = {"method": "safeswitch", "probes": artifacts["fire"], "head": artifacts["head"]}
+    r = client.put("/admin/policies/ss-always", headers=admin_headers, json={"mandatory": [mandatory]})
+    assert r.status_code in (200, 201), r.text
+    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "ss-always", "label": "ss"})
+    assert r.status_code == 201, r.text
+    auth = {"Authorization": f"Bearer {r.json()['key']}"}
+    body = {"messages": PROMPT, "temperature": 0, "max_tokens": MAX_TOKENS}
+    plain = client.post("/generate", json=body).json()
+    got = client.post("/generate", json=body, headers=auth).json()
+    assert got["steering"]["report"]["switched"] is True and got["text"] != plain["text"]
+    assert any(a.get("mandatory") for a in got["steering"]["applied"])
+    loosen = {**mandatory, "threshold": 0.99}
+    r = client.post("/generate", json={**body, "steering": {"interventions": [loosen]}}, headers=auth)
+    assert r.status_code == 403 and "steering.interventions.0" in json.dumps(r.json())
