@@ -30,7 +30,6 @@ norm, a non-positive scale) and ``metadata.<key>`` (missing or malformed). The m
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.controller import READ_LAYERS, ControllerWeights
 from steerserve.store.directions import UNIT_TOLERANCE
+from steerserve.store.vetting import metadata_number
 
 TENSORS = ("w1", "b1", "w2", "b2", "direction", "scales")
 W_MODES = ("end_to_end", "fixed")
@@ -86,12 +86,12 @@ def check_controller(model: ModelInfo, header: Mapping[str, str],
     if not bool((t["scales"] > 0).all()):
         raise SteerError("every layer's scale (mean residual norm) must be positive", field="tensors.scales")
     read_layers = _read_layers(header.get("read_layers"), n)
-    alpha = _number(header, "alpha")
+    alpha = metadata_number(header, "alpha")
     if not alpha > 0:
         raise SteerError(f"must be a finite positive number, got {header.get('alpha')!r}", field="metadata.alpha")
     if header.get("w_mode") not in W_MODES:
         raise SteerError(f"must be one of {list(W_MODES)}, got {header.get('w_mode')!r}", field="metadata.w_mode")
-    if "auroc" in header and not 0.0 <= _number(header, "auroc") <= 1.0:
+    if "auroc" in header and not 0.0 <= metadata_number(header, "auroc") <= 1.0:
         raise SteerError(f"must be a number in [0, 1], got {header['auroc']!r}", field="metadata.auroc")
     if "direction" in header and not isinstance(_json(header["direction"]), dict):
         raise SteerError("must be a JSON object naming the source direction", field="metadata.direction")
@@ -123,16 +123,6 @@ def _read_layers(raw: str | None, n: int) -> tuple[int, ...]:
         raise SteerError(f"must be a JSON list of {READ_LAYERS} distinct ascending layer indices in [0, {n}), "
                          f"got {raw!r}", field="metadata.read_layers")
     return tuple(value)  # type: ignore[arg-type]  # checked above: a list of ints
-
-
-def _number(header: Mapping[str, str], key: str) -> float:
-    try:
-        x = float(header.get(key, "nan"))
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x):
-        raise SteerError(f"must be a finite number, got {header.get(key)!r}", field=f"metadata.{key}")
-    return x
 
 
 def _json(raw: str) -> Any:

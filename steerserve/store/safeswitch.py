@@ -32,7 +32,6 @@ any float dtype (fp16 keeps the head file small); they load as fp32.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, Probe
+from steerserve.store.vetting import metadata_number
 
 PROBE_TENSORS = tuple(f"stage{k}.{p}" for k in (1, 2) for p in ("w1", "b1", "w2", "b2"))
 HEAD_TENSORS = ("a", "b")
@@ -95,7 +95,7 @@ def check_probes(model: ModelInfo, header: Mapping[str, str],
     if header.get("pilot_tokens") != str(PILOT_TOKENS):
         raise SteerError(f"must be {PILOT_TOKENS} (the runtime reads stage 2 after {PILOT_TOKENS} greedy pilot "
                          f"tokens), got {header.get('pilot_tokens')!r}", field="metadata.pilot_tokens")
-    threshold = _number(header, "threshold")
+    threshold = metadata_number(header, "threshold")
     if not 0.0 < threshold < 1.0:
         raise SteerError(f"must be a probability in (0, 1), got {header.get('threshold')!r}",
                          field="metadata.threshold")
@@ -121,7 +121,7 @@ def check_head(model: ModelInfo, header: Mapping[str, str], tensors: Mapping[str
         raise SteerError(f"must be one of {list(HEAD_BASES)}, got {header.get('base')!r}", field="metadata.base")
     if "vocab_size" in header and header["vocab_size"] != str(v):
         raise SteerError(f"{header['vocab_size']!r} does not match the loaded model's {v}", field="metadata.vocab_size")
-    if "val_refusal_rate" in header and not 0.0 <= _number(header, "val_refusal_rate") <= 1.0:
+    if "val_refusal_rate" in header and not 0.0 <= metadata_number(header, "val_refusal_rate") <= 1.0:
         raise SteerError("must be a rate in [0, 1]", field="metadata.val_refusal_rate")
     return HeadDelta(a, b)
 
@@ -144,16 +144,6 @@ def _exact(tensors: Mapping[str, torch.Tensor], names: tuple[str, ...], kind: st
                              field=f"tensors.{n}")
         out[n] = x
     return out
-
-
-def _number(header: Mapping[str, str], key: str) -> float:
-    try:
-        value = float(header.get(key, "nan"))
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise SteerError(f"must be a finite number, got {header.get(key)!r}", field=f"metadata.{key}")
-    return value
 
 
 def _json_object(header: Mapping[str, str], key: str) -> None:

@@ -8,6 +8,7 @@ layer whose norm exceeds ``max_ratio`` x the model's typical residual-stream nor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,17 @@ class NormPolicy:
 
     def limit(self, layer: int) -> float | None:
         return None if self.typical_norms is None else self.max_ratio * self.typical_norms[layer]
+
+
+def metadata_number(header: Mapping[str, str], key: str) -> float:
+    """``header[key]`` as a finite float; else a 400 naming ``metadata.<key>``."""
+    try:
+        x = float(header.get(key, "nan"))
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise SteerError(f"must be a finite number, got {header.get(key)!r}", field=f"metadata.{key}")
+    return x
 
 
 def check_vectors(model: ModelInfo, tensors: Mapping[int, torch.Tensor], hidden_size: int | None,

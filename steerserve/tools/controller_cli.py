@@ -32,17 +32,13 @@ import torch
 
 from steerserve.config import Settings
 from steerserve.tools.extract_cli import read_prompts, require_counts
-from steerserve.tools.refusal_cli import DATA
+from steerserve.tools.refusal_cli import add_data_arguments
 
 
 def add_controller(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("controller", help="a refusal controller (Guiding Giants, the paper's version)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--harmful", type=Path, default=DATA / "harmful_train.json")
-    p.add_argument("--harmless", type=Path, default=DATA / "harmless_train.json")
-    p.add_argument("--harmful-val", type=Path, default=DATA / "harmful_val.json")
-    p.add_argument("--harmless-val", type=Path, default=DATA / "harmless_val.json")
-    p.add_argument("--field", default="instruction", help="key of the prompt in JSON objects")
+    add_data_arguments(p)
     p.add_argument("--fit", type=int, default=200, help="rows of each train file that fit the controller (200)")
     p.add_argument("--select", type=int, default=60, help="rows after those that choose alpha (60)")
     p.add_argument("--val-harmless", type=int, default=200, help="rows of harmless_val for the AUROC (200)")

@@ -26,6 +26,16 @@ from steerserve.tools.extract_cli import read_prompts, require_counts, write_art
 DATA = Path("../shared/data/refusal")
 
 
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """``--harmful``, ``--harmless``, their ``-val`` files and ``--field``: the shared refusal splits, read at
+    run time (the trainers of ``steerserve train`` take them alike)."""
+    p.add_argument("--harmful", type=Path, default=DATA / "harmful_train.json")
+    p.add_argument("--harmless", type=Path, default=DATA / "harmless_train.json")
+    p.add_argument("--harmful-val", type=Path, default=DATA / "harmful_val.json")
+    p.add_argument("--harmless-val", type=Path, default=DATA / "harmless_val.json")
+    p.add_argument("--field", default="instruction", help="key of the prompt in JSON objects")
+
+
 def add_refusal(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("refusal-direction", help="a refusal direction (prompt- or response-side recipe)",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -43,17 +43,13 @@ from steerserve.evaluation.metrics import is_refusal, repetition
 from steerserve.runtime.safeswitch import PILOT_TOKENS, PROBE_WIDTH, HeadDelta
 from steerserve.tools import safeswitch as ss
 from steerserve.tools.extract_cli import read_prompts, require_counts, write_bytes
-from steerserve.tools.refusal_cli import DATA
+from steerserve.tools.refusal_cli import add_data_arguments
 
 
 def add_safeswitch(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("safeswitch", help="SafeSwitch stage probes and refusal head",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--harmful", type=Path, default=DATA / "harmful_train.json")
-    p.add_argument("--harmless", type=Path, default=DATA / "harmless_train.json")
-    p.add_argument("--harmful-val", type=Path, default=DATA / "harmful_val.json")
-    p.add_argument("--harmless-val", type=Path, default=DATA / "harmless_val.json")
-    p.add_argument("--field", default="instruction", help="key of the prompt in JSON objects")
+    add_data_arguments(p)
     p.add_argument("--fit", type=int, default=236, help="rows of each train file that fit (236)")
     p.add_argument("--hold", type=int, default=24, help="rows after those, held out for choices (24)")
     p.add_argument("--val-harmless", type=int, default=200, help="rows of harmless_val measured (200)")
