@@ -189,10 +189,10 @@ def _chat(renderer: PromptRenderer, text: str) -> tuple[int, ...]:
     return renderer.render(messages=[{"role": "user", "content": text}]).token_ids
 
 
-def test_patched_forward_matches_a_plain_forward_and_spares_the_prompt(
-        hf: tuple[Any, PromptRenderer, ModelInfo]) -> None:
-    """The cached, left-padded, differentiable reply NLL equals a one-sequence forward patched at positions >= P;
-    patched greedy generation keeps the first reply token (sampled before any patch)."""
+@pytest.mark.parametrize("top", [13, 29])
+def test_patched_forward_matches_a_plain_forward(hf: tuple[Any, PromptRenderer, ModelInfo], top: int) -> None:
+    """The cached, left-padded, differentiable reply NLL equals a one-sequence forward patched as served: every
+    layer at positions >= P, the layers above ``top`` at P - 1; reply token 0 scored only if it can move."""
     model, renderer, _ = hf
     prompts = [_chat(renderer, t) for t in ("Hi", "Name three colours of the rainbow, please.")]
     replies = [tuple(renderer.tokenize(t)) for t in ("Hello! How are you today?", "Red, orange and yellow.")]
@@ -200,23 +200,36 @@ def test_patched_forward_matches_a_plain_forward_and_spares_the_prompt(
     r = torch.randn(576, generator=g)
     r, scales = r / r.norm(), torch.linspace(50, 700, 30)
     gains = torch.rand(2, 30, generator=g).requires_grad_(True)
-    nll = ct.reply_nll(model, ct.prefill(model, prompts, 2), replies, gains, 0.05, r, scales)
+    nll = ct.reply_nll(model, ct.prefill(model, prompts, 2), replies, gains, 0.05, r, scales, top)
     nll.sum().backward()
     assert gains.grad is not None and float(gains.grad.abs().sum()) > 0
+    first = 0 if top < 29 else 1
     for b in range(2):
         p, rep = prompts[b], replies[b]
 
         def delta(layer: int, h: torch.Tensor, b: int = b, p: tuple[int, ...] = p) -> torch.Tensor:
-            return 0.05 * gains[b, layer].detach() * (torch.arange(h.shape[1]) >= len(p)).float()[None, :, None]
+            start = len(p) - 1 if layer > top else len(p)
+            return 0.05 * gains[b, layer].detach() * (torch.arange(h.shape[1]) >= start).float()[None, :, None]
 
         with torch.no_grad(), ct.patched(model, r, scales, delta):
             logp = torch.log_softmax(model(input_ids=torch.tensor([list(p + rep)])).logits[0].float(), -1)
-        want = -sum(float(logp[len(p) + k - 1, rep[k]]) for k in range(1, len(rep))) / (len(rep) - 1)
+        want = -sum(float(logp[len(p) + k - 1, rep[k]]) for k in range(first, len(rep))) / (len(rep) - first)
         got = float(nll[b].detach())
         assert math.isclose(got, want, rel_tol=1e-4), (got, want)
+
+
+def test_patched_greedy_spares_what_the_decision_cannot_reach(hf: tuple[Any, PromptRenderer, ModelInfo]) -> None:
+    """Read at the top: the first reply token is picked unpatched. Read below: the last prompt token's upper
+    layers take the patch, so even the first token moves (strong patch)."""
+    model, renderer, _ = hf
+    prompts = [_chat(renderer, t) for t in ("Hi", "Name three colours of the rainbow, please.")]
+    r = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    r, scales, ones = r / r.norm(), torch.linspace(50, 700, 30), torch.ones(2, 30)
     plain = ct.greedy(model, prompts, 6, 2, [2])
-    strong = ct.greedy(model, prompts, 6, 2, [2], torch.ones(2, 30), 1.0, r, scales)
-    assert [s[0] for s in strong] == [p[0] for p in plain] and strong != plain
+    at_top = ct.greedy(model, prompts, 6, 2, [2], ones, 1.0, r, scales, top=29)
+    below = ct.greedy(model, prompts, 6, 2, [2], ones, 1.0, r, scales, top=13)
+    assert [s[0] for s in at_top] == [p[0] for p in plain] and at_top != plain
+    assert [s[0] for s in below] != [p[0] for p in plain]
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +250,8 @@ def test_shipped_controller_separates_obvious_prompts(hf: tuple[Any, PromptRende
         store.close()
     header = c.header
     assert header["w_mode"] in ("end_to_end", "fixed") and float(header["auroc"]) >= 0.9
-    assert c.weights.read_layers == (26, 27, 28, 29) and c.alpha > 0
+    top = c.weights.read_layers[-1]
+    assert c.weights.read_layers == (top - 3, top - 2, top - 1, top) and c.alpha > 0
     source = json.loads(header["direction"])
     assert source["sha256"] == hashlib.sha256(DIRECTION.read_bytes()).hexdigest()
     unit = safetensors.torch.load(DIRECTION.read_bytes())["layer.14"].float()
@@ -256,9 +270,12 @@ def test_controller_upload_and_listing_over_http(client: httpx.Client, admin_hea
     raw = {**admin_headers, "Content-Type": "application/octet-stream"}
     r = client.post("/admin/vectors", params={"name": "ctrl-http"}, content=shipped, headers=raw)
     assert r.status_code == 201, r.text
-    assert r.json()["kind"] == "controller" and r.json()["layers"] == [26, 27, 28, 29]
+    assert r.json()["kind"] == "controller" and len(r.json()["layers"]) == 4
+    r = client.post("/admin/vectors", headers=admin_headers,  # multipart: the same store path
+                    files=[("name", (None, "ctrl-http")), ("file", ("c.safetensors", shipped))])
+    assert r.status_code == 201 and r.json()["ref"] == "ctrl-http@2", r.text
     listed = client.get("/admin/vectors", headers=admin_headers).json()["data"]
-    assert any(m["ref"] == "ctrl-http@1" and m["kind"] == "controller" for m in listed)
+    assert any(m["ref"] == "ctrl-http@2" and m["kind"] == "controller" for m in listed)
     tensors, header = safetensors.torch.load(shipped), dict(json.loads(shipped[8 : 8 + int.from_bytes(
         shipped[:8], "little")])["__metadata__"])
     bad = safetensors.torch.save({**tensors, "scales": tensors["scales"][:29]}, metadata=header)

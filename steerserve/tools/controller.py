@@ -3,9 +3,11 @@ with autograd, patched greedy generation, and the figures (AUROC, refusal rates)
 
 Everything here runs the frozen transformers model directly (no engine): the end-to-end loss needs
 gradients through the forward, which the serving engines never compute. The patch follows the serving
-semantics exactly: ``h_l[t] += alpha * g[l] * scales[l] * r`` at the output of every block ``l`` (the
-project's layer convention, as the hf hooks capture) and every *generated* position ``t >= P``, with
-``g = s * w`` the request's gains; the prompt and so the first reply token are unpatched.
+semantics exactly: ``h_l[t] += alpha * g[l] * scales[l] * r`` at the output of block ``l`` (the project's
+layer convention, as the hf hooks capture) for every layer of every *generated* position ``t >= P`` and for
+the layers above ``top`` (the controller's last read layer ``k``) of the last prompt token ``P - 1``, with
+``g = s * w`` the request's gains. The rest of the prompt is never patched; with ``top`` the last layer,
+neither is the last prompt token, and the first reply token is picked unpatched.
 """
 
 from __future__ import annotations
@@ -97,9 +99,10 @@ def patched(model: Any, direction: torch.Tensor, scales: torch.Tensor,
 class Prefix:
     """Prompts run once, unpatched, left-padded to a common end: the reply forwards continue from here."""
 
-    attn: torch.Tensor  # [B, W] 1 = a prompt token, 0 = left padding
-    lengths: torch.Tensor  # [B] prompt lengths (the next position id of each row)
+    attn: torch.Tensor  # [B, W] 1 = a prompt token, 0 = left padding (the prompts without their last token)
+    lengths: torch.Tensor  # [B] cached lengths (the position id of each row's last prompt token)
     cache: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values) [B, kv_heads, W, head_dim]
+    last: tuple[int, ...]  # each prompt's last token
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,51 +116,57 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 def prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> Prefix:
-    """The prompts' key/value cache (the patch never touches prompt positions, so one prefill serves every
-    training step)."""
-    ids, attn = left_padded(prompts, pad_id)
+    """The key/value cache of each prompt but its last token (never patched, so one prefill serves every
+    training step; the last token, patched at the layers above the read layers, goes with the reply)."""
+    ids, attn = left_padded([p[:-1] for p in prompts], pad_id)
     with torch.inference_mode():
         out = model.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                           past_key_values=DynamicCache(config=model.config), use_cache=True)
     cache = tuple((k.clone(), v.clone()) for k, v, *_ in out.past_key_values)  # plain tensors, reusable
-    return Prefix(attn, attn.sum(-1), cache)
+    return Prefix(attn, attn.sum(-1), cache, tuple(p[-1] for p in prompts))
 
 
-def reply_nll(model: Any, prefix: Prefix, replies: Sequence[Sequence[int]], gains: torch.Tensor,
-              alpha: float, direction: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``[B]`` mean NLL of reply tokens ``1..`` of each reply (teacher-forced after its prompt), with the patch
-    ``alpha * gains[b, l]`` at every reply position; differentiable in ``gains [B, N]``."""
-    width = max(len(r) for r in replies)
+def reply_nll(model: Any, prefix: Prefix, replies: Sequence[Sequence[int]], gains: torch.Tensor, alpha: float,
+              direction: torch.Tensor, scales: torch.Tensor, top: int) -> torch.Tensor:
+    """``[B]`` mean NLL of each reply (teacher-forced after its prompt) under the serving patch: ``alpha *
+    gains[b, l]`` at every layer of every reply position and at the layers above ``top`` (the last read
+    layer) of the last prompt token. Reply token 0 is scored only when that token is patched somewhere
+    (``top`` below the last layer); differentiable in ``gains [B, N]``."""
+    width = 1 + max(len(r) for r in replies)
     ids = torch.zeros(len(replies), width, dtype=torch.long)  # right padding: after the reply, never read
-    for b, r in enumerate(replies):
-        ids[b, : len(r)] = torch.tensor(list(r))
+    for b, (last, r) in enumerate(zip(prefix.last, replies, strict=True)):
+        ids[b, : 1 + len(r)] = torch.tensor([last, *r])
     attn = torch.cat([prefix.attn, torch.ones_like(ids)], dim=1)
     positions = prefix.lengths[:, None] + torch.arange(width)[None, :]
+    generated = (torch.arange(width) >= 1).float()[None, :, None]  # [1, S, 1]: position 0 is the prompt's
 
     def delta(layer: int, h: torch.Tensor) -> torch.Tensor:
-        return alpha * gains[:, layer, None, None]  # [B, 1, 1]: every position here is a generated one
+        g = alpha * gains[:, layer, None, None]  # [B, 1, 1]
+        return g if layer > top else g * generated
 
-    # reply position k holds token k and predicts token k + 1: positions 0 .. m - 2 for tokens 1 .. m - 1
-    rows = [b for b, r in enumerate(replies) for _ in range(len(r) - 1)]
-    cols = [k for r in replies for k in range(len(r) - 1)]
-    targets = torch.tensor([t for r in replies for t in list(r)[1:]])
+    # position j predicts reply token j (position 0 is the last prompt token)
+    first = 0 if top < len(scales) - 1 else 1
+    rows = [b for b, r in enumerate(replies) for _ in range(first, len(r))]
+    cols = [j for r in replies for j in range(first, len(r))]
+    targets = torch.tensor([t for r in replies for t in list(r)[first:]])
     cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix.cache])  # a fresh copy: update() appends
     with patched(model, direction, scales, delta):
         hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                             use_cache=True).last_hidden_state  # [B, R, H], after the final norm
+                             use_cache=True).last_hidden_state  # [B, 1 + R, H], after the final norm
     logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), dim=-1)  # [K, V]
     nll = -logp[torch.arange(len(targets)), targets]
     per = torch.zeros(len(replies)).index_add(0, torch.tensor(rows), nll)
-    return per / torch.tensor([max(len(r) - 1, 1) for r in replies])
+    return per / torch.tensor([max(len(r) - first, 1) for r in replies])
 
 
 def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id: int,
            eos_ids: Sequence[int], gains: torch.Tensor | None = None, alpha: float = 0.0,
-           direction: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+           direction: torch.Tensor | None = None, scales: torch.Tensor | None = None, top: int = -1,
            batch: int = 20) -> list[list[int]]:
-    """Greedy replies (token ids, cut at the first end token), patched with ``alpha * gains [R, N]`` at
-    every generated position when ``gains`` is given (left-padded batches through ``generate``: its
-    prefill, the prompt, stays unpatched; each decode step feeds one generated token per row)."""
+    """Greedy replies (token ids, cut at the first end token), patched as served when ``gains [R, N]`` is
+    given: ``alpha * gains`` at every layer of every generated position and at the layers above ``top``
+    (the last read layer) of the last prompt token (left-padded batches through ``generate``: the
+    prefill's last column is every row's last prompt token; each decode step feeds one generated token)."""
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -166,9 +175,15 @@ def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id
         g = None if gains is None else gains[i : i + batch]
 
         def delta(layer: int, h: torch.Tensor, g: torch.Tensor | None = g) -> torch.Tensor | None:
-            if g is None or h.shape[1] != 1:  # the prefill: prompt positions are never patched
+            if g is None:
                 return None
-            return alpha * g[:, layer, None, None]
+            if h.shape[1] == 1:  # a decode step: one generated token per row
+                return alpha * g[:, layer, None, None]
+            if layer <= top:  # the prefill below the decision: untouched
+                return None
+            d = torch.zeros(h.shape[0], h.shape[1], 1)
+            d[:, -1, 0] = alpha * g[:, layer]  # the last prompt token, above the read layers
+            return d
 
         ctx = patched(model, direction, scales, delta) if gains is not None and direction is not None \
             and scales is not None else contextlib.nullcontext()

@@ -1,11 +1,14 @@
 """``steerserve train controller``: a refusal ``controller`` artifact (Guiding Giants, the paper's version).
 
-The controller reads the last four layers' states at the last token of the chat-templated prompt and
-gives a scale ``s`` and per-layer weights ``w``; serving then adds ``alpha * s * w_l * scale_l * r`` to
-every generated token's state at every layer (``runtime.controller``). This command fits it
-(``tools.controller_train``: ``s`` by BCE, ``w`` end to end through the patched forward of the frozen
-model, or fixed with ``--w-mode fixed``), chooses the default ``alpha`` on *selection* rows by patched
-greedy generation, measures the validation AUROC of ``s`` and writes the artifact (``store.controllers``).
+The controller reads four layers ``k-3..k`` at the last token of the chat-templated prompt and gives a
+scale ``s`` and per-layer weights ``w``; serving then adds ``alpha * s * w_l * scale_l * r`` at every layer
+of every generated token and at the layers above ``k`` of the last prompt token (``runtime.controller``).
+This command fits it (``tools.controller_train``: ``s`` by BCE; ``w`` fixed, by default 0.5 at the
+direction's layer and ~0 elsewhere, or with ``--w-mode end_to_end`` trained through the patched forward of
+the frozen model), chooses the default ``alpha`` on *selection* rows by patched greedy generation,
+measures the validation AUROC of ``s`` and writes the artifact (``store.controllers``). The defaults make
+the shipped ``vectors/refusal_controller.safetensors``; ``vectors/README.md`` has its figures and why
+``w`` is fixed.
 
 Rows of ``harmful_train.json`` and ``harmless_train.json`` are kept apart by use: ``[0, --fit)`` fit ``s``
 (the first ``--e2e-prompts`` of them also fit ``w``), ``[--fit, --fit + --select)`` choose alpha; the val
@@ -44,6 +47,10 @@ def add_controller(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--val-harmless", type=int, default=200, help="rows of harmless_val for the AUROC (200)")
     p.add_argument("--direction", type=Path, default=Path("vectors/refusal_direction.safetensors"),
                    help="the direction artifact whose unit vector the controller scales")
+    p.add_argument("--read-top", default="below-direction",
+                   help="k, the last of the four read layers k-3..k: 'below-direction' (default: the direction's "
+                        "layer - 1, so that layer of the last prompt token takes the patch), 'last' (the paper's "
+                        "last four layers) or a layer index")
     p.add_argument("--epochs", type=int, default=10, help="stage 1 (s) epochs (10)")
     p.add_argument("--lr", type=float, default=5e-5, help="stage 1 AdamW learning rate (5e-5, the paper's)")
     p.add_argument("--batch", type=int, default=16, help="stage 1 mini-batch (16)")
@@ -67,7 +74,7 @@ def add_controller(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--refusal-tokens", type=int, default=None,
                    help="stage 2: score only the templated refusals' tokens 1..K (their onset; default: all)")
     p.add_argument("--alpha-train", type=float, default=0.1, help="stage 2 patch strength (0.1)")
-    p.add_argument("--alphas", default="0.6,0.8,0.9,1,1.2",
+    p.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9,1",
                    help="alphas tried on the selection rows, ascending until harmful refusal reaches the target")
     p.add_argument("--gen-tokens", type=int, default=48, help="greedy tokens judged on the selection rows (48)")
     p.add_argument("--min-harmful", type=float, default=0.8, help="alpha target: harmful refusal at least (0.8)")
@@ -161,7 +168,12 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(f"--fit + --select = {n + k} rows needed from each train file")
     eos = sorted({int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
-    read_layers = list(range(info.num_layers - 4, info.num_layers))
+    top = {"below-direction": source["layer"] - 1, "last": info.num_layers - 1}.get(args.read_top)
+    if top is None:
+        top = int(args.read_top) if args.read_top.isdigit() else -1
+    if not 3 <= top < info.num_layers:
+        raise SystemExit(f"--read-top must be 'below-direction', 'last' or a layer in [3, {info.num_layers})")
+    read_layers = list(range(top - 3, top + 1))
     tools = Tools(model, renderer, pad, eos, info.fingerprint)
     result = fit_and_select(args, tools, rows, read_layers, direction, _log)
     seconds, cpu = time.monotonic() - started, time.process_time() - cpu

@@ -76,7 +76,7 @@ def fit_and_select(args: argparse.Namespace, tools: Tools, rows: dict[str, list[
     torch.manual_seed(args.seed)
     net = tr.Net(x_fit.shape[1], WIDTH, len(model.model.layers))
     log(f"stage 1 (s): BCE on {n} + {n} fit rows, AdamW lr {args.lr:g}, batch {args.batch}, {args.epochs} epochs, "
-        f"L1 on w {args.reg:g}")
+        f"w regulariser {args.reg:g} x mean(logit(w)^2)")
     hist1 = tr.train_scale(net, std(x_fit), y_fit, epochs=args.epochs, lr=args.lr, batch=args.batch, reg=args.reg,
                            seed=args.seed, log=log, x_sel=std(x_sel), y_sel=y_sel)
     lap("stage1")
@@ -107,7 +107,8 @@ def fit_and_select(args: argparse.Namespace, tools: Tools, rows: dict[str, list[
             f"{len(batches)} batches, alpha {args.alpha_train:g}, AdamW lr {args.e2e_lr:g}, L1 on w "
             f"{args.e2e_reg:g}, {args.e2e_epochs} epochs")
         hist2 = tr.train_weights(net, model, batches, alpha=args.alpha_train, direction=direction, scales=scales,
-                                 epochs=args.e2e_epochs, lr=args.e2e_lr, reg=args.e2e_reg, seed=args.seed, log=log)
+                                 top=read_layers[-1], epochs=args.e2e_epochs, lr=args.e2e_lr, reg=args.e2e_reg,
+                                 seed=args.seed, log=log)
     else:
         on = range(len(scales)) if args.fixed_list is None else args.fixed_list
         if not all(0 <= layer < len(scales) for layer in on):
@@ -130,7 +131,7 @@ def fit_and_select(args: argparse.Namespace, tools: Tools, rows: dict[str, list[
 
     def figures(alpha: float, prompts: Sequence[tuple[int, ...]], gains: torch.Tensor, group: str) -> float:
         replies = ct.greedy(model, prompts, args.gen_tokens, tools.pad, tools.eos, gains, alpha, direction, scales,
-                            batch=GEN_BATCH)
+                            top=read_layers[-1], batch=GEN_BATCH)
         texts = [tools.renderer.decode(r) for r in replies]
         rate, rep = ct.rates(texts)
         sweep.setdefault(alpha, {"alpha": alpha}).update({f"{group}_refusal": round(rate, 4),
@@ -148,7 +149,7 @@ def fit_and_select(args: argparse.Namespace, tools: Tools, rows: dict[str, list[
     note += f"; harmless refusal there {'meets' if met else 'MISSES'} the target <= {args.max_harmless}"
     lap("alpha_sweep")
     provenance = {
-        "stage1": {"loss": "BCE(s) + reg * mean(w)", "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
+        "stage1": {"loss": "BCE(s) + reg * mean(logit(w)^2)", "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
                    "reg": args.reg, "optimizer": "AdamW", "seed": args.seed, "history": _rounded(hist1),
                    "standardisation": "per-feature mean/std of the fit rows, folded into w1/b1"},
         "stage2": {"w_mode": args.w_mode, "fixed_w": args.fixed_w if args.w_mode == "fixed" else None,

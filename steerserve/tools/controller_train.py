@@ -8,9 +8,9 @@ Two stages, on standardised inputs (the standardisation is folded into ``w1``/``
    steps by about the learning rate whatever the gradient's size, and leave stage 2 saturated sigmoids).
 2. ``train_weights``: the per-layer weights end to end. Only the ``w`` head (rows ``1..N`` of ``w2``/``b2``)
    moves; the trunk and ``s`` stay as stage 1 left them. The loss is the reply NLL through the patched
-   forward of the frozen model (``tools.controller.reply_nll``: tokens ``1..`` of a templated refusal for
-   harmful prompts, of the model's own greedy reply for harmless ones, each gated by the prompt's own
-   ``s``) plus ``reg * mean(w)``, which prices the patch: ``w`` rises only where it buys refusal.
+   forward of the frozen model (``tools.controller.reply_nll``: a templated refusal for harmful prompts, the
+   model's own greedy reply for harmless ones, each gated by the prompt's own ``s``; the reply tokens the
+   patch can reach) plus ``reg * mean(w)``, which prices the patch: ``w`` rises only where it buys refusal.
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ class Batch:
 
 
 def train_weights(net: Net, model: Any, batches: Sequence[Batch], *, alpha: float, direction: torch.Tensor,
-                  scales: torch.Tensor, epochs: int, lr: float, reg: float, seed: int,
+                  scales: torch.Tensor, top: int, epochs: int, lr: float, reg: float, seed: int,
                   log: Log) -> list[dict[str, float]]:
-    """Stage 2: the ``w`` head through the patched forward (``alpha`` the training strength); returns
-    per-epoch figures (mean harmful and harmless NLL, mean ``w`` on harmful rows)."""
+    """Stage 2: the ``w`` head through the patched forward (``alpha`` the training strength, ``top`` the last
+    read layer); returns per-epoch figures (mean harmful and harmless NLL, mean ``w`` per group)."""
     head = nn.Linear(net.fc2.in_features, net.fc2.out_features - 1)
     with torch.no_grad():
         head.weight.copy_(net.fc2.weight[1:])
@@ -118,7 +118,7 @@ def train_weights(net: Net, model: Any, batches: Sequence[Batch], *, alpha: floa
             with torch.no_grad():
                 z, s = net.trunk(b.x), torch.sigmoid(net(b.x)[:, 0])  # [B, D], [B]: fixed in stage 2
             w = torch.sigmoid(head(z))  # [B, N]
-            nll = ct.reply_nll(model, b.prefix, b.replies, s[:, None] * w, alpha, direction, scales)  # [B]
+            nll = ct.reply_nll(model, b.prefix, b.replies, s[:, None] * w, alpha, direction, scales, top)  # [B]
             parts = [nll[m].mean() for m in (b.harmful, ~b.harmful) if bool(m.any())]
             loss = torch.stack(parts).sum() + reg * w.mean()
             opt.zero_grad()
