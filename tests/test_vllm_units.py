@@ -15,6 +15,8 @@ from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.wire import Wired, cache_salt, decode_ops, encode_ops, from_extra_args
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer
+from steerserve.runtime.control_op import ControllerUnit
+from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.ops import steer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
@@ -34,8 +36,12 @@ def _ops() -> tuple[SteerOp, ...]:
 
 
 def _state(bank: VectorBank, tables: StepTables, static: bool = False) -> vops.SteerState:
-    capture = CaptureBuffer(tables.rows[OpKind.ADD].shape[0], 8, H, tables.max_tokens)
-    return vops.SteerState(bank, tables, Registers(4), capture, static=static)
+    layers = tables.rows[OpKind.ADD].shape[0]
+    capture = CaptureBuffer(layers, 8, H, tables.max_tokens)
+    regs = Registers(4, layers)
+    ctrl = ControllerUnit(2, regs.sink + 1, layers, H, 4)
+    head = HeadPoint(2, H, 16, 4, regs.sink)
+    return vops.SteerState(bank, tables, regs, capture, ctrl, head, static=static)
 
 
 def test_wire_round_trip_keeps_ops_and_keys() -> None:
