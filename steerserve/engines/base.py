@@ -15,6 +15,7 @@ from steerserve.runtime.plan import SteerOp
 from steerserve.runtime.safeswitch import HeadDelta, ProbePair
 
 FinishReason = Literal["stop", "length", "abort"]
+WEIGHT_KINDS = ("controller", "probes", "head")  # weights an engine loads into slots ahead of the requests
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class GenerationRequest:
     def needs_cell(self) -> bool:
         """Whether the request holds a register cell (a closed loop, a controller, probes) for its lifetime."""
         return self.loop is not None or self.controller is not None or self.probes is not None
+
+    @property
+    def weights(self) -> dict[str, ControllerWeights | ProbePair | HeadDelta]:
+        """The weights the request needs loaded in an engine slot, by kind (``WEIGHT_KINDS``)."""
+        have = {"controller": self.controller, "probes": self.probes, "head": self.head}
+        return {kind: w for kind, w in have.items() if w is not None}
 
     @property
     def wired(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from steerserve.config import Settings
-from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
+from steerserve.engines.base import ENGINE_FAILED, WEIGHT_KINDS, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator, sample
 from steerserve.engines.threaded import Emit, EngineThread
@@ -47,9 +47,13 @@ class _Seq:
     gen: torch.Generator | None
     pin: Pin | None = None  # its vectors in the bank, once admitted
     cell: int = 0  # its register cell (closed-loop or controlled requests), once admitted; 0 = none
-    ctrl_slot: int = -1  # its controller's slot, once admitted; -1 = none
     slots: dict[str, int] = field(default_factory=dict)  # kind (controller, probes, head) -> its slot
     probe_sent: bool = False  # the probes' scores went out (after the pilot tokens)
+
+    @property
+    def ctrl_slot(self) -> int:
+        """Its controller's slot, once admitted; -1 = none."""
+        return self.slots.get("controller", -1)
     pos: int = 0  # tokens in the KV cache = absolute position of the next input token
     last: int = 0  # last sampled token, the next input
     completion: int = 0
@@ -72,7 +76,7 @@ class HFEngine(EngineThread):
         self.head = HeadPoint(settings.controller_slots, info.hidden_size, info.vocab_size, self.max_batch,
                               self.regs.sink)
         # Slots of controllers, probe pairs and refusal heads, by content key (loaded on admission).
-        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in ("controller", "probes", "head")}
+        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in WEIGHT_KINDS}
         self.hooks = SteeringHooks(self.layers, self.bank, self.tables, self.ctrl, self.regs)
         self._normed: torch.Tensor | None = None  # [B, S, H] the final norm's output of the last forward
         model.model.norm.register_forward_hook(self._keep_normed)
@@ -169,10 +173,7 @@ class HFEngine(EngineThread):
     def _take_slots(self, seq: _Seq) -> bool:
         """Give ``seq`` the slots of its controller, probes and head (loading weights a slot does not hold);
         False (and the request ended with a 429) when every slot of a kind is held by requests in flight."""
-        r = seq.req
-        for kind, weights in (("controller", r.controller), ("probes", r.probes), ("head", r.head)):
-            if weights is None:
-                continue
+        for kind, weights in seq.req.weights.items():
             got = self.slots[kind].acquire(weights.key)
             if got is None:
                 self._finish(seq, "abort", error=f"all {self.slots[kind].capacity} {kind} slots are in use by other "
@@ -186,7 +187,6 @@ class HFEngine(EngineThread):
                 self.head.load_probes(slot, weights)
             elif load and isinstance(weights, HeadDelta):
                 self.head.load_head(slot, weights)
-        seq.ctrl_slot = seq.slots.get("controller", -1)
         return True
 
     def _layer_gain(self, seqs: Sequence[_Seq]) -> torch.Tensor | None:
@@ -298,8 +298,8 @@ class HFEngine(EngineThread):
         seq.done = True
         if seq.pin is not None:
             seq.pin.release(self.bank)
-        for kind, weights in (("controller", seq.req.controller), ("probes", seq.req.probes), ("head", seq.req.head)):
-            if kind in seq.slots and weights is not None:
+        for kind, weights in seq.req.weights.items():
+            if kind in seq.slots:
                 self.slots[kind].release(weights.key)
         report = {}
         if seq.cell:

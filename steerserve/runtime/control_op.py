@@ -28,6 +28,31 @@ from steerserve.runtime.registers import Registers
 WIDTH = 1024  # hidden units of the paper's controller: the widest this unit holds
 
 
+class RowTable:
+    """A per-step table of ``width`` int64 columns over at most ``rows`` rows (host staging + device copy)."""
+
+    def __init__(self, width: int, rows: int, pad: Sequence[int], device: torch.device | str) -> None:
+        self._host = np.zeros((width, rows), dtype=np.int64)
+        self._pad = np.array(pad, dtype=np.int64)[:, None]
+        self.device = torch.zeros((width, rows), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def fill(self, rows: Sequence[Sequence[int]]) -> None:
+        n = len(rows)
+        if n > self._host.shape[1]:
+            raise ValueError(f"{n} rows in one step; the table holds {self._host.shape[1]}")
+        dirty = max(n, self.count)
+        self._host[:, :dirty] = self._pad
+        if n:
+            self._host[:, :n] = np.array(rows, dtype=np.int64).T
+        self.device[:, :dirty].copy_(torch.from_numpy(self._host[:, :dirty]))
+        self.count = n
+
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        """This step's rows, one ``[n]`` tensor per column."""
+        return tuple(self.device[:, : self.count].unbind(0))
+
+
 class ControllerUnit:
     """``C`` controller slots, the per-cell input states and this step's read table (see the module doc)."""
 
@@ -45,10 +70,7 @@ class ControllerUnit:
         self.decide_at = [-1] * c  # host copy of each slot's last read layer: where its rows are decided
         self.inp = zeros(cells, n, h)  # [cells, N, H]: last prompt token's state at every layer
         self.keys: list[str | None] = [None] * c  # what each slot holds
-        self._rows = np.zeros((3, max_rows), dtype=np.int64)  # host staging: token, cell, slot
-        self.table = zeros(3, max_rows, dtype=torch.int64)
-        self.count = 0  # rows read this step
-        self.active = False
+        self.rows = RowTable(3, max_rows, (0, self.sink, 0), device)  # token, cell, slot
 
     def load(self, slot: int, weights: ControllerWeights) -> None:
         """Copy ``weights`` into ``slot`` (between steps: no request in flight reads that slot)."""
@@ -66,25 +88,23 @@ class ControllerUnit:
         self.decide_at[slot] = weights.read_layers[-1]
         self.keys[slot] = weights.key
 
+    @property
+    def active(self) -> bool:
+        """Some token is read this step."""
+        return bool(self.rows.count)
+
     def fill(self, reads: Sequence[tuple[int, int, int]]) -> None:
         """This step's reads: ``(flat token index, register cell, controller slot)`` each."""
-        n = len(reads)
-        if n > self._rows.shape[1]:
-            raise ValueError(f"{n} controller reads in one step; the table holds {self._rows.shape[1]}")
-        dirty = max(n, self.count)
-        self._rows[:, :dirty] = np.array([[0], [self.sink], [0]])
-        if n:
-            self._rows[:, :n] = np.array(reads, dtype=np.int64).T
-        self.table[:, :dirty].copy_(torch.from_numpy(self._rows[:, :dirty]))
-        self.count, self.active = n, bool(n)
+        self.rows.fill(reads)
 
     def read_layer(self, layer: int, stream: torch.Tensor, regs: Registers, static: bool = False) -> None:
         """The op's part at ``layer``: copy the read tokens of ``stream [T, H]``; at a controller's last read
         layer, decide its rows: the layers above take the new gains in this same forward pass.
 
         ``static`` (graph capture): every row of the table, read or padding, with no branch on the data."""
-        r = self.table.shape[1] if static else self.count
-        tokens, cells, which = self.table[0, :r], self.table[1, :r], self.table[2, :r]
+        table = self.rows.device  # [3, R]
+        r = table.shape[1] if static else self.rows.count
+        tokens, cells, which = table[0, :r], table[1, :r], table[2, :r]
         self.inp[:, layer].index_copy_(0, cells, stream.index_select(0, tokens).to(self.inp.dtype))
         if not static and layer not in self.decide_at:
             return

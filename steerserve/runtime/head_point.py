@@ -20,38 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
+from steerserve.runtime.control_op import RowTable
 from steerserve.runtime.registers import Registers
 from steerserve.runtime.safeswitch import PROBE_WIDTH, HeadDelta, ProbePair, probe_prob
 
 MAX_RANK = 32  # widest head delta a slot holds (smaller ranks are zero-padded: exact)
-
-
-class RowTable:
-    """A per-step table of ``width`` int64 columns over at most ``rows`` rows (host staging + device copy)."""
-
-    def __init__(self, width: int, rows: int, pad: Sequence[int], device: torch.device | str) -> None:
-        self._host = np.zeros((width, rows), dtype=np.int64)
-        self._pad = np.array(pad, dtype=np.int64)[:, None]
-        self.device = torch.zeros((width, rows), dtype=torch.int64, device=device)
-        self.count = 0
-
-    def fill(self, rows: Sequence[Sequence[int]]) -> None:
-        n = len(rows)
-        if n > self._host.shape[1]:
-            raise ValueError(f"{n} rows in one step; the table holds {self._host.shape[1]}")
-        dirty = max(n, self.count)
-        self._host[:, :dirty] = self._pad
-        if n:
-            self._host[:, :n] = np.array(rows, dtype=np.int64).T
-        self.device[:, :dirty].copy_(torch.from_numpy(self._host[:, :dirty]))
-        self.count = n
-
-    def columns(self) -> tuple[torch.Tensor, ...]:
-        """This step's rows, one ``[n]`` tensor per column."""
-        return tuple(self.device[:, : self.count].unbind(0))
 
 
 class HeadPoint:

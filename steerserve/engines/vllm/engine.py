@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from steerserve.config import Settings
-from steerserve.engines.base import ENGINE_FAILED, GenerationOutput, GenerationRequest, failure
+from steerserve.engines.base import ENGINE_FAILED, WEIGHT_KINDS, GenerationOutput, GenerationRequest, failure
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import EXTRA_KEY, Slotted, Weights, cache_salt, encode_ops, encode_weights
@@ -89,7 +89,7 @@ class VLLMEngine:
         self._poll: FailurePoll | None = None
         self._capture_lock = asyncio.Lock()  # one capture request at a time: each fits the buffer alone
         # Worker slots of controllers, probe pairs and refusal heads (loaded once, named by requests).
-        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in ("controller", "probes", "head")}
+        self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in WEIGHT_KINDS}
         self._load_lock = asyncio.Lock()  # a slot's weights are in the worker before any request names it
 
     @property
@@ -171,8 +171,7 @@ class VLLMEngine:
         if salt is not None:
             prompt["cache_salt"] = salt
         rid = request.request_id
-        held = {kind: w for kind, w in (("controller", request.controller), ("probes", request.probes),
-                                        ("head", request.head)) if w is not None}
+        held = request.weights
         slotted: dict[str, Slotted] = {}
         try:
             for kind, w in held.items():
