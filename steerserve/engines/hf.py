@@ -27,13 +27,12 @@ from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.control_op import ControllerSlots, ControllerUnit
-from steerserve.runtime.controller import ControllerWeights
-from steerserve.runtime.head_point import HeadPoint
+from steerserve.runtime.head_point import HeadPoint, load_slot
 from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
-from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, ProbePair
+from steerserve.runtime.safeswitch import PILOT_TOKENS
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -181,12 +180,8 @@ class HFEngine(EngineThread):
                 return False
             slot, load = got
             seq.slots[kind] = slot
-            if load and isinstance(weights, ControllerWeights):
-                self.ctrl.load(slot, weights)
-            elif load and isinstance(weights, ProbePair):
-                self.head.load_probes(slot, weights)
-            elif load and isinstance(weights, HeadDelta):
-                self.head.load_head(slot, weights)
+            if load:
+                load_slot(self.ctrl, self.head, slot, weights)
         return True
 
     def _layer_gain(self, seqs: Sequence[_Seq]) -> torch.Tensor | None:

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from steerserve.runtime.control_op import RowTable
+from steerserve.runtime.control_op import ControllerUnit, RowTable
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.registers import Registers
 from steerserve.runtime.safeswitch import PROBE_WIDTH, HeadDelta, ProbePair, probe_prob
 
@@ -92,3 +93,15 @@ class HeadPoint:
             low = torch.einsum("rh,rkh->rk", x, self.ha.index_select(0, slots))  # [r, K]
             delta = torch.einsum("rk,rvk->rv", low, self.hb.index_select(0, slots))  # [r, V]
             logits.index_add_(0, rows, delta.to(logits.dtype))
+
+
+def load_slot(ctrl: ControllerUnit, head: HeadPoint, slot: int,
+              weights: ControllerWeights | ProbePair | HeadDelta) -> None:
+    """Copy ``weights`` into ``slot`` of the unit that runs them: a controller into ``ctrl``, probes or a head
+    into ``head`` (between steps; both engines load through this)."""
+    if isinstance(weights, ControllerWeights):
+        ctrl.load(slot, weights)
+    elif isinstance(weights, ProbePair):
+        head.load_probes(slot, weights)
+    else:
+        head.load_head(slot, weights)

@@ -54,6 +54,11 @@ class Wired:
     probes: tuple[int, str] | None = None
     head: tuple[int, str] | None = None
 
+    @property
+    def needs_cell(self) -> bool:
+        """As ``GenerationRequest.needs_cell``: a register cell for a closed loop, a controller or probes."""
+        return self.loop is not None or self.controller is not None or self.probes is not None
+
 
 Slotted = tuple[int, str] | None  # (worker slot, weights key) of weights loaded ahead of the request
 

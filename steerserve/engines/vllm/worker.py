@@ -39,12 +39,11 @@ from steerserve.engines.vllm.wire import decode_weights, from_extra_args
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.control_op import ControllerUnit
-from steerserve.runtime.controller import ControllerWeights
-from steerserve.runtime.head_point import HeadPoint
+from steerserve.runtime.head_point import HeadPoint, load_slot
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
-from steerserve.runtime.safeswitch import PILOT_TOKENS, ProbePair
+from steerserve.runtime.safeswitch import PILOT_TOKENS
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,7 @@ class SteeringRunnerMixin:
                         into[new.req_id] = (_slot(new.req_id, got, keys), n_prompt)
                 if wired.head is not None:
                     self._steer_head[new.req_id] = _slot(new.req_id, wired.head, state.head.head_keys)
-                cell_needed = wired.loop is not None or wired.controller is not None or wired.probes is not None
-                if cell_needed and new.req_id not in self._steer_cells:
+                if wired.needs_cell and new.req_id not in self._steer_cells:
                     cell = state.regs.open(wired.loop, controlled=wired.controller is not None)
                     if cell is None:  # the front end admits at most loop_slots of them (engines.slots)
                         raise RuntimeError(f"request {new.req_id}: no free closed-loop register slot")
@@ -287,10 +285,10 @@ def _setup(worker: Any) -> None:
     static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
     loop_slots = int(conf.get("loop_slots", Settings.loop_slots))
     regs = Registers(loop_slots, num_layers, device=runner.device)
-    ctrl = ControllerUnit(int(conf.get("controller_slots", Settings.controller_slots)), regs.sink + 1, num_layers,
-                          hidden, loop_slots, device=runner.device)
+    weight_slots = int(conf.get("controller_slots", Settings.controller_slots))
+    ctrl = ControllerUnit(weight_slots, regs.sink + 1, num_layers, hidden, loop_slots, device=runner.device)
     vocab = worker.vllm_config.model_config.get_vocab_size()
-    head = HeadPoint(int(conf.get("controller_slots", Settings.controller_slots)), hidden, vocab,
+    head = HeadPoint(weight_slots, hidden, vocab,
                      worker.vllm_config.scheduler_config.max_num_seqs, regs.sink, device=runner.device)
     _with_head_point(model)
     capture = CaptureBuffer(num_layers, int(conf.get("capture_tokens", Settings.capture_tokens)), hidden, max_tokens,
@@ -323,15 +321,8 @@ def _make_worker(base: type) -> type:
             """Load weights (``wire.encode_weights``: a controller, probes or a head) into ``slot`` of their
             unit, between steps; the front end (``ControllerSlots``) only reuses a slot no request in flight holds."""
             state = steer_ops.current()
-            if state is None:
-                return
-            weights = decode_weights(payload)
-            if isinstance(weights, ControllerWeights):
-                state.ctrl.load(slot, weights)
-            elif isinstance(weights, ProbePair):
-                state.head.load_probes(slot, weights)
-            else:
-                state.head.load_head(slot, weights)
+            if state is not None:
+                load_slot(state.ctrl, state.head, slot, decode_weights(payload))
 
         def steerserve_take_failed(self) -> dict[str, str]:
             """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
