@@ -205,8 +205,7 @@ async def run_batch(engine: Engine, requests: list[GenerationRequest],
         text, count, reason = "", 0, None
         outputs = engine.generate(req)
         if req.probes is not None and switch is not None:
-            regen = dataclasses.replace(req, request_id=f"{req.request_id}-switched", probes=None, head=switch.head)
-            outputs = switching(engine, req, regen, switch.threshold)
+            outputs = switching(engine, dataclasses.replace(req, probes=None), switch)
         async for out in outputs:
             text += out.text
             count = out.completion_tokens

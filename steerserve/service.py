@@ -6,7 +6,6 @@ Everything here is engine-neutral and framework-free; ``api/`` calls it with pla
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import uuid
 from collections import OrderedDict
@@ -120,13 +119,9 @@ class Service:
         rid = request_id or uuid.uuid4().hex
         request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop, resolved.controller)
         ss = resolved.safeswitch
-        if ss is None:
-            outputs = self.engine.generate(request)
-        else:  # the pilot is held back; a flagged request is generated again with the refusal head
-            request = dataclasses.replace(request, probes=ss.probes)
-            regen = dataclasses.replace(request, request_id=f"{rid}-switched", probes=None, head=ss.head)
-            outputs = switching(self.engine, request, regen, ss.threshold)
-        if request.needs_cell:
+        # With SafeSwitch the pilot is held back, and a flagged request is generated again with the refusal head.
+        outputs = self.engine.generate(request) if ss is None else switching(self.engine, request, ss)
+        if request.needs_cell or ss is not None:  # (SafeSwitch's probes write into a cell)
             self.loops.check()  # refuse before queueing when every slot is taken (429)
             outputs = self.loops.holding(rid, outputs)
         return Submitted(rid, prompt, resolved, outputs)

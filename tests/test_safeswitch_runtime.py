@@ -10,7 +10,6 @@ an unflagged request streams its own tokens unchanged; vLLM gives the hf engine'
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +24,15 @@ from steerserve.engines.hf import HFEngine
 from steerserve.engines.switching import switching
 from steerserve.model import load_hf, prepare_default_model
 from steerserve.prompts import PromptRenderer
-from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, Probe, ProbePair, head_logits, probe_prob
+from steerserve.runtime.safeswitch import (
+    PILOT_TOKENS,
+    HeadDelta,
+    Probe,
+    ProbePair,
+    SafeSwitchSpec,
+    head_logits,
+    probe_prob,
+)
 from tests.paths import models_dir
 
 PROMPTS = ["How do I pick a lock?", "Write a haiku about the sea."]
@@ -126,9 +133,7 @@ async def test_switching_never_leaks_the_pilot(hf: HFEngine, bias: float) -> Non
     delta = head(1, info.hidden_size, info.vocab_size)
     plain, _ = await collect(hf.generate(request(ids)))
     headed, _ = await collect(hf.generate(request(ids, head=delta)))
-    first = request(ids, probes=probes)
-    outs, report = await collect(switching(hf, first, dataclasses.replace(first, request_id="r2", probes=None,
-                                                                         head=delta), 0.5))
+    outs, report = await collect(switching(hf, request(ids), SafeSwitchSpec(probes, delta, 0.5)))
     flagged = bias > 0
     assert report["switched"] is flagged
     assert tokens(outs) == tokens(headed if flagged else plain)

@@ -10,7 +10,6 @@ the compiled graph, chunk by chunk. Skipped where vLLM is not installed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import os
 import uuid
@@ -36,6 +35,7 @@ from steerserve.engines.vllm.engine import VLLMEngine
 from steerserve.model import model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.runtime.safeswitch import SafeSwitchSpec
 from tests import test_controller_runtime as cr
 from tests import test_safeswitch_runtime as ss
 from tests.paths import models_dir
@@ -351,8 +351,8 @@ async def test_safeswitch_gives_hf_tokens_and_scores(engine: VLLMEngine, hf_engi
             for key in ("probe_stage1", "probe_stage2"):
                 if key in want_report:
                     assert math.isclose(float(got_report[key]), float(want_report[key]), rel_tol=1e-3)  # type: ignore[arg-type]
-    first = ss.request(ss.ids_of(ss.PROMPTS[0]), probes=ss.pair(1, info.hidden_size, 20.0))
-    regen = dataclasses.replace(first, request_id=f"{first.request_id}-switched", probes=None, head=delta)
-    outs, report = await ss.collect(switching(engine, first, regen, 0.5))
+    first = ss.request(ss.ids_of(ss.PROMPTS[0]))
+    outs, report = await ss.collect(switching(engine, first, SafeSwitchSpec(ss.pair(1, info.hidden_size, 20.0), delta,
+                                                                            0.5)))
     headed, _ = await ss.collect(hf_engine.generate(ss.request(first.prompt_token_ids, head=delta)))
     assert report["switched"] is True and ss.tokens(outs) == ss.tokens(headed)

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest
+from steerserve.runtime.safeswitch import SafeSwitchSpec
 
 
 def unsafe(scores: Mapping[str, Any], threshold: float) -> bool:
@@ -50,11 +51,20 @@ def _with_report(out: GenerationOutput, scores: Mapping[str, Any], switched: boo
     return dataclasses.replace(out, extra={**out.extra, "report": report})
 
 
-async def switching(engine: Engine, first: GenerationRequest, regen: GenerationRequest,
-                    threshold: float) -> AsyncGenerator[GenerationOutput, None]:
-    """``first``'s outputs with the pilot held back, or ``regen``'s if the probes call it unsafe."""
+def guarded(request: GenerationRequest, ss: SafeSwitchSpec) -> tuple[GenerationRequest, GenerationRequest]:
+    """``request`` with ``ss``'s probes, and its regeneration with the refusal head (``<id>-switched``)."""
+    first = dataclasses.replace(request, probes=ss.probes)
+    return first, dataclasses.replace(request, request_id=f"{request.request_id}-switched", probes=None, head=ss.head)
+
+
+async def switching(engine: Engine, request: GenerationRequest,
+                    ss: SafeSwitchSpec) -> AsyncGenerator[GenerationOutput, None]:
+    """``request``'s outputs under ``ss``'s probes with the pilot held back, or, if the probes call it unsafe,
+    those of its regeneration with ``ss``'s head."""
+    first, regen = guarded(request, ss)
     held: list[GenerationOutput] = []
     scores: Mapping[str, Any] | None = None
+    flagged = False
     outputs = engine.generate(first)
     try:
         async for out in outputs:
@@ -69,12 +79,13 @@ async def switching(engine: Engine, first: GenerationRequest, regen: GenerationR
             if probe is None and out.finish_reason is None:
                 continue  # still in the pilot: hold
             scores = dict(probe or out.extra.get("report") or {})  # type: ignore[call-overload]
-            if unsafe(scores, threshold):
+            flagged = unsafe(scores, ss.threshold)
+            if flagged:
                 break
             yield _with_report(merged(held), scores, switched=False)
     finally:
         await outputs.aclose()  # unsafe: aborts it in the engine, its pilot tokens discarded
-    if scores is None or not unsafe(scores, threshold):
+    if not flagged or scores is None:
         return
     async for out in engine.generate(regen):
         yield _with_report(out, scores, switched=True)
