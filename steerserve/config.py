@@ -44,6 +44,9 @@ class Settings:
     # Upload vetting: a vector's per-layer norm may be at most this multiple of the model's typical
     # residual-stream norm at that layer (measured once per model, recorded next to the store).
     max_vector_norm_ratio: float = 10.0
+    # ... and at its declared strength it may move the first-token distribution of the calibration prompts by
+    # at most this mean KL, nats (``methods.vetting``; inf = measure and record, refuse nothing).
+    max_upload_kl: float = 4.0
     # A dead engine is restarted in-process this many times (per 10 minutes); beyond that the server
     # exits non-zero so that a supervisor restarts it.
     engine_restarts: int = 3
@@ -89,6 +92,7 @@ class Settings:
             max_upload_bytes=int(env.get("STEERSERVE_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
             max_prompt_chars=int(env.get("STEERSERVE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),
             max_vector_norm_ratio=float(env.get("STEERSERVE_MAX_VECTOR_NORM_RATIO", cls.max_vector_norm_ratio)),
+            max_upload_kl=float(env.get("STEERSERVE_MAX_UPLOAD_KL", cls.max_upload_kl)),
             engine_restarts=int(env.get("STEERSERVE_ENGINE_RESTARTS", cls.engine_restarts)),
             loop_slots=int(env.get("STEERSERVE_LOOP_SLOTS", cls.loop_slots)),
             controller_slots=int(env.get("STEERSERVE_CONTROLLER_SLOTS", cls.controller_slots)),

@@ -19,14 +19,17 @@ from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
 from steerserve.errors import EngineUnavailable, SteerError
-from steerserve.methods import check_policy, resolve
+from steerserve.methods import check_policy, resolve, vetting
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
 from steerserve.methods.base import coeff_value
+from steerserve.methods.vetting import KLBudget
 from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
-from steerserve.store.artifacts import ArtifactMeta, ArtifactStore
+from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
 from steerserve.store.policies import DEFAULT, Policy, PolicyStore
+from steerserve.store.uploads import Declared
+from steerserve.tools import norms
 from steerserve.tools.extract import Pooling, mean_difference
 
 
@@ -58,6 +61,7 @@ class Service:
         self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
         self.loops = LoopSlots(settings.loop_slots)
         self.policies = PolicyStore(store.engine)
+        self._calibration: list[tuple[int, ...]] | None = None  # the vetting's prompts (``methods.vetting``)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
@@ -148,6 +152,32 @@ class Service:
         probe = await asyncio.to_thread(self.render, None, [{"role": "user", "content": "Hello."}])
         await check_policy(policy, probe, self.ctx)
         return await asyncio.to_thread(self.policies.put, policy, replace=replace)
+
+    def vetter(self) -> Vet:
+        """The store's ``vet`` for an upload (called from a worker thread): the KL of what the artifact does at
+        its declared strength, measured through the engine on this event loop, then held to the budget."""
+        loop, budget = asyncio.get_running_loop(), KLBudget(self.settings.max_upload_kl)
+
+        def vet(declared: Declared) -> dict[str, Any]:
+            figures = asyncio.run_coroutine_threadsafe(self._measure_kl(declared), loop).result()
+            budget.check(declared.kind, figures)
+            return figures
+
+        return vet
+
+    async def _measure_kl(self, declared: Declared) -> dict[str, Any]:
+        if self._calibration is None:
+            self._calibration = [self.render(messages=[{"role": "user", "content": p}]).token_ids
+                                 for p in norms.PROMPTS]
+        return await vetting.measure(self._generate, self._calibration, declared)
+
+    def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+        """The engine's outputs for an in-process request, holding a register cell if it needs one."""
+        outputs = self.engine.generate(request)
+        if request.needs_cell:
+            self.loops.check()
+            outputs = self.loops.holding(request.request_id, outputs)
+        return outputs
 
     async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,
                           description: str = "") -> ArtifactMeta:

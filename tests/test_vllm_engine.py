@@ -356,3 +356,23 @@ async def test_safeswitch_gives_hf_tokens_and_scores(engine: VLLMEngine, hf_engi
                                                                             0.5)))
     headed, _ = await ss.collect(hf_engine.generate(ss.request(first.prompt_token_ids, head=delta)))
     assert report["switched"] is True and ss.tokens(outs) == ss.tokens(headed)
+
+
+async def test_upload_kl_vetting_matches_hf(engine: VLLMEngine, hf_engine: HFEngine,
+                                            prompts: list[tuple[int, ...]]) -> None:
+    """The upload vetting's figures through vLLM (its worker keeps the log-softmax of the row it samples, after a
+    chunked prefill) equal the hf engine's, for a vector, a controller (as served) and a head."""
+    from steerserve.methods import vetting
+    from steerserve.store.uploads import Declared
+
+    info = hf_engine.info
+    g = torch.Generator().manual_seed(3)
+    declared = [Declared("vector", 3.0, {layer: torch.randn(576, generator=g) for layer in (4, 12)}),
+                Declared("controller", 1.0, controller=cr.random_controller(0, info.hidden_size, info.num_layers, 0.5)),
+                Declared("head", head=ss.head(0, info.hidden_size, info.vocab_size))]
+    for d in declared:
+        got = await vetting.measure(engine.generate, prompts, d)
+        want = await vetting.measure(hf_engine.generate, prompts, d)
+        assert got["per_setting"].keys() == want["per_setting"].keys()
+        for label, kl in want["per_setting"].items():
+            assert kl > 1e-3 and math.isclose(got["per_setting"][label], kl, rel_tol=1e-3, abs_tol=1e-5), (label, got)

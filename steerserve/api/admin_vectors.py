@@ -100,7 +100,8 @@ async def _upload_json(request: Request, store: ArtifactStore, note: AuditNote) 
         tensors[int(key)] = torch.tensor(values, dtype=torch.float64)
     try:
         return await run_sync(store.put_vector, body.name, tensors, method="upload",
-                             provenance={"source": "POST /admin/vectors (json)"}, description=body.description)
+                              provenance={"source": "POST /admin/vectors (json)"}, description=body.description,
+                              vet=service_of(request).vetter())
     except SteerError as exc:
         exc.field = _json_field(exc.field)
         raise
@@ -192,7 +193,8 @@ async def upload_vector(request: Request) -> dict[str, Any]:
     # One path for a file however it came: the sha256 for the audit log (a refused file's too), then the
     # store's checks and its atomic commit.
     note.sha256 = await run_sync(lambda: hashlib.sha256(data).hexdigest())
-    meta = await run_sync(store.put_vector_file, name, data, description=description)
+    meta = await run_sync(store.put_vector_file, name, data, description=description,
+                          vet=service_of(request).vetter())
     return meta.to_dict()
 
 

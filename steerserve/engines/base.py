@@ -38,6 +38,9 @@ class GenerationRequest:
     controller: ControllerWeights | None = None  # refusal controller: decides its per-layer gains in-graph
     probes: ProbePair | None = None  # SafeSwitch probes: read at the last prompt token and after the pilot
     head: HeadDelta | None = None  # refusal head: this request's logits get the head's delta
+    # Return the whole first next-token distribution (fp32 log-softmax ``[V]``, after the steering and the
+    # head, before sampling) in the first output's ``extra["first_logprobs"]`` (the upload KL vetting).
+    first_logprobs: bool = False
 
     @property
     def needs_cell(self) -> bool:
@@ -53,7 +56,7 @@ class GenerationRequest:
     @property
     def wired(self) -> bool:
         """Whether the engine's worker must know of the request (anything beyond plain generation)."""
-        return bool(self.ops) or self.needs_cell or self.head is not None
+        return bool(self.ops) or self.needs_cell or self.head is not None or self.first_logprobs
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class _Seq:
     cell: int = 0  # its register cell (closed-loop or controlled requests), once admitted; 0 = none
     slots: dict[str, int] = field(default_factory=dict)  # kind (controller, probes, head) -> its slot
     probe_sent: bool = False  # the probes' scores went out (after the pilot tokens)
+    first_logprobs: torch.Tensor | None = None  # [V] fp32, kept until the first output carries it
 
     @property
     def ctrl_slot(self) -> int:
@@ -227,6 +228,8 @@ class HFEngine(EngineThread):
             if seq.cell:  # the first token's distribution sets the gain of the first decode step
                 entropy_step_(self.regs, out.logits[0, -1:], torch.tensor([seq.cell]))
             seq.pos = n
+            if seq.req.first_logprobs:  # after the head point: what the request samples from
+                seq.first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             self._token(seq, out.logits[0, -1])
         except Exception as exc:
             log.exception("request %s failed in prefill", seq.req.request_id)
@@ -318,6 +321,8 @@ class HFEngine(EngineThread):
 
     def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any) -> GenerationOutput:
         out = GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion)
+        if seq.first_logprobs is not None:
+            out.extra["first_logprobs"], seq.first_logprobs = seq.first_logprobs, None
         if seq.req.probes is not None and not seq.probe_sent and seq.completion > PILOT_TOKENS and reason is None:
             seq.probe_sent = True  # the pilot is out: the scores, for the front end to decide what the client sees
             out.extra["probe"] = self.regs.report(seq.cell)

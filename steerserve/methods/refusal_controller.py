@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from steerserve.methods.base import Compiled, check_keys, coeff, string
+from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.spec import PromptInfo, ResolveContext
 
@@ -32,9 +33,14 @@ class RefusalController:
         stored = ctx.store.load_controller(string(params, "controller", where), field=f"{where}.controller")
         alpha = coeff(params, ctx, where, key="alpha", default=stored.alpha)
         weights = stored.weights
-        direction = VectorRef.of(weights.direction)  # one bank row, read at every layer
-        start = len(prompt.token_ids) - 1  # the last prompt token: its layers above the decision's take it
-        ops = tuple(SteerOp(OpKind.ADD, layer, direction, alpha * float(weights.scales[layer]), start, None,
-                            gain=True) for layer in range(weights.num_layers))
+        ops = controller_ops(weights, alpha, len(prompt.token_ids))
         detail = {"alpha": alpha, "read_layers": list(weights.read_layers), "layers": weights.num_layers}
         return Compiled(ops, (stored.meta.ref(),), detail, controller=weights)
+
+
+def controller_ops(weights: ControllerWeights, alpha: float, prompt_len: int) -> tuple[SteerOp, ...]:
+    """The gain ops a controlled request runs: ``alpha * scale_l * r`` at every layer ``l`` from its last
+    prompt token on (the layers above the decision's take it), each times the gain its controller writes."""
+    direction = VectorRef.of(weights.direction)  # one bank row, read at every layer
+    return tuple(SteerOp(OpKind.ADD, layer, direction, alpha * float(weights.scales[layer]), prompt_len - 1, None,
+                         gain=True) for layer in range(weights.num_layers))

@@ -13,9 +13,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,25 +30,18 @@ from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.safeswitch import HeadDelta, Probe
 from steerserve.store import db
 from steerserve.store.audit import AuditLog
-from steerserve.store.controllers import CONTROLLER_KEYS, check_controller
+from steerserve.store.controllers import check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
-from steerserve.store.directions import DIRECTION_KEYS, check_direction
-from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
+from steerserve.store.safeswitch import check_head, check_probes
+from steerserve.store.uploads import FILE_KINDS, Declared, read_upload
 from steerserve.store.vetting import NormPolicy, check_vectors
 
-__all__ = ["ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector", "check_name",
-           "parse_ref"]
+__all__ = ["FILE_KINDS", "ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector",
+           "Vet", "check_name", "parse_ref"]
 
-TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
 KINDS = ("vector", "pair", "direction", "controller", "probe", "head")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
-FILE_KINDS = ("vector", "direction", "controller", "probe", "head")  # what a file upload may be (/admin/vectors)
-SAFESWITCH_KINDS = ("probe", "head")  # their own tensors, not ``layer.<i>`` (``safeswitch`` describes them)
-# Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
-# this store writes itself, accepted so that an exported artifact can be uploaded again.
-_ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format", "provenance", "description", "calibration", *DIRECTION_KEYS,
-            *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS}
+Vet = Callable[[Declared], Mapping[str, Any]]  # the server's KL vetting of an upload (``methods.vetting``)
 
 
 def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
@@ -146,102 +138,39 @@ class ArtifactStore:
 
     def put_vector(self, name: str, tensors: Mapping[int, torch.Tensor], *, method: str = "upload",
                    provenance: Mapping[str, Any] | None = None, description: str = "",
-                   hidden_size: int | None = None, num_layers: int | None = None) -> ArtifactMeta:
+                   hidden_size: int | None = None, num_layers: int | None = None,
+                   vet: Vet | None = None) -> ArtifactMeta:
         """Store per-layer vectors as the next version of ``name``. ``hidden_size``/``num_layers`` are
-        what the producer declares; they, and every tensor, are checked against the loaded model."""
+        what the producer declares; they, and every tensor, are checked against the loaded model. ``vet``:
+        as ``put_vector_file``'s (the declared strength of a JSON upload is 1: the vectors as given)."""
         check_name(name)
         vecs = check_vectors(self.model, tensors, hidden_size, num_layers, self.policy)
         data = safetensors.torch.save({f"layer.{i}": v for i, v in sorted(vecs.items())},
                                       metadata=self._header("vector", method=method))
+        if vet is not None:
+            provenance = {**(provenance or {}), "vetting": dict(vet(Declared("vector", 1.0, vecs)))}
         return self._commit(name, "vector", data, vecs, method, provenance, description)
 
     def put_vector_file(self, name: str, data: bytes, *, description: str = "",
-                        provenance: Mapping[str, Any] | None = None) -> ArtifactMeta:
-        """Store uploaded safetensors bytes: tensors named ``layer.<i>``, metadata limited to known keys.
-        A file whose ``kind`` is ``direction`` is stored as a direction (one unit vector and its layer,
-        see ``directions``), one whose ``kind`` is ``controller`` as a refusal controller (see ``controllers``),
-        one whose ``kind`` is ``probe`` or ``head`` as a SafeSwitch probe pair or refusal head (their own
-        tensors, see ``safeswitch``); any other file is a vector.
+                        provenance: Mapping[str, Any] | None = None, vet: Vet | None = None) -> ArtifactMeta:
+        """Store uploaded safetensors bytes (checked by ``uploads.read_upload``): tensors named ``layer.<i>``
+        (a vector, or a ``direction``: one unit vector and its layer), or a ``controller``, ``probe`` or
+        ``head`` file with its own tensors. ``vet`` (the server's KL vetting) runs on what the file does at
+        its declared strength before the commit; its figures go into the provenance (``vetting``), and a
+        refusal (a ``SteerError``) stores nothing.
 
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
         file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
         """
         check_name(name)
-        try:
-            loaded, header = safetensors.torch.load(data), db.header_metadata(data)
-        except Exception as e:  # the parser's errors are many and untyped; all mean a bad upload
-            raise SteerError(f"not a valid safetensors file: {e}", field="file") from None
-        for key in header:
-            if key not in _ALLOWED:
-                raise SteerError(f"unknown metadata key {key!r}; allowed: {sorted(_ALLOWED)}",
-                                 field=f"metadata.{key}")
-        kind = header.get("kind", "vector")
-        if kind not in FILE_KINDS:
-            raise SteerError(f"kind {kind!r} cannot be uploaded as a file; expected one of {list(FILE_KINDS)}",
-                             field="metadata.kind")
-        for owner, keys in (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS),
-                            ("head", HEAD_KEYS)):
-            for key in keys:
-                if kind != owner and key in header:
-                    raise SteerError(f"only a {owner!r} file carries this key", field=f"metadata.{key}")
-        expected = {"layer_convention": LAYER_CONVENTION, "model_fingerprint": self.model.fingerprint}
-        for key, want in expected.items():
-            if header.get(key, want) != want:
-                f, whose = ("model_fingerprint", "the loaded model's") if key == "model_fingerprint" else (
-                    f"metadata.{key}", "the expected")
-                raise SteerError(f"{key} {header[key]!r} does not match {whose} {want!r}", field=f)
-        declared: dict[str, int] = {}
-        for key in ("hidden_size", "num_layers"):
-            if key in header:
-                if not (header[key].isascii() and header[key].isdigit()):
-                    raise SteerError(f"must be a non-negative integer, got {header[key]!r}", field=key)
-                declared[key] = int(header[key])
-        if kind in SAFESWITCH_KINDS:
-            return self._put_safeswitch(name, kind, data, loaded, header, declared, provenance, description)
-        if kind == "controller":
-            return self._put_controller(name, data, loaded, header, declared, provenance, description)
-        by_layer: dict[int, torch.Tensor] = {}
-        for tname, t in loaded.items():
-            m = TENSOR_RE.fullmatch(tname)
-            if m is None:
-                raise SteerError(f"tensor {tname!r} must be named 'layer.<i>' (0-based layer index)",
-                                 field=f"tensors.{tname}")
-            by_layer[int(m[1])] = t
-        vecs = check_vectors(self.model, by_layer, declared.get("hidden_size"), declared.get("num_layers"),
-                             self.policy)
-        if kind == "direction":
-            check_direction(header, vecs)
+        upload = read_upload(self.model, data, self.policy)
         # The candidate table can be long: it stays in the file, the manifest row keeps the rest.
-        shown = {k: v for k, v in header.items() if k != "candidates"}
+        shown = {k: v for k, v in upload.header.items() if k != "candidates"}
         prov = {"source": "file upload", "file_metadata": shown, **(provenance or {})}
-        return self._commit(name, kind, data, vecs, header.get("method") or "upload", prov, description)
-
-    def _put_safeswitch(self, name: str, kind: str, data: bytes, loaded: Mapping[str, torch.Tensor],
-                        header: Mapping[str, str], declared: Mapping[str, int],
-                        provenance: Mapping[str, Any] | None, description: str) -> ArtifactMeta:
-        """The probe / head branch of ``put_vector_file`` (the common header checks done)."""
-        for key, have in (("hidden_size", self.model.hidden_size), ("num_layers", self.model.num_layers)):
-            if key in declared and declared[key] != have:
-                raise SteerError(f"{key} {declared[key]} does not match the loaded model's {have}", field=key)
-        if kind == "probe":
-            check_probes(self.model, header, loaded)
-        else:
-            check_head(self.model, header, loaded)
-        prov = {"source": "file upload", "file_metadata": dict(header), **(provenance or {})}
-        # No per-layer vectors: the manifest's ``layers`` and ``norms`` stay empty.
-        return self._commit(name, kind, data, {}, header.get("method") or "upload", prov, description)
-    def _put_controller(self, name: str, data: bytes, loaded: Mapping[str, torch.Tensor], header: Mapping[str, str],
-                        declared: Mapping[str, int], provenance: Mapping[str, Any] | None,
-                        description: str) -> ArtifactMeta:
-        """The controller branch of ``put_vector_file`` (the common header checks done)."""
-        for key, have in (("hidden_size", self.model.hidden_size), ("num_layers", self.model.num_layers)):
-            if key in declared and declared[key] != have:
-                raise SteerError(f"{key} {declared[key]} does not match the loaded model's {have}", field=key)
-        weights, _ = check_controller(self.model, header, loaded)
-        prov = {"source": "file upload", "file_metadata": dict(header), **(provenance or {})}
-        # The manifest's ``layers`` are the read layers; ``norms`` stay empty (no per-layer vector).
-        return self._commit(name, "controller", data, {}, header.get("method") or "upload", prov, description,
-                            layers=weights.read_layers)
+        if vet is not None:
+            prov["vetting"] = dict(vet(upload.declared))
+        return self._commit(name, upload.kind, data, upload.vectors, upload.header.get("method") or "upload", prov,
+                            description, layers=upload.layers)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",

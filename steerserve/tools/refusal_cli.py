@@ -166,8 +166,10 @@ async def _extract(args: argparse.Namespace) -> None:
                       paper_coeff=round(float(chosen.diff.norm()) / scales[chosen.layer], 4),
                       scale_meaning="the layer's mean residual norm over tokens 1.. of the extraction sequences: "
                                     "add's coeff is in units of it; paper_coeff = the unnormalised +r")
+    # Declared use (what the upload vetting measures): the strength it was selected at, the unnormalised +r.
     header = direction_header(info, chosen.layer, scales[chosen.layer], args.recipe, rows, method="refusal_direction",
-                              provenance=json.dumps(provenance), description=args.description)
+                              provenance=json.dumps(provenance), description=args.description,
+                              declared_use=json.dumps({"coeff": provenance["paper_coeff"]}))
     write_artifact(args.out, {chosen.layer: chosen.unit().float()}, header)
     for note in notes:
         _log("note: " + note)

@@ -156,7 +156,8 @@ class VLLMEngine:
             stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop, controller=slotted.get("controller"),
-                                              probes=slotted.get("probes"), head=slotted.get("head"))}
+                                              probes=slotted.get("probes"), head=slotted.get("head"),
+                                              logprobs=request.first_logprobs)}
             if request.wired else None,
         )
 
@@ -215,6 +216,12 @@ class VLLMEngine:
                         extra["probe"] = report
                     if out.finished and report:
                         extra["report"] = report
+                if request.first_logprobs and "logprobs" not in asked and ids:
+                    asked.add("logprobs")  # sampled by now: the worker kept the row it was sampled from
+                    raw = (await llm.collective_rpc("steerserve_take_logprobs", args=(rid,)))[0]
+                    if raw is None:
+                        raise RuntimeError(f"request {rid}: the worker kept no first-token log-probabilities")
+                    extra["first_logprobs"] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
                 yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
         except EngineDeadError:
             log.error("request %s: the engine core died while it was in flight", rid)

@@ -10,7 +10,8 @@ MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lis
      "loop": {LoopSpec field: value} | None,               # closed loop (runtime.loop.LoopSpec)
      "controller": [slot, key] | None,                     # refusal controller, loaded in that slot
      "probes": [slot, key] | None, "head": [slot, key] | None,  # SafeSwitch probes / refusal head
-     "capture": bool}                                      # a capture request (runtime.capture)
+     "capture": bool,                                      # a capture request (runtime.capture)
+     "logprobs": bool}                                     # keep the first next-token log-softmax
 
 A controller's weights (~10 MB) do not travel with each request: the front end loads them into a worker
 slot once (``steerserve_load_controller`` with ``encode_controller``) and requests name the slot and the
@@ -40,7 +41,7 @@ from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.runtime.safeswitch import HeadDelta, Probe, ProbePair
 
 EXTRA_KEY = "steerserve"
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Wired:
     controller: tuple[int, str] | None = None  # (worker slot, weights key)
     probes: tuple[int, str] | None = None
     head: tuple[int, str] | None = None
+    logprobs: bool = False  # the worker keeps the request's first next-token log-softmax for the front end
 
     @property
     def needs_cell(self) -> bool:
@@ -64,7 +66,8 @@ Slotted = tuple[int, str] | None  # (worker slot, weights key) of weights loaded
 
 
 def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bool = False,
-               controller: Slotted = None, probes: Slotted = None, head: Slotted = None) -> dict[str, Any]:
+               controller: Slotted = None, probes: Slotted = None, head: Slotted = None,
+               logprobs: bool = False) -> dict[str, Any]:
     """The ``extra_args["steerserve"]`` payload for ``ops`` (and a closed loop, or a capture request)."""
     vectors: dict[str, list[Any]] = {}
     rows: list[list[Any]] = []
@@ -77,7 +80,8 @@ def encode_ops(ops: Sequence[SteerOp], loop: LoopSpec | None = None, capture: bo
     return {"v": WIRE_VERSION, "ops": rows, "vectors": vectors,
             "loop": None if loop is None else {**asdict(loop), "options": list(loop.options)},
             "controller": None if controller is None else list(controller), "capture": capture,
-            "probes": None if probes is None else list(probes), "head": None if head is None else list(head)}
+            "probes": None if probes is None else list(probes), "head": None if head is None else list(head),
+            "logprobs": logprobs}
 
 
 def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
@@ -107,7 +111,8 @@ def decode_ops(payload: Mapping[str, Any] | None) -> Wired:
         raw = payload.get(key)
         return None if raw is None else (int(raw[0]), str(raw[1]))
 
-    return Wired(ops, loop, bool(payload.get("capture")), slotted("controller"), slotted("probes"), slotted("head"))
+    return Wired(ops, loop, bool(payload.get("capture")), slotted("controller"), slotted("probes"), slotted("head"),
+                 bool(payload.get("logprobs")))
 
 
 _CONTROLLER_TENSORS = ("w1", "b1", "w2", "b2", "direction", "scales")

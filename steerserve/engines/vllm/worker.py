@@ -65,6 +65,8 @@ class SteeringRunnerMixin:
     _steer_reports: dict[str, dict[str, float | None]]  # finished closed-loop req_id -> what its loop measured
     _steer_rows: torch.Tensor | None  # this step's register cell per batch row (closed loops), else None
     _capture_reqs: set[str]  # capture requests in flight
+    _lp_reqs: set[str]  # requests whose first next-token log-softmax is kept (``Wired.logprobs``), until sampled
+    _first_lp: dict[str, torch.Tensor]  # req_id -> that log-softmax [V] fp32 (CPU), until the front end takes it
     _captures: Captures
     _rewound: dict[int, torch.Generator]  # batch index -> CPU generator restored after a discarded sample
     discard_request_mask: Any
@@ -82,6 +84,7 @@ class SteeringRunnerMixin:
                     state.regs.close(cell)
                     _forget_oldest(self._steer_reports)
                 self._capture_reqs.discard(req_id)
+                self._lp_reqs.discard(req_id)
                 self._steer_ctrl.pop(req_id, None)
                 self._steer_probe.pop(req_id, None)
                 self._steer_head.pop(req_id, None)
@@ -90,6 +93,8 @@ class SteeringRunnerMixin:
                 wired = from_extra_args(params.extra_args if params is not None else None)
                 if wired.capture:
                     self._capture_reqs.add(new.req_id)
+                if wired.logprobs:
+                    self._lp_reqs.add(new.req_id)
                 n_prompt = len(new.prompt_token_ids or ())
                 for got, keys, into in ((wired.controller, state.ctrl.keys, self._steer_ctrl),
                                         (wired.probes, state.head.probe_keys, self._steer_probe)):
@@ -193,7 +198,19 @@ class SteeringRunnerMixin:
                 torch.from_numpy(self.discard_request_mask.np[:num_reqs].astype(bool)).to(logits.device),
                 state.regs.sink)
             entropy_step_(state.regs, logits[:num_reqs], rows)
+        if self._lp_reqs and logits is not None:
+            self._keep_first_logprobs(logits[:num_reqs])
         return self._sample_restoring_cpu_generators(logits, *args, **kwargs)
+
+    def _keep_first_logprobs(self, logits: torch.Tensor) -> None:
+        """``logits [num_reqs, V]`` (the head's delta already in): keep the first row each asking request
+        really samples (a partial prefill chunk's row is discarded, so it is not that row)."""
+        discarded = self.discard_request_mask.np
+        for i, req_id in enumerate(self.input_batch.req_ids[: logits.shape[0]]):
+            if req_id in self._lp_reqs and not discarded[i]:
+                self._lp_reqs.discard(req_id)
+                self._first_lp[req_id] = torch.log_softmax(logits[i].float(), dim=-1).cpu()
+                _forget_oldest(self._first_lp, 256)
 
     def _sample_restoring_cpu_generators(self, *args: Any, **kwargs: Any) -> Any:
         gens = self.input_batch.generators  # batch index -> torch.Generator (seeded requests)
@@ -234,6 +251,7 @@ def _steer_runner(runner: Any) -> None:
     runner._steer_cells, runner._steer_reports, runner._steer_rows, runner._steer_ctrl = {}, {}, None, {}
     runner._steer_probe, runner._steer_head = {}, {}
     runner._capture_reqs, runner._captures = set(), Captures()
+    runner._lp_reqs, runner._first_lp = set(), {}
 
 
 def _slot(req_id: str, got: tuple[int, str], keys: list[str | None]) -> int:
@@ -339,6 +357,13 @@ def _make_worker(base: type) -> type:
             for key, cell in runner._steer_cells.items():
                 if state is not None and request_id in (key, key.rsplit("-", 1)[0]):
                     return state.regs.report(cell)
+            return None
+
+        def steerserve_take_logprobs(self, request_id: str) -> bytes | None:
+            """A request's first next-token log-softmax (``[V]`` fp32 bytes), by our request id; then forgotten."""
+            kept = self.model_runner._first_lp
+            for key in [k for k in kept if request_id in (k, k.rsplit("-", 1)[0])]:
+                return kept.pop(key).numpy().astype("<f4", copy=False).tobytes()
             return None
 
         def steerserve_take_capture(self, request_id: str, layers: list[int]) -> tuple[list[int], bytes] | None:
