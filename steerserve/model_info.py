@@ -10,6 +10,17 @@ LAYER_CONVENTION = "output of decoder block l (0-based) = transformers hidden_st
 
 
 @dataclass(frozen=True)
+class MoEInfo:
+    """A model's MoE layout (``runtime.route_op`` masks its routers): which decoder layers route tokens to
+    experts, over how many experts, top-k, and whether the top-k weights are renormalised to sum 1."""
+
+    layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    renormalize: bool  # Mixtral always; Qwen2/3-MoE per norm_topk_prob; OLMoE never (as vLLM runs them)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str  # served name (/v1/models)
     architecture: str  # e.g. LlamaForCausalLM
@@ -19,3 +30,4 @@ class ModelInfo:
     max_model_len: int
     dtype: str
     fingerprint: str  # sha256 over architecture, shapes and a sample of the weights
+    moe: MoEInfo | None = None  # None: a dense model (no router to mask)

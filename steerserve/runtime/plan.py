@@ -20,6 +20,7 @@ import torch
 class OpKind(str, Enum):
     ADD = "add"
     ABLATE = "ablate"
+    ROUTE = "route"  # MoE expert mask at decoder layer ``layer``'s router: the vector is a mask row (``route_op``)
 
 
 @dataclass(frozen=True, eq=False)
