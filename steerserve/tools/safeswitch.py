@@ -18,6 +18,7 @@ the refusal head's fitting, and greedy replies with the head (``runtime.safeswit
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,15 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch
         w1 = l1.weight / sd  # [64, H]: w1 (x - mu) / sd = (w1 / sd) x - (w1 / sd) mu
         b1 = l1.bias - w1 @ mu
         return Probe(w1.clone(), b1.clone(), l2.weight.clone(), l2.bias.clone())
+
+
+def fold_threshold(probe: Probe, decide_at: float, served_at: float) -> Probe:
+    """``probe`` with its decision threshold ``decide_at`` folded into ``b2``: the result's probability reaches
+    ``served_at`` (the runtime's one threshold) exactly where ``probe``'s reaches ``decide_at`` (``p >= t`` is
+    ``logit difference >= log(t / (1 - t))``, so the positive logit moves by
+    ``logit(served_at) - logit(decide_at)``)."""
+    shift = math.log(served_at / (1 - served_at)) - math.log(decide_at / (1 - decide_at))
+    return Probe(probe.w1, probe.b1, probe.w2, probe.b2 + torch.tensor([0.0, shift]))
 
 
 def probe_scores(probe: Probe, x: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,21 @@ to every harmful fit prompt (the refusal head's training data). Labels:
   tokens) does not refuse (``evaluation.metrics.is_refusal``): the pilot continuation complies with a
   harmful request; 0 for a refusing harmful reply and for every harmless prompt.
 
-Rows are kept apart by use: ``[0, --fit)`` of each train file fit the probes (and, harmful ones, the head),
-``[--fit, --fit + --hold)`` are held out for any choice (their figures are printed and recorded); the val
-files (all of ``harmful_val.json``, the first ``--val-harmless`` rows of ``harmless_val.json``) are only
-measured. Stage 2 is fitted on the states at every pilot token (1..``PILOT_TOKENS``, same labels; the
-runtime reads the last): position augmentation, off with ``--no-stage2-augment``. The harmful prompts stage 2
-misses are mostly those whose pilot tokens are generic ("Once upon a time", "Dear [Name]", "In a small"),
-and three times the states help it a little (5-fold leave-one-block-out CV on the train rows, val unseen,
-combined F1 at the val split's 39:200 ratio: 0.895 -> 0.924; on the HarmBench-like block, rows 208-259,
-0.78 -> 0.83; the last prompt token's state or 8-15 reply positions did no better). The head is measured
-alone (always on): greedy ``--eval-tokens``-token replies to the harmful val prompts, judged by
-``is_refusal``, after the fp16 rounding of the shipped file.
+Rows are kept apart by use: ``[0, --fit)`` of harmful_train (default all 260) and ``[0, --fit-harmless)`` of
+harmless_train (800) fit the probes, ``[0, --head-rows)`` of harmful_train (236) the head; ``--hold`` rows after
+the fit rows of each file can be held out and measured (default none: the recipe was chosen by
+cross-validation on the train rows, ``vectors/README.md``); the val files (all of ``harmful_val.json``, the
+first ``--val-harmless`` rows of ``harmless_val.json``) are only measured. Stage 2 is fitted on the states at
+every pilot token (1..``PILOT_TOKENS``, same labels; the runtime reads the last): position augmentation, off
+with ``--no-stage2-augment``. Each stage has its own decision threshold (``--stage1-threshold`` 0.5,
+``--stage2-threshold`` 0.01), folded into its output bias ``b2`` so that the runtime's one ``threshold`` (the
+file's, ``--threshold``) fires each stage exactly where the stage's own threshold would. Stage 2 is the weak
+stage (the pilots of persuasive and creative requests are generic: "Once upon a time", "Dear [Name]"); it only
+runs where stage 1 fired, so a low stage-2 threshold recovers those harmful requests while stage 1 keeps the
+harmless ones out. The choices (800 harmless rows, the two thresholds) were made by leave-one-block-out
+cross-validation on the train rows and 4-fold CV within the HarmBench-like block 208..259 of harmful_train;
+the val files played no part. The head is measured alone (always on): greedy ``--eval-tokens``-token
+replies to the harmful val prompts, judged by ``is_refusal``, after the fp16 rounding of the shipped file.
 """
 
 from __future__ import annotations
@@ -50,13 +54,23 @@ def add_safeswitch(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("safeswitch", help="SafeSwitch stage probes and refusal head",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
-    p.add_argument("--fit", type=int, default=236, help="rows of each train file that fit (236)")
-    p.add_argument("--hold", type=int, default=24, help="rows after those, held out for choices (24)")
+    p.add_argument("--fit", type=int, default=260, help="rows of harmful_train that fit the probes (260: all)")
+    p.add_argument("--fit-harmless", type=int, default=800, help="rows of harmless_train that fit the probes (800)")
+    p.add_argument("--head-rows", type=int, default=236,
+                   help="the first N harmful fit rows train the refusal head (236)")
+    p.add_argument("--hold", type=int, default=0,
+                   help="rows after the fit rows of each train file, held out and measured (0: the recipe was "
+                        "chosen by cross-validation on the train rows, see vectors/README.md)")
     p.add_argument("--val-harmless", type=int, default=200, help="rows of harmless_val measured (200)")
     p.add_argument("--judge-tokens", type=int, default=16, help="greedy tokens of a harmful reply judged (16)")
     p.add_argument("--probe-epochs", type=int, default=10, help="probe epochs (10)")
     p.add_argument("--probe-lr", type=float, default=1e-3, help="probe AdamW learning rate (1e-3)")
-    p.add_argument("--threshold", type=float, default=0.5, help="the probes' default threshold (0.5)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="the probes' default threshold, the file's `threshold` (0.5)")
+    p.add_argument("--stage1-threshold", type=float, default=0.5,
+                   help="stage 1's decision threshold, folded into its b2 (0.5)")
+    p.add_argument("--stage2-threshold", type=float, default=0.01,
+                   help="stage 2's decision threshold, folded into its b2 (0.01)")
     p.add_argument("--no-stage2-augment", dest="stage2_augment", action="store_false",
                    help="fit stage 2 on the stage-2 states only (default: on the states at every pilot token)")
     p.add_argument("--rank", type=int, default=16, help="rank of the refusal head's delta (16)")
@@ -80,13 +94,16 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    require_counts(args, ("fit", "hold", "val_harmless", "judge_tokens", "probe_epochs", "rank", "head_epochs",
-                          "head_batch", "eval_tokens", "batch"))
+    require_counts(args, ("fit", "fit_harmless", "head_rows", "val_harmless", "judge_tokens", "probe_epochs", "rank",
+                          "head_epochs", "head_batch", "eval_tokens", "batch"))
     for flag in ("probe_lr", "head_lr"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
             raise SystemExit(f"--{flag.replace('_', '-')} must be a positive number")
-    if not 0 < args.threshold < 1:
-        raise SystemExit("--threshold must be in (0, 1)")
+    for flag in ("threshold", "stage1_threshold", "stage2_threshold"):
+        if not 0 < getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be in (0, 1)")
+    if args.hold < 0 or args.head_rows > args.fit:
+        raise SystemExit("--hold must be at least 0 and --head-rows at most --fit")
     if args.judge_tokens < PILOT_TOKENS:
         raise SystemExit(f"--judge-tokens must be at least the {PILOT_TOKENS} pilot tokens")
     for path in (args.harmful, args.harmless, args.harmful_val, args.harmless_val):
@@ -128,17 +145,20 @@ def train(args: argparse.Namespace) -> None:
     def chat(p: str) -> tuple[int, ...]:
         return renderer.render(messages=[{"role": "user", "content": p}]).token_ids
 
-    n, k = args.fit, args.hold
+    n, m, r, k = args.fit, args.fit_harmless, args.head_rows, args.hold
     text: dict[str, list[str]] = {}
-    for name, path, lo, hi in (("harmful", args.harmful, 0, n), ("harmless", args.harmless, 0, n),
-                               ("harmful_hold", args.harmful, n, n + k), ("harmless_hold", args.harmless, n, n + k),
+    for name, path, lo, hi in (("harmful", args.harmful, 0, r), ("harmful_more", args.harmful, r, n),
+                               ("harmless", args.harmless, 0, m),
+                               ("harmful_hold", args.harmful, n, n + k), ("harmless_hold", args.harmless, m, m + k),
                                ("harmful_val", args.harmful_val, 0, None),
                                ("harmless_val", args.harmless_val, 0, args.val_harmless)):
         text[name] = read_prompts(path, args.field, hi)[lo:]
-    if min(len(text["harmful_hold"]), len(text["harmless_hold"])) < k:
-        raise SystemExit(f"--fit + --hold = {n + k} rows needed from each train file")
+    if len(text["harmful_more"]) + r < n or len(text["harmless"]) < m or \
+            min(len(text["harmful_hold"]), len(text["harmless_hold"])) < k:
+        raise SystemExit(f"{n + k} rows of harmful_train and {m + k} of harmless_train needed")
+    text = {name: rows for name, rows in text.items() if rows}
     prompts = {name: [chat(p) for p in rows] for name, rows in text.items()}
-    reply_text = [ss.refusal_reply(i) for i in range(n)]
+    reply_text = [ss.refusal_reply(i) for i in range(r)]
     targets = [(*renderer.tokenize(r), tokenizer.eos_token_id) for r in reply_text]
 
     got: dict[str, ss.BatchOut] = {}
@@ -158,7 +178,7 @@ def train(args: argparse.Namespace) -> None:
                            for m in names for r in got[m].replies])
         return x, y1, y2
 
-    fit_names = ("harmful", "harmless")
+    fit_names = tuple(m_ for m_ in ("harmful", "harmful_more", "harmless") if m_ in got)
     x1, y1, _ = xy(fit_names, 1)
     x2, _, y2 = xy(fit_names, 2)
     _log(f"fitting the probes: {len(y1)} rows, stage-2 positives {int(y2.sum())}/{int(y1.sum())} harmful")
@@ -167,6 +187,10 @@ def train(args: argparse.Namespace) -> None:
         x2 = torch.cat([torch.cat([got[m].steps[:, j] for m in fit_names]) for j in range(1, PILOT_TOKENS + 1)])
         y2 = y2.repeat(PILOT_TOKENS)
     stage2 = ss.fit_probe(x2, y2, epochs=args.probe_epochs, lr=args.probe_lr, seed=args.seed + 1)
+    # per-stage decision thresholds (chosen by cross-validation on the train rows) folded into b2: the runtime
+    # applies the one --threshold to both stages
+    stage1 = ss.fold_threshold(stage1, args.stage1_threshold, args.threshold)
+    stage2 = ss.fold_threshold(stage2, args.stage2_threshold, args.threshold)
 
     def measure(names: Sequence[str]) -> dict[str, Any]:
         (a, l1, l2), (b, _, _) = xy(names, 1), xy(names, 2)
@@ -175,8 +199,10 @@ def train(args: argparse.Namespace) -> None:
                 "combined": ss.binary_metrics(p1 & p2, l2),
                 "harmful_refusing_replies": int((l1 - l2).sum())}
 
-    probe_figs = {"threshold": args.threshold, "val": measure(("harmful_val", "harmless_val")),
-                  "holdout": measure(("harmful_hold", "harmless_hold")), "fit": measure(fit_names)}
+    probe_figs = {"threshold": args.threshold, "stage_thresholds": [args.stage1_threshold, args.stage2_threshold],
+                  "val": measure(("harmful_val", "harmless_val")), "fit": measure(fit_names)}
+    if k:
+        probe_figs["holdout"] = measure(("harmful_hold", "harmless_hold"))
     _log(f"probes: {json.dumps(probe_figs)}")
 
     states = torch.cat(got["harmful"].teacher)  # [N, H]
@@ -187,7 +213,7 @@ def train(args: argparse.Namespace) -> None:
     head = HeadDelta(delta.a.half().float(), delta.b.half().float())  # what the fp16 file holds
     head_figs: dict[str, Any] = {"train_loss": losses}
     samples: list[dict[str, str]] = []
-    for name in ("harmful_hold", "harmful_val") + (("harmless_val",) if args.eval_harmless else ()):
+    for name in (("harmful_hold",) if k else ()) + ("harmful_val",) + (("harmless_val",) if args.eval_harmless else ()):
         group = prompts[name][: args.eval_harmless] if name == "harmless_val" else prompts[name]
         _log(f"head alone on {name}: {len(group)} greedy {args.eval_tokens}-token replies")
         replies = [decode(r) for r in _collect(model, group, args.eval_tokens, eos, args.batch, head=head).replies]
@@ -199,8 +225,10 @@ def train(args: argparse.Namespace) -> None:
     _log(f"head: {json.dumps(head_figs)}")
 
     seconds, cpu_s = round(time.monotonic() - started, 1), round(time.process_time() - cpu, 1)
-    data = {"harmful": str(args.harmful), "harmless": str(args.harmless), "field": args.field, "fit_rows": [0, n],
-            "hold_rows": [n, n + k], "harmful_val": f"{args.harmful_val} (all {len(text['harmful_val'])})",
+    data = {"harmful": str(args.harmful), "harmless": str(args.harmless), "field": args.field,
+            "fit_rows": {"harmful": [0, n], "harmless": [0, m]}, "head_rows": [0, r],
+            "hold_rows": {"harmful": [n, n + k], "harmless": [m, m + k]},
+            "harmful_val": f"{args.harmful_val} (all {len(text['harmful_val'])})",
             "harmless_val": f"{args.harmless_val} rows [0, {len(text['harmless_val'])})"}
     common = {"command": "steerserve " + shlex.join(sys.argv[1:]), "data": data, "seconds": seconds,
               "cpu_seconds": cpu_s, "threads": torch.get_num_threads(), "seed": args.seed}
@@ -210,13 +238,16 @@ def train(args: argparse.Namespace) -> None:
     probe_prov = {**common, "labels": labels, "pilot_tokens": PILOT_TOKENS, "width": PROBE_WIDTH,
                   "stage2_fit": f"the states at pilot tokens 1..{PILOT_TOKENS}, stage-2 labels" if args.stage2_augment
                                 else "stage-2 states",
+                  "stage_thresholds": f"stage 1 {args.stage1_threshold}, stage 2 {args.stage2_threshold}, folded "
+                                      f"into each b2 (p >= {args.threshold} at the runtime is p >= the stage's own)",
                   "epochs": args.probe_epochs, "lr": args.probe_lr, "optimizer": "AdamW (weight decay 0.01)",
                   "figures": probe_figs, "state": "post-final-norm (what the output head reads)"}
     base = "tied_embeddings" if getattr(model.config, "tie_word_embeddings", False) else "lm_head"
     head_prov = {**common, "rank": args.rank, "epochs": args.head_epochs, "lr": args.head_lr,
                  "batch_tokens": args.head_batch, "optimizer": "AdamW (no weight decay), b initialised to 0",
                  "replies": "templated refusal-then-explanation (tools.safeswitch.refusal_reply), one per harmful "
-                            "fit row, LM loss on the reply tokens and the end-of-turn token", "figures": head_figs}
+                            f"row 0..{r - 1}, LM loss on the reply tokens and the end-of-turn token",
+                 "figures": head_figs}
     pheader = probe_header(info, args.threshold, {k_: probe_figs["val"][k_] for k_ in ("stage1", "stage2", "combined")},
                            method="safeswitch", provenance=json.dumps(probe_prov, allow_nan=False),
                            description=args.description)
