@@ -222,3 +222,15 @@ def test_expert_set_float_ids_and_foreign_tensor_refused(ctx: ResolveContext) ->
             ctx.store.put_vector_file("bad", safetensors.torch.save(tensors, metadata=header))
         assert info.value.field == field
     assert json.loads(header["classes"]) == {}
+
+
+def test_http_dense_server_refuses_expert_sets(client: Any, admin_headers: dict[str, str]) -> None:
+    """Over HTTP on the dense default model: an expert-set upload is a 400 naming ``metadata.kind`` (the
+    ``expert_mask`` request itself is a case of ``test_validation``), and the server keeps serving."""
+    data = safetensors.torch.save({"layer.1": torch.tensor([0])}, metadata={"kind": "expert_set"})
+    r = client.post("/admin/vectors", params={"name": "experts"}, content=data,
+                    headers={**admin_headers, "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "metadata.kind"
+    assert client.get("/admin/vectors/experts", headers=admin_headers).status_code == 404
+    assert client.post("/generate", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
