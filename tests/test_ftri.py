@@ -176,3 +176,22 @@ def test_disabling_the_planted_expert(planted: tuple[Path, str]) -> None:
             assert torch.equal(routed[layer][1], base[layer][1])  # the same experts for every token
             assert torch.allclose(routed[layer][0], base[layer][0], rtol=1e-5, atol=1e-7)
         assert torch.allclose(logits, base_logits, atol=1e-5)
+
+
+def test_labels_from_an_eval_report(tmp_path: Path) -> None:
+    """A ``steerserve eval`` report as --data: the class is a setting's metric value (``SETTING.METRIC``)."""
+    from steerserve.tools.ftri import read_labelled
+
+    samples = [{"index": i, "prompt": f"p{i}", "reference": None,
+                "outputs": {"baseline": {"text": "", "values": {"refusal": float(i % 2)}}}} for i in range(4)]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"model": "m", "config": {}, "settings": [], "table": [], "samples": samples}))
+    assert read_labelled(path, "prompt", "baseline.refusal", None) == (["p0", "p1", "p2", "p3"],
+                                                                       ["0.0", "1.0", "0.0", "1.0"])
+    assert read_labelled(path, "prompt", "baseline.refusal", 2)[1] == ["0.0", "1.0"]
+    with pytest.raises(SystemExit, match="baseline.length"):
+        read_labelled(path, "prompt", "baseline.length", None)
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"prompt": "a", "label": "x"}, {"prompt": "b"}]))
+    with pytest.raises(SystemExit, match="item 1"):
+        read_labelled(rows, "prompt", "label", None)

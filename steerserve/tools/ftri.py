@@ -141,9 +141,11 @@ def add_ftri(kinds: argparse._SubParsersAction) -> None:
                                 "prompt --class-field label --target refused --top-k 10 --out refusal-experts"
                                 ".safetensors")
     p.add_argument("--model", type=Path, required=True, help="a local transformers MoE model directory")
-    p.add_argument("--data", type=Path, required=True, help=".json (list of objects) or .jsonl (objects)")
+    p.add_argument("--data", type=Path, required=True,
+                   help=".json (list of objects), .jsonl (objects) or a `steerserve eval` report (.json)")
     p.add_argument("--field", default="prompt", help="key of the prompt (default: prompt)")
-    p.add_argument("--class-field", default="label", help="key of the class (default: label)")
+    p.add_argument("--class-field", default="label",
+                   help="key of the class (default: label); for an eval report SETTING.METRIC, e.g. baseline.refusal")
     p.add_argument("--target", required=True, help="the class whose experts to find")
     p.add_argument("--by", choices=("weight", "count"), default="weight",
                    help="sum the routing weights (default) or count the selections")
@@ -156,9 +158,14 @@ def add_ftri(kinds: argparse._SubParsersAction) -> None:
 
 
 def read_labelled(path: Path, field: str, class_field: str, limit: int | None) -> tuple[list[str], list[str]]:
-    """``(prompts, classes)`` of a JSON/JSONL file of objects; exits naming the flag when one is missing."""
+    """``(prompts, classes)`` of a JSON/JSONL file of objects, or of a ``steerserve eval`` report (a JSON object
+    with ``samples``: the class is a setting's metric value, ``--class-field SETTING.METRIC`` such as
+    ``baseline.refusal``, as text: ``"1.0"``/``"0.0"``); exits naming the flag when one is missing."""
     from steerserve.evaluation.data import read_items
 
+    raw = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
+    if isinstance(raw, dict) and isinstance(raw.get("samples"), list):
+        return _from_eval(raw["samples"][:limit] if limit else raw["samples"], class_field)
     prompts, labels = [], []
     for i, item in enumerate(read_items(path)[:limit] if limit else read_items(path)):
         if not isinstance(item, Mapping) or field not in item or class_field not in item:
@@ -166,6 +173,20 @@ def read_labelled(path: Path, field: str, class_field: str, limit: int | None) -
                              "(--class-field)")
         prompts.append(str(item[field]))
         labels.append(str(item[class_field]))
+    return prompts, labels
+
+
+def _from_eval(samples: list[Any], class_field: str) -> tuple[list[str], list[str]]:
+    setting, _, metric = class_field.rpartition(".")
+    prompts, labels = [], []
+    for i, sample in enumerate(samples):
+        try:
+            value = sample["outputs"][setting]["values"][metric]
+        except (KeyError, TypeError):
+            raise SystemExit(f"--class-field {class_field!r}: eval sample {i} has no value of metric {metric!r} "
+                             f"in setting {setting!r} (use SETTING.METRIC, e.g. baseline.refusal)") from None
+        prompts.append(str(sample["prompt"]))
+        labels.append(str(float(value)))
     return prompts, labels
 
 
