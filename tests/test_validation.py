@@ -50,6 +50,8 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("actadd missing negative", {"steering": {"interventions": [
         {"method": "actadd", "positive": "Love", "layer": 3, "coeff": 3}]}}, 400,
      "steering.interventions.0.negative"),
+    ("expert_mask on a dense model", {"steering": {"interventions": [
+        {"method": "expert_mask", "experts": {"1": [0]}}]}}, 400, "steering.interventions.0.method"),
     ("ablate unknown vector", {"steering": {"interventions": [{"method": "ablate", "vector": "nope"}]}}, 400,
      "steering.interventions.0.vector"),
     ("empty prompt", {"prompt": "", "messages": None}, 400, "prompt"),

@@ -12,8 +12,9 @@ Uploading a vector, ``POST /admin/vectors``, takes one of
 Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``).
 A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``),
 one that says ``kind: controller`` as a refusal controller (``store.controllers``), one that says
-``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``); these routes
-list, show, enable and delete all of them alike.
+``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``), one that
+says ``kind: expert_set`` as an MoE expert set (``store.expert_sets``); these routes list, show, enable and
+delete all of them alike.
 
 Auth, the router's settings and the artifact lookups shared with the pair routes are in ``admin``.
 """

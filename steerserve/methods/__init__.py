@@ -16,13 +16,16 @@ from steerserve.methods.add import Add
 from steerserve.methods.base import Compiled, Method
 from steerserve.methods.cot_compress import CotCompress
 from steerserve.methods.entropic import Entropic
+from steerserve.methods.expert_mask import ExpertMask
 from steerserve.methods.refusal_controller import RefusalController
+from steerserve.methods.routing import Pick, as_mandatory, route_ops
 from steerserve.methods.safeswitch import SafeSwitch
+from steerserve.runtime.plan import SteerOp
 from steerserve.spec import AppliedIntervention, Intervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.policies import Policy
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress(),
-                                                   RefusalController(), SafeSwitch())}
+                                                   RefusalController(), SafeSwitch(), ExpertMask())}
 
 # What a request may hold at most one of: (``Compiled`` attribute, what the refusal calls it).
 SINGLES = (("loop", "closed-loop intervention"), ("controller", "refusal controller"), ("safeswitch", "safeswitch"))
@@ -53,6 +56,15 @@ def _check_singles(entries: Sequence[tuple[str, Compiled, bool]], owner: str | N
             if first:
                 raise SteerError(f"only one {what} per request", field=f)
             first = f
+
+
+def _route_ops(entries: Sequence[tuple[Compiled, bool]], ctx: ResolveContext) -> tuple[SteerOp, ...]:
+    """Every ``expert_mask`` of the request (``Compiled.route``; ``True``: a policy's) merged and checked
+    again as one mask: one ROUTE op per masked layer (``methods.routing``)."""
+    picks: list[Pick] = [p for c, is_mandatory in entries for p in (as_mandatory(c.route) if is_mandatory else c.route)]
+    if not picks or ctx.model.moe is None:  # (expert_mask refuses a dense model: no picks there)
+        return ()
+    return route_ops(picks, ctx.model.moe, ctx.model.hidden_size)
 
 
 async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, where: str = "steering",
@@ -88,8 +100,9 @@ async def resolve(spec: SteerSpec, prompt: PromptInfo, ctx: ResolveContext, wher
     entries = [(f, iv, c, False) for f, iv, c in ours] + [(f, iv, c, True) for f, iv, c in theirs]
     _check_singles([(f, c, m) for f, _, c, m in entries], owner)
     compiled_all = [c for _, _, c, _ in entries]
+    routes = _route_ops([(c, m) for _, _, c, m in entries], ctx)
     return ResolvedSpec(
-        tuple(op for c in compiled_all for op in c.ops),
+        tuple(op for c in compiled_all for op in c.ops) + routes,
         tuple(AppliedIntervention(iv.method, c.artifacts, c.detail, owner if m else None) for _, iv, c, m in entries),
         next((c.loop for c in compiled_all if c.loop is not None), None),
         next((c.controller for c in compiled_all if c.controller is not None), None),
@@ -109,6 +122,7 @@ async def check_policy(policy: Policy, prompt: PromptInfo, ctx: ResolveContext) 
                          f"{ctx.settings.max_interventions}", field="mandatory")
     entries = [(f, await _compile(iv, prompt, ctx, f), False) for f, iv in policy_rules.mandatory(policy, "mandatory")]
     _check_singles(entries, policy.name)
+    _route_ops([(c, False) for _, c, _ in entries], ctx)
 
 
 __all__ = ["REGISTRY", "Compiled", "Method", "check_policy", "get_method", "resolve"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from steerserve.errors import SteerError
+from steerserve.methods.routing import Pick
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import SteerOp
@@ -26,6 +27,7 @@ class Compiled:
     loop: LoopSpec | None = None  # closed loop on the request's gain register (its ``gain`` ops)
     controller: ControllerWeights | None = None  # read op deciding the request's per-layer gains
     safeswitch: SafeSwitchSpec | None = None  # probes at the head point; a refusal head if they fire
+    route: tuple[Pick, ...] = ()  # expert_mask: merged over the request into one ROUTE op per layer (``routing``)
 
 
 class Method(Protocol):

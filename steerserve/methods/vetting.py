@@ -10,7 +10,8 @@ artifact (``store.uploads.Declared``):
 - a vector or direction added at every position of its layers at ``+strength`` and at ``-strength``;
 - a controller as ``refusal_controller`` serves it at its ``alpha``, its in-graph decision included (a
   controller that fires on ordinary prompts is what this catches);
-- a refusal head on every row (``head``; in SafeSwitch it only ever runs on flagged requests).
+- a refusal head on every row (``head``; in SafeSwitch it only ever runs on flagged requests);
+- an expert set with its experts disabled in mask mode at every position (``expert_set``: ``Declared.ops``).
 
 The figure is ``KL(steered || unsteered)`` of that distribution in nats, the mean over the prompts; for a
 signed artifact the larger of the two signs is the one the budget reads (``kl``).
@@ -77,6 +78,9 @@ async def measure(generate: Generate, prompts: Sequence[tuple[int, ...]], declar
 
 def _settings(declared: Declared) -> dict[str, Any]:
     """label -> (prompt ids -> the steered request) for each setting the artifact is measured at."""
+    if declared.ops:
+        ops = declared.ops
+        return {"mask": lambda p: GenerationRequest(_rid(), p, ONE_TOKEN, ops=ops)}
     if declared.head is not None:
         head = declared.head
         return {"head": lambda p: GenerationRequest(_rid(), p, ONE_TOKEN, head=head)}

@@ -1,5 +1,5 @@
-"""The artifact store: steering vectors, directions, refusal controllers, SafeSwitch probes and heads, and
-ActAdd prompt pairs as safetensors files plus manifest rows.
+"""The artifact store: steering vectors, directions, refusal controllers, SafeSwitch probes and heads, MoE
+expert sets and ActAdd prompt pairs as safetensors files plus manifest rows.
 
 Files live at ``<root>/artifacts/<name>/<version>.safetensors``; the SQLite manifest (``db.py``) decides
 what exists. A write lands the file first (temp file, fsync, rename, fsync of the folder) and only then
@@ -32,6 +32,7 @@ from steerserve.store import db
 from steerserve.store.audit import AuditLog
 from steerserve.store.controllers import check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
+from steerserve.store.expert_sets import ExpertSet, check_expert_set
 from steerserve.store.safeswitch import check_head, check_probes
 from steerserve.store.uploads import FILE_KINDS, Declared, read_upload
 from steerserve.store.vetting import NormPolicy, check_vectors
@@ -39,7 +40,7 @@ from steerserve.store.vetting import NormPolicy, check_vectors
 __all__ = ["FILE_KINDS", "ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector",
            "Vet", "check_name", "parse_ref"]
 
-KINDS = ("vector", "pair", "direction", "controller", "probe", "head")
+KINDS = ("vector", "pair", "direction", "controller", "probe", "head", "expert_set")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
 Vet = Callable[[Declared], Mapping[str, Any]]  # the server's KL vetting of an upload (``methods.vetting``)
 
@@ -269,6 +270,13 @@ class ArtifactStore:
         meta = self.get(ref, "head", field=field, require_enabled=require_enabled)
         data = self._read(meta, field)
         return meta, check_head(self.model, db.header_metadata(data), safetensors.torch.load(data))
+    def load_expert_set(self, ref: str, *, field: str = "experts",
+                        require_enabled: bool = True) -> tuple[ArtifactMeta, ExpertSet]:
+        """The expert set ``ref`` names (``store.expert_sets``), checked against the loaded model's MoE layout."""
+        meta = self.get(ref, "expert_set", field=field, require_enabled=require_enabled)
+        data = self._read(meta, field)
+        return meta, check_expert_set(self.model, db.header_metadata(data), safetensors.torch.load(data))
+
     def load_controller(self, ref: str, *, field: str = "controller",
                         require_enabled: bool = True) -> StoredController:
         """The refusal controller ``ref`` names (fp32 weights, default ``alpha``), if made for the loaded model."""

@@ -12,7 +12,8 @@ Declared strength, per kind:
   it, the calibrated ``gamma_max`` (``steerserve calibrate``), else 1, at every layer in the file;
 - ``direction``: ``declared_use``'s ``coeff`` (in ``add``'s units: typical-norm lengths at its layer), else 1;
 - ``controller``: its ``alpha``, run as served (its in-graph decision included);
-- ``head``: the head's delta on the model's logits; ``probe``: nothing (probes read, they do not steer).
+- ``head``: the head's delta on the model's logits; ``probe``: nothing (probes read, they do not steer);
+- ``expert_set``: its experts disabled in mask mode at every position (``ops``; ``store.expert_sets``).
 """
 
 from __future__ import annotations
@@ -29,22 +30,26 @@ import torch
 from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.runtime.controller import ControllerWeights
+from steerserve.runtime.plan import SteerOp
 from steerserve.runtime.safeswitch import HeadDelta
 from steerserve.store import db
 from steerserve.store.controllers import CONTROLLER_KEYS, check_controller
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
+from steerserve.store.expert_sets import EXPERT_SET_KEYS, check_expert_set, mask_ops
 from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
 from steerserve.store.vetting import NormPolicy, check_vectors
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
-FILE_KINDS = ("vector", "direction", "controller", "probe", "head")  # what a file upload may be (/admin/vectors)
+# What a file upload may be (/admin/vectors).
+FILE_KINDS = ("vector", "direction", "controller", "probe", "head", "expert_set")
 STRENGTH_KEY = "declared_use"  # a vector's or direction's declared largest |coeff| and its layers (JSON)
 # Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
 # the store writes itself, accepted so that an exported artifact can be uploaded again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
             "layer_convention", "format", "provenance", "description", "calibration", STRENGTH_KEY,
-            *DIRECTION_KEYS, *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS}
-_OWNED = (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS))
+            *DIRECTION_KEYS, *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS, *EXPERT_SET_KEYS}
+_OWNED = (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS),
+          ("expert_set", EXPERT_SET_KEYS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +61,7 @@ class Declared:
     vectors: Mapping[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> [H], at coeff 1
     controller: ControllerWeights | None = None
     head: HeadDelta | None = None
+    ops: tuple[SteerOp, ...] = ()  # expert_set: ROUTE ops run as they are (every position)
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +111,9 @@ def read_upload(model: ModelInfo, data: bytes, policy: NormPolicy) -> Upload:
         return Upload(kind, header, {}, None, Declared(kind))
     if kind == "head":
         return Upload(kind, header, {}, None, Declared(kind, head=check_head(model, header, loaded)))
+    if kind == "expert_set":
+        experts = check_expert_set(model, header, loaded).experts
+        return Upload(kind, header, {}, tuple(sorted(experts)), Declared(kind, ops=mask_ops(model, experts)))
     if kind == "controller":
         weights, alpha = check_controller(model, header, loaded)
         return Upload(kind, header, {}, weights.read_layers, Declared(kind, alpha, controller=weights))

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from steerserve.tools.refusal_cli import add_refusal  # refusal_cli reuses this module's helpers
 
     add_refusal(kinds)
+    from steerserve.tools.ftri import add_ftri
+
+    add_ftri(kinds)
 
 
 def add_mean_diff(kinds: argparse._SubParsersAction) -> None:
