@@ -185,3 +185,23 @@ async def test_mixed_batch_matches_alone(engine: HFEngine) -> None:
     # decode batch's make-up depends on arrival timing, which moves the weights' last bits)
     assert same_route(mixed[1], unmasked[1]) and same_route(mixed[3], unmasked[3])
     assert mixed[0][1]["ids"] != unmasked[0][1]["ids"] and mixed[2][1]["ids"] != unmasked[2][1]["ids"]
+
+
+def test_route_rows_read_the_route_table_only() -> None:
+    """ROUTE ops fill their own table (row 0 = the bank's zero row elsewhere) and never make a step steered."""
+    from steerserve.runtime.route_point import route_rows
+
+    bank, tables = VectorBank(8, 32), StepTables(3, 16, 2)
+    row = encode_row(32, 8, off=(1,), drop=(2,), forced=(3,))
+    ops = (SteerOp(OpKind.ROUTE, 1, VectorRef.of(row), 1.0, start=2),)
+    rows = bank.acquire(op.vector for op in ops)
+    assert rows is not None
+    tables.fill(6, [])
+    assert route_rows(tables, bank.weight, 1, 6, 8) is None  # no ROUTE op this step: the fast path
+    tables.fill(6, [Segment(1, 0, 4, Placement.build(ops, rows, 2))])  # tokens 1..4 at positions 0..3
+    assert tables.active and not tables.steering
+    got = route_rows(tables, bank.weight, 1, 6, 8)
+    assert got is not None and got.shape == (6, 16)
+    assert torch.equal(got[3], row[:16]) and torch.equal(got[4], row[:16])  # positions 2, 3 (start=2)
+    assert not got[[0, 1, 2, 5]].any()  # other tokens and positions read the all-zero row 0
+    assert not route_rows(tables, bank.weight, 0, 6, 8).any()  # another layer: nothing

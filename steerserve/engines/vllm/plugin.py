@@ -30,7 +30,7 @@ from steerserve.model_info import MoEInfo
 
 _STEERED: dict[type[nn.Module], type[nn.Module]] = {}
 # Source files outside engines/vllm whose code the compiled graph calls (cache key: ``code_fingerprint``).
-ROUTE_SOURCES = ("steerserve/runtime/route_op.py", "steerserve/runtime/route_point.py")
+ROUTE_SOURCES = ("runtime/route_op.py", "runtime/route_point.py")  # relative to the package
 
 
 def _steered_class(cls: type[nn.Module]) -> type[nn.Module]:
