@@ -205,3 +205,19 @@ def test_route_rows_read_the_route_table_only() -> None:
     assert torch.equal(got[3], row[:16]) and torch.equal(got[4], row[:16])  # positions 2, 3 (start=2)
     assert not got[[0, 1, 2, 5]].any()  # other tokens and positions read the all-zero row 0
     assert not route_rows(tables, bank.weight, 0, 6, 8).any()  # another layer: nothing
+
+
+def test_compile_cache_key_covers_the_router_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's compile caches are keyed by ``code_fingerprint``: it must change with the router point's code
+    outside ``engines/vllm`` (``route_op``, ``route_point``) as with the op files themselves."""
+    from steerserve.engines.vllm import plugin
+
+    base = plugin.code_fingerprint()
+    real = Path.read_bytes
+
+    def edited(self: Path) -> bytes:
+        data = real(self)
+        return data + b"\n# edited" if self.name == "route_op.py" else data
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert plugin.code_fingerprint() != base
