@@ -142,6 +142,10 @@ def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tupl
 
     info = model_info(path, dtype, name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    # MoE experts computed per (token, slot) ("batched_mm"): with the default grouped kernels a token's expert
+    # output depends on which other tokens share the expert's matmul, so one request's expert mask would
+    # change another's bits. The router point (``runtime.route_point``) needs batch-independent experts.
+    extra = {} if info.moe is None else {"experts_implementation": "batched_mm"}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
     model.eval()
     return model, tokenizer, info

@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -124,3 +125,13 @@ async def hf_engine() -> AsyncIterator[HFEngine]:
     await eng.start()
     yield eng
     await eng.stop()
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny random MoE checkpoints (``tests.moe_models``), built once per session: arch -> folder."""
+    from tests import moe_models
+
+    root = tmp_path_factory.mktemp("moe-models")
+    tokenizer = prepare_default_model(models_dir())
+    return {arch: moe_models.build(arch, root / arch, tokenizer) for arch in moe_models.ARCHS}

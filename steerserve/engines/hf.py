@@ -26,12 +26,14 @@ from steerserve.engines.sampling import Detokenizer, make_generator, sample
 from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.capture import Read
 from steerserve.runtime.control_op import ControllerSlots, ControllerUnit
 from steerserve.runtime.head_point import HeadPoint, load_slot
-from steerserve.runtime.hooks import SteeringHooks, capture_hidden_states
+from steerserve.runtime.hooks import RouteHooks, SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
+from steerserve.runtime.route_point import RouteCapture
 from steerserve.runtime.safeswitch import PILOT_TOKENS
 from steerserve.runtime.tables import Segment, StepTables
 
@@ -78,6 +80,11 @@ class HFEngine(EngineThread):
         # Slots of controllers, probe pairs and refusal heads, by content key (loaded on admission).
         self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in WEIGHT_KINDS}
         self.hooks = SteeringHooks(self.layers, self.bank, self.tables, self.ctrl, self.regs)
+        # The router point (MoE models): expert masks from the ROUTE table; routing capture for tests and tools.
+        self.route_capture = RouteCapture()
+        moe = info.moe
+        self.route_hooks = None if moe is None else RouteHooks(
+            self.layers, moe.layers, moe.num_experts, moe.renormalize, self.bank, self.tables, self.route_capture)
         self._normed: torch.Tensor | None = None  # [B, S, H] the final norm's output of the last forward
         model.model.norm.register_forward_hook(self._keep_normed)
         eos = model.generation_config.eos_token_id
@@ -112,6 +119,14 @@ class HFEngine(EngineThread):
     @property
     def bank_capacity(self) -> int:
         return self.bank.capacity
+
+    async def set_route_capture(self, on: bool) -> None:
+        """Record every request's routing (per MoE layer and position, after masking) from now on, or stop."""
+        self.route_capture.on = on
+
+    async def take_routing(self, request_id: str) -> dict[str, Any] | None:
+        """A finished request's recorded routing (``RouteCapture.take``), then forgotten."""
+        return await asyncio.wrap_future(self.call(lambda: self.route_capture.take(request_id)))
 
     # ---- engine thread ----
     def _run(self) -> None:
@@ -218,6 +233,7 @@ class HFEngine(EngineThread):
             self.tables.fill(n, segments, self.bank.weight, self.regs.gain, self._layer_gain([seq]))
             # A controlled request: its controller reads the last prompt token in this forward pass.
             self.ctrl.fill([(n - 1, seq.cell, seq.ctrl_slot)] if seq.ctrl_slot >= 0 else [])
+            self.route_capture.begin([Read(seq.req.request_id, 0, 0, n)] if self.route_capture.on else [])
             try:
                 out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             finally:
@@ -245,6 +261,8 @@ class HFEngine(EngineThread):
         mask = torch.cat([self._kv.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
         segments = [self._segment(s, i, 1) for i, s in enumerate(seqs)]
         self.tables.fill(len(seqs), segments, self.bank.weight, self.regs.gain, self._layer_gain(seqs))
+        self.route_capture.begin([Read(s.req.request_id, i, s.pos, 1) for i, s in enumerate(seqs)]
+                                 if self.route_capture.on else [])
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache(), use_cache=True)
         self._kv.after_step(out.past_key_values)
@@ -333,4 +351,5 @@ class HFEngine(EngineThread):
 
     def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         self.tables.fill(0, [])  # unsteered
+        self.route_capture.begin([])
         return capture_hidden_states(self.model, self.layers, prompts, layers)

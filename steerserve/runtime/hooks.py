@@ -1,4 +1,5 @@
-"""Removable forward hooks that apply the steering op (and capture activations) at decoder-layer outputs."""
+"""Removable forward hooks that apply the steering op (and capture activations) at decoder-layer outputs, and
+the router point (expert masks) at MoE routers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.ops import steer_guarded_
 from steerserve.runtime.registers import Registers
+from steerserve.runtime.route_point import RouteCapture, route_, route_rows
 from steerserve.runtime.tables import StepTables
 
 
@@ -38,12 +40,12 @@ class SteeringHooks:
     def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             reading = self.ctrl is not None and self.ctrl.active
-            if not self.tables.active and not reading:
-                return None  # nothing steered or read this step: leave the output untouched
+            if not self.tables.steering and not reading:
+                return None  # nothing steered or read this step (ROUTE ops are the routers'): leave it untouched
             h = _hidden(output)  # [B, S, H]
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
             n = flat.shape[0]
-            if self.tables.active:
+            if self.tables.steering:
                 steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
                                self.tables.delta(index))
             if reading:  # after steering: the stream the next block reads
@@ -98,3 +100,45 @@ def capture_hidden_states(model: nn.Module, layers: Sequence[nn.Module], prompts
                 model(input_ids=torch.tensor([list(ids)]), use_cache=False, logits_to_keep=1)
             out.append(torch.stack([cap.outputs[layer][0] for layer in which], dim=1).float())  # [n, L, H]
     return out
+
+
+def router_of(layer: nn.Module) -> nn.Module:
+    """The router module of a transformers MoE decoder layer (``mlp.gate`` in transformers 5 for Mixtral,
+    Qwen2/3-MoE and OLMoE): it returns ``(logits [T, E], weights [T, k], ids [T, k])``."""
+    block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+    gate = getattr(block, "gate", None)
+    if not isinstance(gate, nn.Module) or not hasattr(gate, "top_k"):
+        raise TypeError(f"{type(layer).__name__} has no top-k router at .mlp.gate")
+    return gate
+
+
+class RouteHooks:
+    """The router point of the hf engine: a forward hook on each MoE layer's router that writes the masked
+    routing (``route_point.route_``) over the router's own, for the tokens whose ROUTE row is non-zero, and
+    records the routing when ``capture.on``. Steps without ROUTE ops return the router's output untouched."""
+
+    def __init__(self, layers: Sequence[nn.Module], moe_layers: Sequence[int], num_experts: int, renormalize: bool,
+                 bank: VectorBank, tables: StepTables, capture: RouteCapture) -> None:
+        self.bank, self.tables, self.capture = bank, tables, capture
+        self.num_experts, self.renormalize = num_experts, renormalize
+        self._handles = [router_of(layers[i]).register_forward_hook(self._make(i)) for i in moe_layers]
+
+    def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            logits, weights, ids = output
+            rows = route_rows(self.tables, self.bank.weight, index, ids.shape[0], self.num_experts)
+            if rows is None and not self.capture.on:
+                return None
+            if rows is not None:
+                weights, ids = weights.clone(), ids.clone()
+                route_(weights, ids, logits, rows, self.renormalize)
+            if self.capture.on:
+                self.capture.record(index, weights, ids)
+            return logits, weights, ids
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

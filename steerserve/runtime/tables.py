@@ -104,6 +104,11 @@ class StepTables:
         self.fill(0, [])
 
     @property
+    def steering(self) -> bool:
+        """This step has ADD or ABLATE ops (ROUTE ops are read by the router point alone, never steered)."""
+        return bool(self.width[OpKind.ADD] or self.width[OpKind.ABLATE])
+
+    @property
     def max_tokens(self) -> int:
         return int(self._rows[OpKind.ADD].shape[1])
 

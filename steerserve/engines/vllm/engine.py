@@ -259,6 +259,19 @@ class VLLMEngine:
         for kind in slotted:
             self.slots[kind].release(held[kind].key)
 
+    async def set_route_capture(self, on: bool) -> None:
+        """Record every request's routing (per MoE layer and position, after masking) from now on, or stop."""
+        if self.llm is None:
+            raise RuntimeError("the engine is not running")
+        await self.llm.collective_rpc("steerserve_route_capture", args=(on,))
+
+    async def take_routing(self, request_id: str) -> dict[str, Any] | None:
+        """A finished request's recorded routing (``route_point.RouteCapture.take``), then forgotten."""
+        if self.llm is None:
+            raise RuntimeError("the engine is not running")
+        got = (await self.llm.collective_rpc("steerserve_take_routing", args=(request_id,)))[0]
+        return None if got is None else dict(got)
+
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         """Unsteered states of each prompt at ``layers``, read by capture requests through vLLM itself."""
         limit = self.settings.capture_tokens

@@ -23,7 +23,7 @@ capture graphs. Under CUDA-graph capture (GPU) the body would be recorded once; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
 from steerserve.runtime.registers import Registers
+from steerserve.runtime.route_point import RouteCapture, route_, route_rows
 from steerserve.runtime.tables import StepTables
 
 
@@ -50,6 +51,7 @@ class SteerState:
     head: HeadPoint
     # True under CUDA-graph capture: no host branches, full fixed-shape tables (slots) every call.
     static: bool = False
+    route_capture: RouteCapture = field(default_factory=RouteCapture)  # routing records (tests, tools)
 
 
 _STATE: SteerState | None = None  # module-level registry: the op cannot take Python objects as args
@@ -86,8 +88,8 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
 
 def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     tables = state.tables
-    if not state.static and not tables.active:
-        return  # nothing steered this step: not even a read of the tables
+    if not state.static and not tables.steering:
+        return  # nothing steered this step (ROUTE ops are the router point's): not even a read of the tables
     n = h.shape[0] if state.static else min(h.shape[0], tables.num_tokens)
     add_rows, add_scales, abl_rows, abl_scales = tables.layer(layer, sliced=not state.static)
     if n != add_rows.shape[0]:
@@ -137,3 +139,29 @@ _LIB = torch.library.Library("steerserve", "DEF")
 _LIB.define("steer_(Tensor(a!) h, Tensor residual, int layer) -> ()")
 _LIB.impl("steer_", _steer_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("steerserve::steer_", _steer_fake, lib=_LIB)
+
+
+def _route_impl(weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, layer: int,
+                renormalize: bool) -> None:
+    """The router point after decoder layer ``layer``'s stock expert selection (``weights, ids [T, k]``,
+    ``logits [T, E]``): the masked routing, in place, for the tokens with a non-zero ROUTE row this step
+    (``runtime.route_point``); nothing at all on steps without ROUTE ops. Eager (opaque to the compiler),
+    like ``steer_``: CPU only (the worker refuses the router point where CUDA graphs are captured)."""
+    state = _STATE
+    if state is None:
+        return
+    rows = route_rows(state.tables, state.bank.weight, layer, weights.shape[0], logits.shape[-1])
+    if rows is not None:
+        route_(weights, ids, logits, rows, renormalize)
+    if state.route_capture.on:  # (its segments name only this step's real tokens, never padding)
+        state.route_capture.record(layer, weights, ids)
+
+
+def _route_fake(weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, layer: int,
+                renormalize: bool) -> None:
+    return None
+
+
+_LIB.define("route_(Tensor(a!) weights, Tensor(b!) ids, Tensor logits, int layer, bool renormalize) -> ()")
+_LIB.impl("route_", _route_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("steerserve::route_", _route_fake, lib=_LIB)

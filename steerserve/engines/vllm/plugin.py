@@ -25,9 +25,12 @@ import torch
 from torch import nn
 
 from steerserve.config import Settings
-from steerserve.engines.vllm import ops as _ops  # noqa: F401  (registers torch.ops.steerserve.steer_)
+from steerserve.engines.vllm import ops as _ops  # noqa: F401  (registers torch.ops.steerserve.steer_, route_)
+from steerserve.model_info import MoEInfo
 
 _STEERED: dict[type[nn.Module], type[nn.Module]] = {}
+# Source files outside engines/vllm whose code the compiled graph calls (cache key: ``code_fingerprint``).
+ROUTE_SOURCES = ("runtime/route_op.py", "runtime/route_point.py")  # relative to the package
 
 
 def _steered_class(cls: type[nn.Module]) -> type[nn.Module]:
@@ -76,6 +79,64 @@ def steer_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
+_ROUTED: dict[type, type] = {}
+
+
+def _routed_class(cls: type) -> type:
+    """``cls`` (a vLLM ``FusedMoERouter``) whose ``select_experts`` ends with the router point (one subclass
+    per router class): the stock selection first, then ``steerserve::route_`` in place on its result."""
+    if cls in _ROUTED or getattr(cls, "_steerserve_routed", False):
+        return _ROUTED.get(cls, cls)
+
+    class Routed(cls):
+        _steerserve_routed = True
+
+        def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                           topk_indices_dtype: torch.dtype | None = None, *,
+                           input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            weights, ids = super().select_experts(hidden_states, router_logits, topk_indices_dtype,
+                                                  input_ids=input_ids)  # [T, k] each
+            torch.ops.steerserve.route_(weights, ids, router_logits, self.steer_layer, self.steer_renormalize)
+            return weights, ids
+
+    Routed.__name__ = Routed.__qualname__ = f"Routed{cls.__name__}"
+    Routed.__module__ = __name__
+    _ROUTED[cls] = Routed
+    return Routed
+
+
+def route_moe_layers(model: nn.Module, moe: MoEInfo, eplb: bool = False) -> tuple[int, ...]:
+    """Insert the router point into every MoE layer of ``model`` (the decoder layers ``moe.layers``): each
+    layer's MoE runner gets its router object's class swapped (``_routed_class``). Refuses, with the
+    reason, what would bypass or reorder the point: monolithic expert kernels (they never call the
+    router), EPLB (it maps expert ids before the point), a router whose renormalisation differs from
+    ``moe`` (the hf engine's)."""
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
+
+    if eplb:
+        raise RuntimeError("steerserve's router point does not support EPLB (expert ids are remapped before it)")
+    found = []
+    for i, layer in enumerate(decoder_layers(model)):
+        runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
+        if not runners:
+            continue
+        for runner in runners:
+            if runner.is_monolithic:
+                raise RuntimeError(f"layer {i}: a monolithic MoE kernel never calls the router; steerserve's "
+                                   "router point needs a modular one")
+            router: Any = runner.router
+            renorm = getattr(router, "renormalize", moe.renormalize)
+            if bool(renorm) != moe.renormalize:
+                raise RuntimeError(f"layer {i}: vLLM's router renormalize={renorm}, the model's config says "
+                                   f"{moe.renormalize}: the engines would route differently")
+            router.__class__ = _routed_class(type(router))
+            router.steer_layer, router.steer_renormalize = i, moe.renormalize
+        found.append(i)
+    if tuple(found) != tuple(moe.layers):
+        raise RuntimeError(f"MoE layers in vLLM's model {found} differ from the config's {list(moe.layers)}")
+    return tuple(found)
+
+
 def code_fingerprint() -> str:
     """Hash of this package's source: goes into vLLM's config hash so that its compile caches
     (``torch_compile_cache/<hash>`` and the AOT ``torch_aot_compile/<hash>``) never serve a graph
@@ -84,6 +145,9 @@ def code_fingerprint() -> str:
     for path in sorted(Path(__file__).parent.glob("*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
+    for name in ROUTE_SOURCES:  # the router point's code outside this package runs inside the graph too
+        h.update(name.encode())
+        h.update((Path(__file__).parents[2] / name).read_bytes())
     with contextlib.suppress(metadata.PackageNotFoundError):
         h.update(metadata.version("steerserve").encode())
     return h.hexdigest()[:16]

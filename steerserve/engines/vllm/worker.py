@@ -34,8 +34,9 @@ import torch
 
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
-from steerserve.engines.vllm.plugin import decoder_layers, steer_decoder_layers
+from steerserve.engines.vllm.plugin import decoder_layers, route_moe_layers, steer_decoder_layers
 from steerserve.engines.vllm.wire import decode_weights, from_extra_args
+from steerserve.model import moe_info
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.control_op import ControllerUnit
@@ -127,7 +128,7 @@ class SteeringRunnerMixin:
         batch = self.input_batch
         starts = self.query_start_loc.np  # [num_reqs + 1] flat offsets, filled by the stock method
         computed = batch.num_computed_tokens_cpu  # [max_reqs] absolute position of each first token
-        step, reads, ctrl_reads, probe_rows, head_rows = [], [], [], [], []
+        step, reads, ctrl_reads, probe_rows, head_rows, routed = [], [], [], [], [], []
         cells = self._steer_cells
         rows = np.full(batch.num_reqs, state.regs.sink, dtype=np.int64) if cells else None
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
@@ -154,7 +155,10 @@ class SteeringRunnerMixin:
                 head_rows.append((i, head))
             if req_id in self._capture_reqs:
                 reads.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
+            if state.route_capture.on:
+                routed.append(Read(req_id, int(starts[i]), int(computed[i]), int(num_scheduled_tokens[i])))
         total = int(scheduler_output.total_num_scheduled_tokens)
+        state.route_capture.begin(routed)
         if step or state.tables.active:  # skip the table work on all-unsteered steps
             controlled = any(req_id in self._steer_ctrl for req_id, _ in step)
             state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain,
@@ -289,6 +293,15 @@ def _setup(worker: Any) -> None:
     runner = worker.model_runner
     model = runner.get_model()
     num_layers = steer_decoder_layers(model)
+    # Where vLLM may capture CUDA graphs (any device but CPU, unless enforce_eager), the op must take its
+    # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
+    # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
+    static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
+    moe = moe_info(worker.vllm_config.model_config.hf_config)
+    if moe is not None:
+        if static:  # the op body is eager (early returns, host reads): a captured graph would freeze it
+            raise RuntimeError("steerserve's router point (MoE models) runs eagerly: use enforce_eager on GPU")
+        route_moe_layers(model, moe, eplb=bool(worker.vllm_config.parallel_config.enable_eplb))
     conf = (worker.vllm_config.additional_config or {}).get("steerserve", {})
     hidden = worker.vllm_config.model_config.get_hidden_size()
     dtype = worker.vllm_config.model_config.dtype
@@ -297,10 +310,6 @@ def _setup(worker: Any) -> None:
     bank = VectorBank(slots, hidden, dtype=dtype, device=runner.device)
     width = int(conf.get("max_interventions", Settings.max_interventions))
     tables = StepTables(num_layers, max_tokens, width, device=runner.device)
-    # Where vLLM may capture CUDA graphs (any device but CPU, unless enforce_eager), the op must take its
-    # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
-    # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
-    static = runner.device.type != "cpu" and not worker.vllm_config.model_config.enforce_eager
     loop_slots = int(conf.get("loop_slots", Settings.loop_slots))
     regs = Registers(loop_slots, num_layers, device=runner.device)
     weight_slots = int(conf.get("controller_slots", Settings.controller_slots))
@@ -312,8 +321,9 @@ def _setup(worker: Any) -> None:
     capture = CaptureBuffer(num_layers, int(conf.get("capture_tokens", Settings.capture_tokens)), hidden, max_tokens,
                             device=runner.device)
     steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, ctrl, head, static=static))
-    log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)", num_layers,
-             type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens)
+    log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)%s", num_layers,
+             type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens,
+             "" if moe is None else f", router point on MoE layers {list(moe.layers)}")
 
 
 def _make_worker(base: type) -> type:
@@ -365,6 +375,20 @@ def _make_worker(base: type) -> type:
             for key in [k for k in kept if request_id in (k, k.rsplit("-", 1)[0])]:
                 return kept.pop(key).numpy().astype("<f4", copy=False).tobytes()
             return None
+
+        def steerserve_route_capture(self, on: bool) -> None:
+            """Record every request's routing (per MoE layer and position, after masking) from now on, or stop."""
+            state = steer_ops.current()
+            if state is not None:
+                state.route_capture.on = on
+
+        def steerserve_take_routing(self, request_id: str) -> dict[str, Any] | None:
+            """A request's recorded routing (``RouteCapture.take``), by our request id; then forgotten."""
+            state = steer_ops.current()
+            if state is None:
+                return None
+            keys = [k for k in state.route_capture.requests() if request_id in (k, k.rsplit("-", 1)[0])]
+            return state.route_capture.take(keys[0]) if keys else None
 
         def steerserve_take_capture(self, request_id: str, layers: list[int]) -> tuple[list[int], bytes] | None:
             """A finished capture request's states at ``layers`` (``[n, len(layers), H]`` fp32 bytes, with
