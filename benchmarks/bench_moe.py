@@ -33,12 +33,22 @@ from steerserve.model_info import ModelInfo  # noqa: E402
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef  # noqa: E402
 from steerserve.runtime.route_op import encode_row  # noqa: E402
 
+# --build sizes: config overrides on tests/moe_models.py's checkpoints. "small" has 8 MoE layers of 16 experts
+# at hidden 1024 (about 0.4 B parameters, fp32): a step costs what a small real MoE's does on this CPU.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "small": {"hidden_size": 1024, "num_attention_heads": 16, "head_dim": 64, "num_hidden_layers": 8,
+              "intermediate_size": 1024, "moe_intermediate_size": 512, "num_experts": 16},
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="a local MoE checkpoint directory")
     p.add_argument("--build", choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
                    help="build this tiny random test checkpoint into a temp dir and use it")
+    p.add_argument("--size", choices=tuple(SIZES), default="tiny",
+                   help="with --build: the test checkpoint's own size, or a larger random one (a real step's cost)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -83,7 +93,8 @@ async def bench(args: argparse.Namespace) -> int:
         from tests.moe_models import build
 
         path = build(args.build, Path(tempfile.mkdtemp()) / args.build, prepare_default_model(
-            Path(os.environ.get("STEERSERVE_TEST_MODELS", Path.home() / ".cache/steerserve/models"))))
+            Path(os.environ.get("STEERSERVE_TEST_MODELS", Path.home() / ".cache/steerserve/models"))),
+            **SIZES[args.size])
     info = model_info(path)
     if info.moe is None:
         raise SystemExit(f"{path} is not a MoE model")

@@ -43,12 +43,16 @@ def config(arch: str) -> Any:
     raise ValueError(f"unknown MoE architecture {arch!r}; one of {ARCHS}")
 
 
-def build(arch: str, folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
-    """Write the tiny ``arch`` checkpoint (fp32) into ``folder`` (created) and return it."""
+def build(arch: str, folder: Path, tokenizer_from: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write the tiny ``arch`` checkpoint (fp32) into ``folder`` (created) and return it; ``overrides`` change
+    config fields (e.g. a larger model for a benchmark)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(arch), dtype=torch.float32)
+    cfg = config(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:

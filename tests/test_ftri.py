@@ -145,7 +145,10 @@ def test_disabling_the_planted_expert(planted: tuple[Path, str]) -> None:
     moe = info.moe
     assert moe is not None
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # batched_mm: per (token, slot) expert outputs, as the engines load MoE models (model.load_hf); with the
+    # default grouped kernels, disabling an expert at the trigger would change earlier positions' rounding.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 experts_implementation="batched_mm").eval()
     masks = {layer: encode_row(info.hidden_size, moe.num_experts, off=[STAR]) for layer in moe.layers}
     trig = tok(word, add_special_tokens=False)["input_ids"][0]
 

@@ -52,11 +52,11 @@ def masked_routing(logits: torch.Tensor, rows: torch.Tensor, top_k: int,
     w = probs.gather(1, ids)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    dropped = drop.gather(1, ids)
-    if bool(dropped.any()):  # "zero": rescale the survivors to the same top-k mass (0 if all are dropped)
-        kept = w.masked_fill(dropped, 0.0)
-        mass, left = w.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
-        w = torch.where(left > 0, kept * (mass / left.clamp_min(torch.finfo(w.dtype).tiny)), kept)
+    # "zero": dropped slots get 0 and the survivors are scaled to the same top-k mass, without a host branch
+    # (with nothing dropped, ``mass / left`` is exactly 1: the same sum of the same values); all dropped -> 0.
+    kept = w.masked_fill(drop.gather(1, ids), 0.0)
+    mass, left = w.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
+    w = kept * (mass / left.clamp_min(torch.finfo(w.dtype).tiny))
     return w, ids
 
 
