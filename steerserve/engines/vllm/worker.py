@@ -35,12 +35,13 @@ import torch
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.plugin import decoder_layers, route_moe_layers, steer_decoder_layers
-from steerserve.engines.vllm.wire import decode_weights, from_extra_args
+from steerserve.engines.vllm.rpc import SteerRPC
+from steerserve.engines.vllm.wire import from_extra_args
 from steerserve.model import moe_info
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer, Captures, Read
 from steerserve.runtime.control_op import ControllerUnit
-from steerserve.runtime.head_point import HeadPoint, load_slot
+from steerserve.runtime.head_point import HeadPoint
 from steerserve.runtime.ops import NON_FINITE
 from steerserve.runtime.pins import Pin
 from steerserve.runtime.registers import Registers, entropy_step_
@@ -327,7 +328,7 @@ def _setup(worker: Any) -> None:
 
 
 def _make_worker(base: type) -> type:
-    class SteerWorker(base):
+    class SteerWorker(SteerRPC, base):
         def init_device(self) -> None:
             super().init_device()
             _steer_runner(self.model_runner)
@@ -336,70 +337,6 @@ def _make_worker(base: type) -> type:
             super().load_model(*args, **kwargs)
             with torch.no_grad():
                 _setup(self)
-
-        def steerserve_stats(self) -> dict[str, int]:
-            """Bank and request counts of this worker (``collective_rpc("steerserve_stats")``)."""
-            state = steer_ops.current()
-            if state is None:
-                return {"steered": 0, "pinned_rows": 0, "cached_rows": 0, "capacity": 0, "compactions": 0}
-            return {"steered": len(self.model_runner._steer_reqs), "loop_slots": state.regs.in_use,
-                    **state.bank.stats()}
-
-        def steerserve_load(self, slot: int, payload: dict[str, Any]) -> None:
-            """Load weights (``wire.encode_weights``: a controller, probes or a head) into ``slot`` of their
-            unit, between steps; the front end (``ControllerSlots``) only reuses a slot no request in flight holds."""
-            state = steer_ops.current()
-            if state is not None:
-                load_slot(state.ctrl, state.head, slot, decode_weights(payload))
-
-        def steerserve_take_failed(self) -> dict[str, str]:
-            """Requests whose steering the op refused since the last call: req_id -> why (then forgotten)."""
-            failed, self.model_runner._steer_failed = self.model_runner._steer_failed, {}
-            return dict(failed)
-
-        def steerserve_loop_report(self, request_id: str) -> dict[str, float | None] | None:
-            """What a closed-loop request's loop measured so far (finished or not), by our request id; a
-            host read of its registers between two steps."""
-            runner, state = self.model_runner, steer_ops.current()
-            for key in (request_id, *[k for k in runner._steer_reports if k.rsplit("-", 1)[0] == request_id]):
-                if key in runner._steer_reports:
-                    return runner._steer_reports.pop(key)
-            for key, cell in runner._steer_cells.items():
-                if state is not None and request_id in (key, key.rsplit("-", 1)[0]):
-                    return state.regs.report(cell)
-            return None
-
-        def steerserve_take_logprobs(self, request_id: str) -> bytes | None:
-            """A request's first next-token log-softmax (``[V]`` fp32 bytes), by our request id; then forgotten."""
-            kept = self.model_runner._first_lp
-            for key in [k for k in kept if request_id in (k, k.rsplit("-", 1)[0])]:
-                return kept.pop(key).numpy().astype("<f4", copy=False).tobytes()
-            return None
-
-        def steerserve_route_capture(self, on: bool) -> None:
-            """Record every request's routing (per MoE layer and position, after masking) from now on, or stop."""
-            state = steer_ops.current()
-            if state is not None:
-                state.route_capture.on = on
-
-        def steerserve_take_routing(self, request_id: str) -> dict[str, Any] | None:
-            """A request's recorded routing (``RouteCapture.take``), by our request id; then forgotten."""
-            state = steer_ops.current()
-            if state is None:
-                return None
-            keys = [k for k in state.route_capture.requests() if request_id in (k, k.rsplit("-", 1)[0])]
-            return state.route_capture.take(keys[0]) if keys else None
-
-        def steerserve_take_capture(self, request_id: str, layers: list[int]) -> tuple[list[int], bytes] | None:
-            """A finished capture request's states at ``layers`` (``[n, len(layers), H]`` fp32 bytes, with
-            the shape), by our request id (vLLM runs it as ``<id>-<8 chars>``); then forgotten."""
-            captures = self.model_runner._captures
-            states = captures.take(request_id, layers)
-            for key in [k for k in captures.keys() if k.rsplit("-", 1)[0] == request_id]:  # noqa: SIM118
-                states = captures.take(key, layers)
-            if states is None:
-                return None
-            return list(states.shape), states.numpy().astype("<f4", copy=False).tobytes()
 
     return SteerWorker
 
