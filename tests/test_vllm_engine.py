@@ -370,6 +370,14 @@ async def test_upload_kl_vetting_matches_hf(engine: VLLMEngine, hf_engine: HFEng
     declared = [Declared("vector", 3.0, {layer: torch.randn(576, generator=g) for layer in (4, 12)}),
                 Declared("controller", 1.0, controller=cr.random_controller(0, info.hidden_size, info.num_layers, 0.5)),
                 Declared("head", head=ss.head(0, info.hidden_size, info.vocab_size))]
+    # A prompt whose first token is EOS (the turn is already answered): the row it was sampled from still comes
+    # back, though no text does.
+    done = tuple(hf_engine.tokenizer("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I "
+                                     "help you today?")["input_ids"])
+    got_lp, want_lp = [await vetting.first_logprobs(e.generate, GenerationRequest(uuid.uuid4().hex, done,
+                                                                                   vetting.ONE_TOKEN))
+                       for e in (engine, hf_engine)]
+    assert int(want_lp.argmax()) in hf_engine.eos_ids and torch.allclose(got_lp, want_lp, atol=1e-4)
     for d in declared:
         got = await vetting.measure(engine.generate, prompts, d)
         want = await vetting.measure(hf_engine.generate, prompts, d)

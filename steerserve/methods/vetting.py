@@ -65,10 +65,10 @@ async def measure(generate: Generate, prompts: Sequence[tuple[int, ...]], declar
     if declared.kind == "probe":
         return {"kl": None, "why": "a probe reads states; it does not change any distribution"}
     settings = _settings(declared)
-    base = await asyncio.gather(*(_first_logprobs(generate, GenerationRequest(_rid(), p, ONE_TOKEN)) for p in prompts))
+    base = await asyncio.gather(*(first_logprobs(generate, GenerationRequest(_rid(), p, ONE_TOKEN)) for p in prompts))
     per_setting: dict[str, float] = {}
     for label, make in settings.items():
-        got = await asyncio.gather(*(_first_logprobs(generate, make(p)) for p in prompts))
+        got = await asyncio.gather(*(first_logprobs(generate, make(p)) for p in prompts))
         kls = [float((lp.exp() * (lp - b)).sum()) for lp, b in zip(got, base, strict=True)]
         per_setting[label] = round(sum(kls) / len(kls), 6)
     return {"kl": max(per_setting.values()), "per_setting": per_setting, "strength": declared.strength,
@@ -99,7 +99,7 @@ def _settings(declared: Declared) -> dict[str, Any]:
     return {f"coeff=+{strength:g}": signed(strength), f"coeff=-{strength:g}": signed(-strength)}
 
 
-async def _first_logprobs(generate: Generate, request: GenerationRequest) -> torch.Tensor:
+async def first_logprobs(generate: Generate, request: GenerationRequest) -> torch.Tensor:
     """``[V]`` the first next-token log-probabilities of ``request`` (run for one token)."""
     request = dataclasses.replace(request, first_logprobs=True)
     got: torch.Tensor | None = None

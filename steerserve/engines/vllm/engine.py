@@ -216,8 +216,9 @@ class VLLMEngine:
                         extra["probe"] = report
                     if out.finished and report:
                         extra["report"] = report
-                if request.first_logprobs and "logprobs" not in asked and ids:
-                    asked.add("logprobs")  # sampled by now: the worker kept the row it was sampled from
+                if request.first_logprobs and "logprobs" not in asked and (completion or out.finished):
+                    # Sampled by now (even when that token was EOS and ``ids`` is empty): the worker kept the row.
+                    asked.add("logprobs")
                     raw = (await llm.collective_rpc("steerserve_take_logprobs", args=(rid,)))[0]
                     if raw is None:
                         raise RuntimeError(f"request {rid}: the worker kept no first-token log-probabilities")
