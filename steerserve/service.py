@@ -125,10 +125,8 @@ class Service:
         ss = resolved.safeswitch
         # With SafeSwitch the pilot is held back, and a flagged request is generated again with the refusal head.
         outputs = self.engine.generate(request) if ss is None else switching(self.engine, request, ss)
-        if request.needs_cell or ss is not None:  # (SafeSwitch's probes write into a cell)
-            self.loops.check()  # refuse before queueing when every slot is taken (429)
-            outputs = self.loops.holding(rid, outputs)
-        return Submitted(rid, prompt, resolved, outputs)
+        # (SafeSwitch's probes write into a cell too)
+        return Submitted(rid, prompt, resolved, self._holding_cell(rid, outputs, request.needs_cell or ss is not None))
 
     async def policy_for(self, key: str | None) -> Policy:
         """The policy of a request with client ``key``: ``default`` without one (the admin key counts as
@@ -173,11 +171,16 @@ class Service:
 
     def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """The engine's outputs for an in-process request, holding a register cell if it needs one."""
-        outputs = self.engine.generate(request)
-        if request.needs_cell:
-            self.loops.check()
-            outputs = self.loops.holding(request.request_id, outputs)
-        return outputs
+        return self._holding_cell(request.request_id, self.engine.generate(request), request.needs_cell)
+
+    def _holding_cell(self, request_id: str, outputs: AsyncGenerator[GenerationOutput, None],
+                      needs_cell: bool) -> AsyncGenerator[GenerationOutput, None]:
+        """``outputs``, holding a register cell for the request's lifetime if it needs one: refused before
+        queueing (429) when every cell is taken."""
+        if not needs_cell:
+            return outputs
+        self.loops.check()
+        return self.loops.holding(request_id, outputs)
 
     async def create_pair(self, name: str, positive: str, negative: str, layer: int | None, coeff: float | None,
                           description: str = "") -> ArtifactMeta:

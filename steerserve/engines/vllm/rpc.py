@@ -5,11 +5,17 @@ between steps. A mixin of ``worker.SteerWorker``; ``self.model_runner`` is the s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm.wire import decode_weights
 from steerserve.runtime.head_point import load_slot
+
+
+def _ours(keys: Iterable[str], request_id: str) -> list[str]:
+    """The worker's keys of our request ``request_id``: itself, or as vLLM runs it (``<id>-<8 chars>``)."""
+    return [k for k in keys if k == request_id or k.rsplit("-", 1)[0] == request_id]
 
 
 class SteerRPC:
@@ -41,18 +47,16 @@ class SteerRPC:
         """What a closed-loop request's loop measured so far (finished or not), by our request id; a
         host read of its registers between two steps."""
         runner, state = self.model_runner, steer_ops.current()
-        for key in (request_id, *[k for k in runner._steer_reports if k.rsplit("-", 1)[0] == request_id]):
-            if key in runner._steer_reports:
-                return runner._steer_reports.pop(key)
-        for key, cell in runner._steer_cells.items():
-            if state is not None and request_id in (key, key.rsplit("-", 1)[0]):
-                return state.regs.report(cell)
+        for key in _ours(runner._steer_reports, request_id):
+            return runner._steer_reports.pop(key)
+        for key in _ours(runner._steer_cells, request_id):
+            return None if state is None else state.regs.report(runner._steer_cells[key])
         return None
 
     def steerserve_take_logprobs(self, request_id: str) -> bytes | None:
         """A request's first next-token log-softmax (``[V]`` fp32 bytes), by our request id; then forgotten."""
         kept = self.model_runner._first_lp
-        for key in [k for k in kept if request_id in (k, k.rsplit("-", 1)[0])]:
+        for key in _ours(kept, request_id):
             return kept.pop(key).numpy().astype("<f4", copy=False).tobytes()
         return None
 
@@ -67,15 +71,15 @@ class SteerRPC:
         state = steer_ops.current()
         if state is None:
             return None
-        keys = [k for k in state.route_capture.requests() if request_id in (k, k.rsplit("-", 1)[0])]
+        keys = _ours(state.route_capture.requests(), request_id)
         return state.route_capture.take(keys[0]) if keys else None
 
     def steerserve_take_capture(self, request_id: str, layers: list[int]) -> tuple[list[int], bytes] | None:
         """A finished capture request's states at ``layers`` (``[n, len(layers), H]`` fp32 bytes, with
         the shape), by our request id (vLLM runs it as ``<id>-<8 chars>``); then forgotten."""
         captures = self.model_runner._captures
-        states = captures.take(request_id, layers)
-        for key in [k for k in captures.keys() if k.rsplit("-", 1)[0] == request_id]:  # noqa: SIM118
+        states = None
+        for key in _ours(captures.keys(), request_id):
             states = captures.take(key, layers)
         if states is None:
             return None
