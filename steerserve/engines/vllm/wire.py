@@ -4,7 +4,7 @@ vLLM carries ``SamplingParams.extra_args`` from the front end to the model runne
 (``NewRequestData.sampling_params`` -> ``CachedRequestState.sampling_params``); across processes it is
 MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lists/dicts:
 
-    {"v": 3,
+    {"v": 5,
      "ops": [[kind, layer, key, scale, start, stop, positional, gain], ...],
      "vectors": {key: [rows, hidden, <float32 little-endian bytes>]},
      "loop": {LoopSpec field: value} | None,               # closed loop (runtime.loop.LoopSpec)
@@ -14,7 +14,7 @@ MessagePack-encoded, so the payload holds only str/int/float/bool/None/bytes/lis
      "logprobs": bool}                                     # keep the first next-token log-softmax
 
 A controller's weights (~10 MB) do not travel with each request: the front end loads them into a worker
-slot once (``steerserve_load_controller`` with ``encode_controller``) and requests name the slot and the
+slot once (``steerserve_load`` with ``encode_weights``; probes and heads alike) and requests name the slot and the
 weights' key, which the worker checks.
 
 Vectors are keyed by content hash (``VectorRef.key``), so 30 layers of one spec cost 30 x H x 4 bytes
