@@ -33,6 +33,7 @@ class Settings:
     # Policy limits checked at the edge (spec resolution), before anything is queued.
     max_coeff: float = 100.0
     max_interventions: int = 4
+    max_choices: int = 8  # OpenAI's ``n``: completions generated for one request
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128

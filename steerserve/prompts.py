@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,14 @@ from steerserve.spec import PromptInfo
 
 # Settings.max_prompt_chars' default, for callers that do not pass the server's setting.
 DEFAULT_MAX_PROMPT_CHARS = 65536
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte, reversed: character -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -41,6 +50,13 @@ class PromptRenderer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE piece may be part of a UTF-8 character)."""
+        piece, byte_of = str(self.tokenizer.convert_ids_to_tokens(token_id)), _byte_level()
+        if all(ch in byte_of for ch in piece):
+            return bytes(byte_of[ch] for ch in piece)
+        return str(self.tokenizer.decode([token_id])).encode()  # not byte-level (e.g. SentencePiece)
 
     def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
                where: str = "prompt") -> PromptInfo:

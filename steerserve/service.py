@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerserve.config import Settings
-from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams
+from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, Structured
 from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
@@ -31,6 +31,8 @@ from steerserve.store.policies import DEFAULT, Policy, PolicyStore
 from steerserve.store.uploads import Declared
 from steerserve.tools import norms
 from steerserve.tools.extract import Pooling, mean_difference
+
+MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default ``max_logprobs``)
 
 
 class _LRU(OrderedDict[str, Any]):
@@ -82,7 +84,10 @@ class Service:
         return not self.supervisor.restarting and await self.engine.health()
 
     def sampling(self, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
-                 seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool = False) -> SamplingParams:
+                 seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool = False,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 logit_bias: Mapping[str, float] | None = None, logprobs: int | None = None,
+                 structured: Structured | None = None) -> SamplingParams:
         """Checked sampling parameters (field names as in the request body)."""
         s = self.settings
         mt = s.default_max_tokens if max_tokens is None else max_tokens
@@ -99,7 +104,33 @@ class Service:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not x for x in stops):
             raise SteerError("at most 4 non-empty strings", field="stop")
-        return SamplingParams(mt, temp, tp, seed, stops, ignore_eos)
+        penalties = {}
+        for key, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if value is not None and not -2.0 <= value <= 2.0:  # OpenAI's range (NaN fails it too)
+                raise SteerError("must be between -2 and 2", field=key)
+            penalties[key] = value or 0.0
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise SteerError(f"must be between 0 and {MAX_LOGPROBS}", field="logprobs")
+        if structured is not None and not getattr(self.engine, "structured_outputs", False):
+            raise SteerError("structured output needs the vllm engine (vLLM's own guided decoding); this server "
+                             "runs the hf engine", field=structured.field, code="unsupported_value")
+        return SamplingParams(mt, temp, tp, seed, stops, ignore_eos, logit_bias=self._logit_bias(logit_bias),
+                              logprobs=logprobs, structured=structured, **penalties)
+
+    def _logit_bias(self, bias: Mapping[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``logit_bias`` (token id as a string -> bias in [-100, 100], at most 300) as pairs."""
+        if not bias:
+            return ()
+        if len(bias) > 300:
+            raise SteerError("at most 300 tokens", field="logit_bias")
+        out = []
+        for key, value in bias.items():
+            if not (key.isdigit() and int(key) < self.info.vocab_size):
+                raise SteerError(f"must be a token id below {self.info.vocab_size}", field=f"logit_bias.{key}")
+            if not isinstance(value, int | float) or not -100.0 <= value <= 100.0:
+                raise SteerError("must be a number between -100 and 100", field=f"logit_bias.{key}")
+            out.append((int(key), float(value)))
+        return tuple(out)
 
     def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None) -> PromptInfo:
         return self.renderer.render(prompt, messages)

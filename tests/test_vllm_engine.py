@@ -384,3 +384,27 @@ async def test_upload_kl_vetting_matches_hf(engine: VLLMEngine, hf_engine: HFEng
         assert got["per_setting"].keys() == want["per_setting"].keys()
         for label, kl in want["per_setting"].items():
             assert kl > 1e-3 and math.isclose(got["per_setting"][label], kl, rel_tol=1e-3, abs_tol=1e-5), (label, got)
+
+
+async def test_penalties_bias_and_logprobs_match_hf(engine: VLLMEngine, hf_engine: HFEngine,
+                                                    prompts: list[tuple[int, ...]]) -> None:
+    """OpenAI's sampling knobs, passed through to vLLM on one engine and ours on the other: the same greedy
+    tokens, and the same per-token log-probabilities (the steered distribution, before penalties)."""
+    ops = _add_all(7, 1.0)
+    base = [t for o in await _run(engine, prompts[2], ops) for t in o.token_ids]
+    params = SamplingParams(max_tokens=MAX_TOKENS, presence_penalty=0.4, frequency_penalty=0.6,
+                            logit_bias=((base[1], -100.0),), logprobs=3)
+    got = {}
+    for name, eng in (("vllm", engine), ("hf", hf_engine)):
+        req = GenerationRequest(uuid.uuid4().hex, prompts[2], params, ops)
+        outs = [o async for o in eng.generate(req)]
+        got[name] = ([t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs])
+    (tokens, lps), (hf_tokens, hf_lps) = got["vllm"], got["hf"]
+    assert tokens == hf_tokens
+    assert tokens != base and base[1] not in tokens  # the knobs act: the bias bans a token greedy chose
+    assert len(lps) == len(tokens) and [lp.token_id for lp in lps] == tokens
+    for a, b in zip(lps, hf_lps, strict=True):
+        assert len(a.top) == len(b.top) == 3
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert a.logprob == pytest.approx(b.logprob, abs=2e-3)
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=2e-3)

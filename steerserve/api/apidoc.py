@@ -109,15 +109,44 @@ class GenerateChunk(_Doc):
     model: str | None = None
 
 
+class TopLogprob(_Doc):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Doc):
+    """Per generated token: its log-probability and the ``top_logprobs`` most likely tokens'."""
+
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+class FunctionCall(_Doc):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Doc):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessageOut(_Doc):
     role: str
-    content: str
+    content: str | None  # None when the reply is tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Doc):
     index: int
     message: ChatMessageOut
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
 
 
@@ -140,7 +169,7 @@ class ChatDelta(_Doc):
 class ChatChunkChoice(_Doc):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
 
 
@@ -157,10 +186,19 @@ class ChatCompletionChunk(_Doc):
     steering: SteeringReport | None = None
 
 
+class CompletionLogprobs(_Doc):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Doc):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None
 
 

@@ -1,18 +1,21 @@
 """OpenAI-compatible endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
 Bodies are what the official client sends, plus ``steering`` (``extra_body={"steering": {...}}``).
-Unknown fields are accepted and ignored; known fields with values this server cannot honour (``n`` > 1,
-``logprobs``, penalties, tools, ...) are refused with a 400 naming the field. Responses are OpenAI's
-shapes with one extra field, ``steering``, reporting what was applied (clients ignore unknown fields).
-In a stream it rides on the first chunk.
+Unknown fields are accepted and ignored; known fields with values this server cannot honour are refused
+with a 400 naming the field. As on vLLM's server: ``n`` choices, ``logprobs``/``top_logprobs``, presence and
+frequency penalties, ``logit_bias``, and (vllm engine only, through vLLM's own guided decoding)
+``response_format`` JSON and forced tool calls (``api.structured``). Responses are OpenAI's shapes with one
+extra field, ``steering``, reporting what was applied (clients ignore unknown fields). In a stream it rides
+on the first chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
@@ -30,6 +33,7 @@ from steerserve.api.apidoc import (
 )
 from steerserve.api.document import CHAT_EXAMPLES, COMPLETION_EXAMPLES
 from steerserve.api.guard import policy_of
+from steerserve.api.logprobs import chat_logprobs, completion_logprobs
 from steerserve.api.schemas import ChatCompletionRequest, CompletionBase, CompletionRequest
 from steerserve.api.streaming import (
     Metrics,
@@ -37,12 +41,16 @@ from steerserve.api.streaming import (
     Tally,
     check_steering_text,
     checked_outputs,
-    collect_while_connected,
+    collect,
+    merged,
     sse_events,
     steering_report,
+    until_disconnect,
 )
-from steerserve.engines.base import SamplingParams
+from steerserve.api.structured import ToolMode, constraint, tool_calls
+from steerserve.engines.base import SamplingParams, Structured
 from steerserve.errors import SteerError
+from steerserve.prompts import PromptRenderer
 from steerserve.service import Service, Submitted
 from steerserve.spec import PromptInfo
 
@@ -83,25 +91,74 @@ def _renamed(old: str, new: str) -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One OpenAI request: its ``n`` submitted choices, and how to shape the reply."""
+
+    subs: list[Submitted]
+    head: dict[str, Any]  # id, object, created, model, system_fingerprint
+    logprobs: bool
+    tools: ToolMode | None
+    renderer: PromptRenderer
+
+
 async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[Service], PromptInfo],
-                  max_tokens: int | None, max_field: str) -> Submitted:
+                  max_tokens: int | None, max_field: str, logprobs: int | None,
+                  structured: Structured | None = None) -> list[Submitted]:
+    """Check and queue the body's ``n`` choices (a seeded request's choice ``i`` uses seed + i)."""
     service: Service = request.app.state.service
     _check_model(body.model, service)
     body.unsupported()
     check_steering_text(body.steering, service.settings.max_prompt_chars, service.settings.max_interventions)
     prompt = await asyncio.to_thread(prompt_fn, service)  # tokenizing is CPU work: keep the event loop free
-    with _renamed("max_tokens", max_field):
-        sampling: SamplingParams = service.sampling(max_tokens=max_tokens, temperature=body.temperature,
-                                                    top_p=body.top_p, seed=body.seed, stop=body.stop,
-                                                    ignore_eos=body.ignore_eos)
-        sub = await service.submit(prompt, sampling, body.steering, policy=policy_of(request))
+    subs: list[Submitted] = []
+    try:
+        with _renamed("max_tokens", max_field):
+            sampling: SamplingParams = service.sampling(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                stop=body.stop, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, logprobs=logprobs,
+                structured=structured)
+            for i in range(body.n or 1):
+                seed = None if sampling.seed is None else (sampling.seed + i + 2**63) % 2**64 - 2**63
+                subs.append(await service.submit(prompt, replace(sampling, seed=seed), body.steering,
+                                                 policy=policy_of(request)))
+    except BaseException:
+        for sub in subs:  # queued choices of a request that fails as a whole
+            await sub.outputs.aclose()
+        raise
     metrics: Metrics = request.app.state.metrics
-    metrics.accepted(sub)
-    return sub
+    for sub in subs:
+        metrics.accepted(sub)
+    return subs
 
 
 def _include_usage(body: CompletionBase) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _usage(tallies: Sequence[Tally]) -> dict[str, int]:
+    """One prompt, every choice's tokens (OpenAI counts ``n`` choices this way)."""
+    prompt, completion = tallies[0].prompt_tokens, sum(t.completion_tokens for t in tallies)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _collect_all(request: Request, call: _Call) -> list[tuple[str, Tally]]:
+    """Every choice's text and tally; a client that leaves cancels (and so aborts) them all."""
+    metrics: Metrics = request.app.state.metrics
+
+    async def run() -> list[tuple[str, Tally]]:
+        tasks = [asyncio.ensure_future(collect(sub, metrics)) for sub in call.subs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sub in call.subs:
+                await sub.outputs.aclose()
+
+    return await until_disconnect(request.receive, run)
 
 
 @router.post("/chat/completions", response_model=None,
@@ -109,82 +166,105 @@ def _include_usage(body: CompletionBase) -> bool:
 async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_examples=CHAT_EXAMPLES)],
                            request: Request) -> Response:
     max_tokens, max_field = body.max_new_tokens()
-    sub = await _submit(request, body, lambda s: s.render(messages=body.plain_messages()), max_tokens, max_field)
-    service: Service = request.app.state.service
-    metrics: Metrics = request.app.state.metrics
-    cid, created, model = f"chatcmpl-{sub.request_id}", int(time.time()), service.info.name
+    structured, tools = constraint(body.response_format, body.tools, body.tool_choice)
+    if tools is not None and body.stream:
+        raise SteerError("streamed tool calls are not supported; send 'stream': false", field="stream",
+                         code="unsupported_value")
+    subs = await _submit(request, body, lambda s: s.render(messages=body.plain_messages()), max_tokens, max_field,
+                         body.logprob_count(), structured)
+    call = _call(request, subs, "chatcmpl", "chat.completion", body.logprobs or False, tools)
     if body.stream:
-        events = _chat_chunks(sub, cid, created, model, _include_usage(body), metrics)
-        return SSEResponse(sse_events(events, sub.request_id))
-    text, tally = await collect_while_connected(request, sub, metrics)
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": tally.finish_reason}],
-        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub, tally),
-    })
+        return SSEResponse(sse_events(_chat_chunks(call, _include_usage(body), request.app.state.metrics),
+                                      subs[0].request_id))
+    results = await _collect_all(request, call)
+    return JSONResponse({**call.head, "choices": [_chat_choice(call, i, text, tally)
+                                                  for i, (text, tally) in enumerate(results)],
+                         "usage": _usage([t for _, t in results]), "steering": steering_report(subs[0], results[0][1])})
 
 
-async def _chat_chunks(sub: Submitted, cid: str, created: int, model: str, include_usage: bool,
-                       metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "system_fingerprint": None,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-        if include_usage:
-            out["usage"] = None
-        return out
+def _call(request: Request, subs: list[Submitted], prefix: str, kind: str, logprobs: bool,
+          tools: ToolMode | None = None) -> _Call:
+    service: Service = request.app.state.service
+    head = {"id": f"{prefix}-{subs[0].request_id}", "object": kind, "created": int(time.time()),
+            "model": service.info.name, "system_fingerprint": None}
+    return _Call(subs, head, logprobs, tools, service.renderer)
 
-    yield chunk({"role": "assistant", "content": ""}, steering=steering_report(sub))
-    tally = Tally(len(sub.prompt.token_ids))
-    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
-        async for out in outs:
-            if out.text:
-                yield chunk({"content": out.text})
-            if out.finish_reason is not None:
-                yield chunk({}, out.finish_reason)
+
+def _chat_choice(call: _Call, index: int, text: str, tally: Tally) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = tally.finish_reason
+    calls = tool_calls(text, call.tools) if call.tools is not None and finish == "stop" else None
+    if calls is not None and call.tools is not None:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        finish = "tool_calls" if call.tools.function is None else "stop"  # a named function is forced: OpenAI's
+    lp = chat_logprobs(call.renderer, tally.logprobs) if call.logprobs else None
+    return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
+
+
+async def _chat_chunks(call: _Call, include_usage: bool, metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+    tallies = [Tally(len(sub.prompt.token_ids)) for sub in call.subs]
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+        return {**call.head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                **usage}
+
+    for i in range(len(call.subs)):
+        first = {"steering": steering_report(call.subs[0])} if i == 0 else {}
+        yield {**chunk(i, {"role": "assistant", "content": ""}), **first}
+
+    async def choice(i: int) -> AsyncGenerator[dict[str, Any], None]:
+        async with aclosing(checked_outputs(call.subs[i], tallies[i], metrics)) as outs:
+            async for out in outs:
+                if out.text or (call.logprobs and out.logprobs):
+                    lp = chat_logprobs(call.renderer, out.logprobs) if call.logprobs else None
+                    yield chunk(i, {"content": out.text}, lp=lp)
+                if out.finish_reason is not None:
+                    yield chunk(i, {}, out.finish_reason)
+
+    async for c in merged([choice(i) for i in range(len(call.subs))]):
+        yield c
     if include_usage:
-        yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "system_fingerprint": None, "choices": [], "usage": tally.usage()}
+        yield {**call.head, "choices": [], "usage": _usage(tallies)}
 
 
 @router.post("/completions", response_model=None,
              responses={**streamed(Completion, CompletionChunk), **errors(404)})
 async def completions(body: Annotated[CompletionRequest, Body(openapi_examples=COMPLETION_EXAMPLES)],
                       request: Request) -> Response:
-    sub = await _submit(request, body, lambda s: s.render(prompt=body.prompt_text()), body.max_tokens, "max_tokens")
-    service: Service = request.app.state.service
-    metrics: Metrics = request.app.state.metrics
-    cid, created, model = f"cmpl-{sub.request_id}", int(time.time()), service.info.name
+    subs = await _submit(request, body, lambda s: s.render(prompt=body.prompt_text()), body.max_tokens, "max_tokens",
+                         body.logprobs)
+    call = _call(request, subs, "cmpl", "text_completion", body.logprobs is not None)
     if body.stream:
-        events = _completion_chunks(sub, cid, created, model, _include_usage(body), metrics)
-        return SSEResponse(sse_events(events, sub.request_id))
-    text, tally = await collect_while_connected(request, sub, metrics)
-    return JSONResponse({
-        "id": cid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": tally.finish_reason}],
-        "usage": tally.usage(), "system_fingerprint": None, "steering": steering_report(sub, tally),
-    })
+        return SSEResponse(sse_events(_completion_chunks(call, _include_usage(body), request.app.state.metrics),
+                                      subs[0].request_id))
+    results = await _collect_all(request, call)
+    choices = [{"index": i, "text": text, "finish_reason": tally.finish_reason,
+                "logprobs": completion_logprobs(call.renderer, tally.logprobs) if call.logprobs else None}
+               for i, (text, tally) in enumerate(results)]
+    return JSONResponse({**call.head, "choices": choices, "usage": _usage([t for _, t in results]),
+                         "steering": steering_report(subs[0], results[0][1])})
 
 
-async def _completion_chunks(sub: Submitted, cid: str, created: int, model: str, include_usage: bool,
+async def _completion_chunks(call: _Call, include_usage: bool,
                              metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
-    def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-               "system_fingerprint": None,
-               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
-        if include_usage:
-            out["usage"] = None
-        return out
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+    tallies = [Tally(len(sub.prompt.token_ids)) for sub in call.subs]
+    sent = [False]
 
-    first = True
-    tally = Tally(len(sub.prompt.token_ids))
-    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
-        async for out in outs:
-            if out.text or out.finish_reason is not None:
-                extra = {"steering": steering_report(sub)} if first else {}
-                yield chunk(out.text, out.finish_reason, **extra)
-                first = False
+    async def choice(i: int) -> AsyncGenerator[dict[str, Any], None]:
+        offset = 0
+        async with aclosing(checked_outputs(call.subs[i], tallies[i], metrics)) as outs:
+            async for out in outs:
+                if out.text or out.finish_reason is not None:
+                    lp = completion_logprobs(call.renderer, out.logprobs, offset) if call.logprobs else None
+                    offset += sum(len(t) for t in (lp or {}).get("tokens", ()))
+                    yield {**call.head, "choices": [{"index": i, "text": out.text, "logprobs": lp,
+                                                     "finish_reason": out.finish_reason}], **usage}
+
+    async for c in merged([choice(i) for i in range(len(call.subs))]):
+        if not sent[0]:  # the first chunk of the response carries what was applied
+            c, sent[0] = {**c, "steering": steering_report(call.subs[0])}, True
+        yield c
     if include_usage:
-        yield {"id": cid, "object": "text_completion", "created": created, "model": model,
-               "system_fingerprint": None, "choices": [], "usage": tally.usage()}
+        yield {**call.head, "choices": [], "usage": _usage(tallies)}

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from steerserve.api.structured import ResponseFormat, Tool, ToolChoice
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.prompts import has_lone_surrogate
@@ -61,6 +62,7 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None
 MaxTokens = Annotated[int, Field(ge=1, description="at most the server's max_tokens_cap")] | None
 Temperature = Annotated[float, Field(ge=0.0, le=5.0, description="0 means greedy")] | None
 TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", description="1-64 of A-Z a-z 0-9 _ . -, starting "
                             "alphanumeric")]
 Description = Annotated[str, Field(max_length=Settings.max_description_chars)]
@@ -204,43 +206,37 @@ class CompletionBase(_OpenAI, BodyModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     steering: Annotated[dict[str, Any] | None, STEERING] = None
-    # OpenAI's knobs this server cannot honour: only their neutral values are accepted (see unsupported()).
-    n: Annotated[int | None, _accepts({"const": 1})] = None
-    presence_penalty: Annotated[float | None, _accepts({"const": 0})] = None
-    frequency_penalty: Annotated[float | None, _accepts({"const": 0})] = None
-    logit_bias: Annotated[dict[str, Any] | None, _accepts({"type": "object", "maxProperties": 0})] = None
+    n: Annotated[int, Field(ge=1, le=Settings.max_choices, description="choices to generate")] | None = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    logit_bias: Annotated[dict[str, float] | None, _accepts({
+        "type": "object", "maxProperties": 300, "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})] = None
 
     def unsupported(self) -> None:
         """Refuse values this server cannot honour, naming the field (a 400, never a silent ignore)."""
-        _refuse("n", self.n, self.n == 1, "only n=1 is supported")
-        for key in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, key)
-            _refuse(key, value, value == 0, "penalties are not supported; use 0 or omit it")
-        _refuse("logit_bias", self.logit_bias, not self.logit_bias, "logit_bias is not supported")
 
 
 class ChatCompletionRequest(CompletionBase):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens = None
-    logprobs: Annotated[bool | None, _accepts({"const": False})] = None
-    top_logprobs: Annotated[int | None, _accepts({"const": 0})] = None
-    tools: Annotated[list[Any] | None, _accepts({"type": "array", "maxItems": 0})] = None
-    tool_choice: Annotated[Any, _accepts({"enum": ["none", "auto"]})] = None
-    response_format: Annotated[dict[str, Any] | None, _accepts(
-        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})] = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=64)] | None = None
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
     modalities: Annotated[list[str] | None, _accepts(
         {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1})] = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        _refuse("logprobs", self.logprobs, self.logprobs is False, "logprobs are not supported")
-        _refuse("top_logprobs", self.top_logprobs, self.top_logprobs == 0, "logprobs are not supported")
-        _refuse("tools", self.tools, not self.tools, "tools are not supported")
-        _refuse("tool_choice", self.tool_choice, self.tool_choice in ("none", "auto"), "tools are not supported")
-        fmt = self.response_format
-        _refuse("response_format", fmt, fmt is not None and fmt.get("type") == "text",
-                "only response_format {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise SteerError("needs 'logprobs': true", field="top_logprobs", code="invalid_value")
         _refuse("modalities", self.modalities, self.modalities == ["text"], "only the 'text' modality is supported")
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token for the engine (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def max_new_tokens(self) -> tuple[int | None, str]:
         """(value, field name): ``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
@@ -262,14 +258,13 @@ class CompletionRequest(CompletionBase):
 
     prompt: Annotated[Any, _accepts({"anyOf": [  # checked by prompt_text()
         NON_BLANK, {"type": "array", "items": NON_BLANK, "minItems": 1, "maxItems": 1}]}, nullable=False)] = None
-    logprobs: Annotated[int | None, _accepts({"const": 0})] = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: Annotated[bool | None, _accepts({"const": False})] = None
     best_of: Annotated[int | None, _accepts({"const": 1})] = None
     suffix: Annotated[str | None, _accepts({"const": ""})] = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        _refuse("logprobs", self.logprobs, self.logprobs == 0, "logprobs are not supported")
         _refuse("echo", self.echo, self.echo is False, "echo is not supported")
         _refuse("best_of", self.best_of, self.best_of == 1, "only best_of=1 is supported")
         _refuse("suffix", self.suffix, not self.suffix, "suffix is not supported")

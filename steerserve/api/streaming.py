@@ -8,11 +8,12 @@ going away and then cancels and closes its event iterator, which closes the engi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from steerserve.engines.base import GenerationOutput
+from steerserve.engines.base import GenerationOutput, TokenLogprob
 from steerserve.errors import SteerError
 from steerserve.service import Submitted
 
@@ -110,6 +111,7 @@ class Tally:
     completion_tokens: int = 0
     finish_reason: str | None = None
     report: Mapping[str, Any] | None = None  # a closed-loop request's measurements, with its last output
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when the request asked for them
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -134,11 +136,12 @@ async def checked_outputs(sub: Submitted, tally: Tally, metrics: Metrics) -> Asy
                 shown = status < 500 or status == 503
                 message = str(error) if shown else "generation failed in the engine; see the server log"
                 raise GenerationFailed(message, status=status, code=str(out.extra.get("code", "generation_failed")),
-                                       field="steering" if status < 500 else None)
+                                       field=str(out.extra.get("field", "steering")) if status < 500 else None)
             if out.finish_reason == "abort":
                 raise GenerationFailed("the request was aborted (the server may be shutting down)", status=503,
                                        code="aborted")
             tally.finish_reason = out.finish_reason
+            tally.logprobs.extend(out.logprobs)
             report = out.extra.get("report")
             if isinstance(report, Mapping):
                 tally.report = report
@@ -157,6 +160,42 @@ async def collect(sub: Submitted, metrics: Metrics) -> tuple[str, Tally]:
         async for out in outs:
             parts.append(out.text)
     return "".join(parts), tally
+
+
+async def merged(streams: Sequence[AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
+    """Items of all ``streams`` as they come (one task each); the first failure ends them all. Every stream
+    is closed on the way out, so each request's engine iterator is closed (aborting what is unfinished)."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(stream: AsyncGenerator[T, None]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((0, item))
+            await queue.put((1, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((2, exc))
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            kind, item = await queue.get()
+            if kind == 2:
+                raise item
+            left -= kind
+            if kind == 0:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

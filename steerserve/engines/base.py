@@ -19,6 +19,19 @@ WEIGHT_KINDS = ("controller", "probes", "head")  # weights an engine loads into 
 
 
 @dataclass(frozen=True)
+class Structured:
+    """Constrained decoding, done by vLLM's own structured-output backend (the hf engine has none).
+
+    ``kind`` is ``json`` (``value``: a JSON schema as JSON text), ``json_object`` (any JSON object;
+    ``value`` empty) or ``choice`` (``value``: a JSON list of strings).
+    """
+
+    kind: Literal["json", "json_object", "choice"]
+    value: str = ""
+    field: str = "response_format"  # the request field that asked for it, named by an error about it
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
@@ -26,6 +39,20 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate max_tokens whatever the model emits (benchmarks)
+    # OpenAI's: subtracted from a token's logit once it has been generated (presence) and per time (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # Per generated token: its log-probability and the ``logprobs`` most likely tokens' (0: the sampled
+    # token's alone). Computed from the model's own distribution (after steering and any head, before
+    # penalties, bias and temperature), as vLLM's default ``raw_logprobs`` mode does.
+    logprobs: int | None = None
+    structured: Structured | None = None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything changes the logits between the model and the sampler."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens' at its position (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     """One increment of a request's output; the last one has ``finish_reason`` set."""
 
@@ -70,18 +106,19 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     extra: dict[str, object] = field(default_factory=dict)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of ``token_ids`` when the request asked for them
 
 
 ENGINE_FAILED = "the engine failed while this request was in flight; retry"
 
 
 def failure(request_id: str, prompt_tokens: int, completion: int, error: str, status: int = 500,
-            code: str = "generation_failed") -> GenerationOutput:
+            code: str = "generation_failed", field: str = "steering") -> GenerationOutput:
     """A failed request's last output: ``finish_reason="abort"``, the error (with the HTTP status and code the
     edge answers) in ``extra``. 4xx: the client's own doing (e.g. its steering overflowed); 503: the engine
-    died; 500: anything else (the message stays in the log)."""
+    died; 500: anything else (the message stays in the log). ``field``: what a 4xx names."""
     return GenerationOutput(request_id, (), "", "abort", prompt_tokens, completion,
-                            {"error": error, "status": status, "code": code})
+                            {"error": error, "status": status, "code": code, "field": field})
 
 
 class Engine(Protocol):

@@ -20,9 +20,16 @@ import torch
 from transformers import DynamicCache
 
 from steerserve.config import Settings
-from steerserve.engines.base import ENGINE_FAILED, WEIGHT_KINDS, GenerationOutput, GenerationRequest, failure
+from steerserve.engines.base import (
+    ENGINE_FAILED,
+    WEIGHT_KINDS,
+    GenerationOutput,
+    GenerationRequest,
+    TokenLogprob,
+    failure,
+)
 from steerserve.engines.kvbatch import KVBatch
-from steerserve.engines.sampling import Detokenizer, make_generator, sample
+from steerserve.engines.sampling import Detokenizer, adjust, make_generator, sample, token_logprob
 from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
@@ -51,6 +58,8 @@ class _Seq:
     slots: dict[str, int] = field(default_factory=dict)  # kind (controller, probes, head) -> its slot
     probe_sent: bool = False  # the probes' scores went out (after the pilot tokens)
     first_logprobs: torch.Tensor | None = None  # [V] fp32, kept until the first output carries it
+    generated: list[int] = field(default_factory=list)  # sampled tokens (the penalties count them)
+    logprob: TokenLogprob | None = None  # the last sampled token's, when the request asks for logprobs
 
     @property
     def ctrl_slot(self) -> int:
@@ -64,6 +73,8 @@ class _Seq:
 
 class HFEngine(EngineThread):
     """Implements ``engines.base.Engine`` on a transformers causal LM."""
+
+    structured_outputs = False  # JSON schema / choice constrained decoding (vLLM's own backend)
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
         self.model, self.tokenizer, self.info, self.settings = model.eval(), tokenizer, info, settings
@@ -296,7 +307,11 @@ class HFEngine(EngineThread):
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
         if not bool(torch.isfinite(logits).all()):  # never sample from NaN: say so instead
             raise RuntimeError("the model produced non-finite logits for this request")
-        tok = sample(logits, seq.req.sampling, seq.gen)
+        params = seq.req.sampling
+        tok = sample(adjust(logits, params, seq.generated) if params.adjusts_logits else logits, params, seq.gen)
+        if params.logprobs is not None:
+            seq.logprob = token_logprob(logits, tok, params.logprobs)
+        seq.generated.append(tok)
         seq.last, seq.completion = tok, seq.completion + 1
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
             return self._finish(seq, "stop", text=seq.detok.flush())
@@ -338,7 +353,9 @@ class HFEngine(EngineThread):
             self._active = [s for s in self._active if not s.done]
 
     def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any) -> GenerationOutput:
-        out = GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion)
+        logprobs = (seq.logprob,) if ids and seq.logprob is not None else ()
+        out = GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion,
+                               logprobs=logprobs)
         if seq.first_logprobs is not None:
             out.extra["first_logprobs"], seq.first_logprobs = seq.first_logprobs, None
         if seq.req.probes is not None and not seq.probe_sent and seq.completion > PILOT_TOKENS and reason is None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from steerserve.engines.base import SamplingParams
+from steerserve.engines.base import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -16,6 +16,31 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     g = torch.Generator()
     g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
     return g
+
+
+def adjust(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int]) -> torch.Tensor:
+    """``logits [vocab]`` with OpenAI's penalties over the ``generated`` tokens and the logit bias applied,
+    in the order vLLM applies them (both additive, so the order changes nothing). A new tensor; the
+    input is untouched."""
+    out = logits.float().clone()
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        counts = torch.bincount(torch.tensor(list(generated)), minlength=out.shape[-1])[: out.shape[-1]].float()
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias])
+        out.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias]))
+    return out
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of ``token`` under ``logits [vocab]`` (fp32 log-softmax), and the ``top`` most
+    likely tokens' (ties in token-id order, best first)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, top)
+        best = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logp[token]), best)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -15,6 +15,7 @@ position) whose prompt tokens the worker's read op copies into its capture buffe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -26,7 +27,15 @@ from typing import Any
 import torch
 
 from steerserve.config import Settings
-from steerserve.engines.base import ENGINE_FAILED, WEIGHT_KINDS, GenerationOutput, GenerationRequest, failure
+from steerserve.engines.base import (
+    ENGINE_FAILED,
+    WEIGHT_KINDS,
+    GenerationOutput,
+    GenerationRequest,
+    Structured,
+    TokenLogprob,
+    failure,
+)
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
 from steerserve.engines.vllm.wire import EXTRA_KEY, Slotted, Weights, cache_salt, encode_ops, encode_weights
@@ -80,6 +89,8 @@ class FailurePoll:
 
 class VLLMEngine:
     """Implements ``engines.base.Engine``; vLLM's engine core runs in its own process by default."""
+
+    structured_outputs = True  # JSON schema / choice constrained decoding (vLLM's own backend)
 
     def __init__(self, path: Path, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
         self.path, self.tokenizer, self.info, self.settings = path, tokenizer, info, settings
@@ -154,6 +165,8 @@ class VLLMEngine:
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             seed=None if s.seed is None else s.seed % 2**63, stop=list(s.stop) or None,
             stop_token_ids=None if s.ignore_eos else sorted(self.eos_ids), ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            logit_bias=dict(s.logit_bias) or None, logprobs=s.logprobs, structured_outputs=_structured(s.structured),
             output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_KEY: encode_ops(request.ops, request.loop, controller=slotted.get("controller"),
                                               probes=slotted.get("probes"), head=slotted.get("head"),
@@ -201,8 +214,9 @@ class VLLMEngine:
                     if why is not None:
                         yield failure(rid, len(request.prompt_token_ids), completion, why, 400, NON_FINITE_CODE)
                         return
+                logprobs = _logprobs(ids, c.logprobs, request.sampling.logprobs)
                 if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
-                    ids = ids[:-1]  # EOS ends the text; it is counted, not shown
+                    ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]  # EOS ends the text; counted, not shown
                 extra: dict[str, object] = {}
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
@@ -223,7 +237,14 @@ class VLLMEngine:
                     if raw is None:
                         raise RuntimeError(f"request {rid}: the worker kept no first-token log-probabilities")
                     extra["first_logprobs"] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
-                yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra)
+                yield GenerationOutput(rid, ids, c.text, reason, len(request.prompt_token_ids), completion, extra,
+                                       logprobs)
+        except ValueError as exc:  # vLLM refused the request when adding it: its structured-output schema
+            so = request.sampling.structured
+            if so is None or completion:
+                raise
+            yield failure(rid, len(request.prompt_token_ids), 0, f"vLLM's structured output refused it: {exc}", 400,
+                          "invalid_structured_output", so.field)
         except EngineDeadError:
             log.error("request %s: the engine core died while it was in flight", rid)
             yield failure(rid, len(request.prompt_token_ids), completion, ENGINE_FAILED, 503, "engine_failed")
@@ -302,3 +323,27 @@ class VLLMEngine:
         if states.shape[0] != len(ids):
             raise RuntimeError(f"capture {rid}: {states.shape[0]} of {len(ids)} positions were read")
         return states
+
+
+def _structured(structured: Structured | None) -> Any:
+    """vLLM's ``StructuredOutputsParams`` for ``structured`` (its own backend compiles the grammar)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    value = json.loads(structured.value)
+    return StructuredOutputsParams(json=value) if structured.kind == "json" else StructuredOutputsParams(choice=value)
+
+
+def _logprobs(ids: tuple[int, ...], got: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token ``{token id: Logprob}`` (the sampled token's and the ``top`` best, ranked from 1)
+    as ours, one per token of ``ids``."""
+    if top is None or not got:
+        return ()
+    out = []
+    for tok, entry in zip(ids, got, strict=True):
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top)
+        out.append(TokenLogprob(tok, float(entry[tok].logprob), tuple((t, float(lp)) for _, t, lp in ranked[:top])))
+    return tuple(out)
