@@ -22,6 +22,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from openai import OpenAI
 
 from steerserve.api import create_app
 from steerserve.config import Settings
@@ -80,6 +81,16 @@ def admin_headers() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def client(base_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def oai(base_url: str, client: httpx.Client, admin_headers: dict[str, str]) -> Iterator[OpenAI]:
+    """The official ``openai`` client on the live server. It always sends a key, and once any key is bound a
+    key no policy binds is a 401: one bound to the default policy."""
+    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "default", "label": "openai client tests"})
+    assert r.status_code == 201, r.text
+    with OpenAI(base_url=f"{base_url}/v1", api_key=r.json()["key"], max_retries=0, timeout=120) as c:
         yield c
 
 

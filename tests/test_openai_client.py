@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -13,15 +13,6 @@ from openai import OpenAI
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 STORY: list[Any] = [{"role": "user", "content": "Tell me a short story about a dog."}]
-
-
-@pytest.fixture(scope="module")
-def oai(base_url: str, client: httpx.Client, admin_headers: dict[str, str]) -> Iterator[OpenAI]:
-    # The official client always sends a key, and a key no policy binds is a 401: one bound to the default policy.
-    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "default", "label": "openai client tests"})
-    assert r.status_code == 201, r.text
-    with OpenAI(base_url=f"{base_url}/v1", api_key=r.json()["key"], max_retries=0, timeout=120) as c:
-        yield c
 
 
 def steering(vector: str, coeff: float) -> dict[str, Any]:
@@ -141,9 +132,15 @@ def test_wrong_model_is_not_found(oai: OpenAI) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"n": 99}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias.99999999"),
+    ({"logit_bias": {"42": 101}}, "logit_bias.42"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"max_completion_tokens": 100000}, "max_completion_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": 9}, "temperature"),

@@ -204,9 +204,10 @@ def _chat_choice(call: _Call, index: int, text: str, tally: Tally) -> dict[str, 
 async def _chat_chunks(call: _Call, include_usage: bool, metrics: Metrics) -> AsyncGenerator[dict[str, Any], None]:
     usage: dict[str, Any] = {"usage": None} if include_usage else {}
     tallies = [Tally(len(sub.prompt.token_ids)) for sub in call.subs]
+    head = {**call.head, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
-        return {**call.head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
                 **usage}
 
     for i in range(len(call.subs)):
@@ -225,7 +226,7 @@ async def _chat_chunks(call: _Call, include_usage: bool, metrics: Metrics) -> As
     async for c in merged([choice(i) for i in range(len(call.subs))]):
         yield c
     if include_usage:
-        yield {**call.head, "choices": [], "usage": _usage(tallies)}
+        yield {**head, "choices": [], "usage": _usage(tallies)}
 
 
 @router.post("/completions", response_model=None,
