@@ -34,6 +34,11 @@ class Settings:
     max_coeff: float = 100.0
     max_interventions: int = 4
     max_choices: int = 8  # OpenAI's ``n``: completions generated for one request
+    # Overload (``admission``): requests queued or generating at once, beyond which a request gets 429 with
+    # Retry-After; and a deadline for every request, seconds (None: none; a request's own ``timeout`` may
+    # set a shorter one).
+    max_pending: int = 256
+    request_timeout: float | None = None
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -85,6 +90,8 @@ class Settings:
             unknown_keys=env.get("STEERSERVE_UNKNOWN_KEYS", cls.unknown_keys),
             max_coeff=float(env.get("STEERSERVE_MAX_COEFF", cls.max_coeff)),
             max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
+            max_pending=int(env.get("STEERSERVE_MAX_PENDING", cls.max_pending)),
+            request_timeout=float(env["STEERSERVE_REQUEST_TIMEOUT"]) if env.get("STEERSERVE_REQUEST_TIMEOUT") else None,
             engine=env.get("STEERSERVE_ENGINE", cls.engine),
             max_batch=int(env["STEERSERVE_MAX_BATCH"]) if env.get("STEERSERVE_MAX_BATCH") else None,
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from steerserve.admission import Admission
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, Structured
 from steerserve.engines.slots import LoopSlots
@@ -27,7 +29,7 @@ from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
-from steerserve.store.policies import DEFAULT, Policy, PolicyStore
+from steerserve.store.policies import DEFAULT, Policy, PolicyStore, key_hash
 from steerserve.store.uploads import Declared
 from steerserve.tools import norms
 from steerserve.tools.extract import Pooling, mean_difference
@@ -62,6 +64,7 @@ class Service:
         self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
         self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
         self.loops = LoopSlots(settings.loop_slots)
+        self.admission = Admission(settings.max_pending)
         self.policies = PolicyStore(store.engine)
         self._calibration: list[tuple[int, ...]] | None = None  # the vetting's prompts (``methods.vetting``)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
@@ -136,10 +139,16 @@ class Service:
         return self.renderer.render(prompt, messages)
 
     async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
-                     request_id: str | None = None, policy: Policy | None = None) -> Submitted:
+                     request_id: str | None = None, policy: Policy | None = None,
+                     timeout: float | None = None) -> Submitted:
         """Resolve the steering against model, store and ``policy`` (None: unrestricted, for in-process
-        callers; the HTTP edge always passes one), then queue. Raises SteerError (4xx, 403 for what the
-        policy forbids, or 503 ``EngineUnavailable`` while the engine is down)."""
+        callers; the HTTP edge always passes one), then queue, with a deadline of ``timeout`` seconds (or the
+        server's, if shorter). Raises SteerError (4xx, 403 for what the policy forbids, 429 when the server is
+        at ``max_pending``, or 503 ``EngineUnavailable`` while the engine is down)."""
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise SteerError("must be a number of seconds > 0", field="timeout")
+        limits = [t for t in (timeout, self.settings.request_timeout) if t is not None]
+        self.admission.check()  # before any work: an overloaded server refuses at once
         if not await self.healthy():
             raise EngineUnavailable()
         spec = SteerSpec.from_dict(steering)
@@ -157,12 +166,20 @@ class Service:
         # With SafeSwitch the pilot is held back, and a flagged request is generated again with the refusal head.
         outputs = self.engine.generate(request) if ss is None else switching(self.engine, request, ss)
         # (SafeSwitch's probes write into a cell too)
-        return Submitted(rid, prompt, resolved, self._holding_cell(rid, outputs, request.needs_cell or ss is not None))
+        held = self._holding_cell(rid, outputs, request.needs_cell or ss is not None)
+        self.admission.enter()  # no await since the check above could have let others in: counted from here
+        return Submitted(rid, prompt, resolved, self.admission.holding(held, min(limits) if limits else None))
 
     async def policy_for(self, key: str | None) -> Policy:
         """The policy of a request with client ``key``: ``default`` without one (the admin key counts as
         none); a key no policy binds is a 401, or the default policy with ``unknown_keys="default"``, or with
         ``"auto"`` (the default) while no key is bound at all."""
+        policy = await self._find_policy(key)
+        # Each key has its own bucket (keyless requests share one): 429 with Retry-After beyond its rate.
+        self.admission.check_rate("" if key is None else key_hash(key), policy.requests_per_minute)
+        return policy
+
+    async def _find_policy(self, key: str | None) -> Policy:
         admin = self.settings.admin_key
         if key is None or (admin is not None and hmac.compare_digest(key.encode(), admin.encode())):
             return await asyncio.to_thread(self.policies.get, DEFAULT)

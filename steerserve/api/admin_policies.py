@@ -49,11 +49,13 @@ class PolicyBody(StrictModel, BodyModel):
     max_coeff: Cap | None = None  # cap on |coeff|, |beta|, |beta_max|, |gamma| of the client's interventions
     method_caps: dict[str, Cap] = {}  # tighter caps per method
     description: Description = ""
+    requests_per_minute: Annotated[float, Field(gt=0, description="per API key; 429 with Retry-After beyond it")] \
+        | None = None
 
     def policy(self, name: str) -> Policy:
         return Policy(name, tuple(m.model_dump() for m in self.mandatory),
                       None if self.allowed_methods is None else tuple(self.allowed_methods), self.max_coeff,
-                      dict(self.method_caps), self.description)
+                      dict(self.method_caps), self.description, self.requests_per_minute)
 
 
 class PolicyCreate(PolicyBody):

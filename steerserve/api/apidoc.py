@@ -39,8 +39,11 @@ ERROR_DESCRIPTIONS = {
     413: "The request body is larger than the route's limit",
     409: "Conflicts with what is stored (error.param names the field)",
     415: "Unsupported content type",
+    429: "Over a limit: the server's requests in flight, the API key's rate, or a slot pool; Retry-After says "
+         "when to try again",
     500: "Internal server error",
     503: "The engine is not running, or aborted the request",
+    504: "The request's deadline (its timeout, or the server's) passed; it was cancelled",
 }
 
 
@@ -52,7 +55,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # Every route: the body cap (EdgeGuard) and the generic 500.
 APP_ERRORS = errors(413, 500)
 ADMIN_ERRORS = errors(400, 401, 403)
-GENERATION_ERRORS = errors(400, 401, 403, 503)
+GENERATION_ERRORS = errors(400, 401, 403, 429, 503, 504)
 
 # ---- generation -------------------------------------------------------------------------------------
 
@@ -311,6 +314,7 @@ class PolicyOut(_Doc):
     max_coeff: float | None
     method_caps: dict[str, float]
     description: str
+    requests_per_minute: float | None  # per API key; null: no limit
     created: str  # empty for the built-in default policy
     updated: str
 

@@ -185,7 +185,8 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
         if await service.healthy():
             try:  # a scrape must not hang on a busy or wedged engine
                 stats = await asyncio.wait_for(service.engine.stats(), timeout=5)
-                metrics.set_engine({**stats, "loop_requests": service.loops.in_use})
+                metrics.set_engine({**stats, "loop_requests": service.loops.in_use,
+                                    "pending_requests": service.admission.pending})
             except (asyncio.TimeoutError, RuntimeError) as exc:
                 log.warning("engine stats unavailable: %r", exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -106,6 +106,9 @@ class EdgeGuard:
         if refusal is not None:
             body_coming = bool(declared) or "transfer-encoding" in headers
             auth = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
+            retry_after = getattr(refusal, "retry_after", None)  # a key over its rate limit
+            if retry_after is not None:
+                auth["Retry-After"] = str(retry_after)
             await _refusal(refusal.status, str(refusal), refusal.code, auth, body_coming)(scope, receive, send)
             return
         limit = self.body_limit(scope)

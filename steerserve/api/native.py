@@ -44,7 +44,7 @@ async def generate(body: Annotated[GenerateRequest, Body(openapi_examples=GENERA
     prompt = await asyncio.to_thread(service.render, body.prompt, messages)  # CPU work: off the event loop
     sampling = service.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
-    sub = await service.submit(prompt, sampling, body.steering, policy=policy_of(request))
+    sub = await service.submit(prompt, sampling, body.steering, policy=policy_of(request), timeout=body.timeout)
     metrics.accepted(sub)
     model = service.info.name
     if body.stream:

@@ -122,7 +122,7 @@ async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[S
             for i in range(body.n or 1):
                 seed = None if sampling.seed is None else (sampling.seed + i + 2**63) % 2**64 - 2**63
                 subs.append(await service.submit(prompt, replace(sampling, seed=seed), body.steering,
-                                                 policy=policy_of(request)))
+                                                 policy=policy_of(request), timeout=body.timeout))
     except BaseException:
         for sub in subs:  # queued choices of a request that fails as a whole
             await sub.outputs.aclose()

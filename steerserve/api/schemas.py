@@ -63,6 +63,8 @@ MaxTokens = Annotated[int, Field(ge=1, description="at most the server's max_tok
 Temperature = Annotated[float, Field(ge=0.0, le=5.0, description="0 means greedy")] | None
 TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
+Timeout = Annotated[float, Field(gt=0, le=86400, description="deadline in seconds: past it the request is cancelled "
+                                "(504)")] | None
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", description="1-64 of A-Z a-z 0-9 _ . -, starting "
                             "alphanumeric")]
 Description = Annotated[str, Field(max_length=Settings.max_description_chars)]
@@ -147,6 +149,7 @@ class GenerateRequest(StrictModel, BodyModel):
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks)
     stream: bool = False
     steering: Annotated[dict[str, Any] | None, STEERING] = None
+    timeout: Timeout = None
 
 
 # ---- OpenAI-compatible ------------------------------------------------------------------------------
@@ -206,6 +209,7 @@ class CompletionBase(_OpenAI, BodyModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     steering: Annotated[dict[str, Any] | None, STEERING] = None
+    timeout: Timeout = None
     n: Annotated[int, Field(ge=1, le=Settings.max_choices, description="choices to generate")] | None = None
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None

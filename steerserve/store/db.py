@@ -96,6 +96,7 @@ policies = sa.Table(
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("created", sa.String, nullable=False),
     sa.Column("updated", sa.String, nullable=False),
+    sa.Column("requests_per_minute", sa.Float, nullable=True),  # added after the first release: see _add_columns
 )
 
 # Client API keys: only the sha256 of a key is stored, never the key; ``id`` is what admins revoke by.
@@ -202,7 +203,20 @@ def make_engine(path: Path) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     metadata.create_all(engine)
+    _add_columns(engine)
     return engine
+
+
+def _add_columns(engine: Engine) -> None:
+    """Add the nullable columns a store made by an older release lacks (its rows read them as NULL)."""
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
 
 
 @contextlib.contextmanager

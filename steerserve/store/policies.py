@@ -61,6 +61,7 @@ class Policy:
     max_coeff: float | None = None  # cap on |strength| (coeff, beta, beta_max, gamma) of any client intervention
     method_caps: Mapping[str, float] = field(default_factory=dict)  # tighter caps per method
     description: str = ""
+    requests_per_minute: float | None = None  # per API key (``admission``); None: no limit
     created: str = ""
     updated: str = ""
 
@@ -69,7 +70,8 @@ class Policy:
         for i, iv in enumerate(self.mandatory):
             if not isinstance(iv, Mapping) or not isinstance(iv.get("method"), str):
                 raise SteerError("must be an object with a 'method' string", field=f"mandatory.{i}")
-        caps = {"max_coeff": self.max_coeff, **{f"method_caps.{m}": c for m, c in self.method_caps.items()}}
+        caps = {"max_coeff": self.max_coeff, **{f"method_caps.{m}": c for m, c in self.method_caps.items()},
+                "requests_per_minute": self.requests_per_minute}
         for f, cap in caps.items():
             if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
                                     or not math.isfinite(cap) or cap < 0):
@@ -84,7 +86,7 @@ class Policy:
         return {"name": self.name, "mandatory": [dict(m) for m in self.mandatory],
                 "allowed_methods": None if self.allowed_methods is None else list(self.allowed_methods),
                 "max_coeff": self.max_coeff, "method_caps": dict(self.method_caps), "description": self.description,
-                "created": self.created, "updated": self.updated}
+                "requests_per_minute": self.requests_per_minute, "created": self.created, "updated": self.updated}
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class ApiKey:
 def _row_to_policy(row: Mapping[Any, Any]) -> Policy:
     allowed = row["allowed_methods"]
     return Policy(row["name"], tuple(row["mandatory"]), None if allowed is None else tuple(allowed),
-                  row["max_coeff"], dict(row["method_caps"]), row["description"], row["created"], row["updated"])
+                  row["max_coeff"], dict(row["method_caps"]), row["description"], row.get("requests_per_minute"),
+                  row["created"], row["updated"])
 
 
 def _find(conn: Connection, name: str) -> Policy | None:
