@@ -59,8 +59,9 @@ class PromptRenderer:
         return str(self.tokenizer.decode([token_id])).encode()  # not byte-level (e.g. SentencePiece)
 
     def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
-               where: str = "prompt") -> PromptInfo:
-        """Exactly one of ``prompt`` (raw text) and ``messages`` (chat) must be given and be non-empty."""
+               where: str = "prompt", tools: Sequence[Mapping[str, Any]] | None = None) -> PromptInfo:
+        """Exactly one of ``prompt`` (raw text) and ``messages`` (chat) must be given and be non-empty.
+        ``tools`` (OpenAI function definitions) go to the chat template, which may use or ignore them."""
         if (prompt is None) == (messages is None):
             raise SteerError("give exactly one of 'prompt' and 'messages'", field=where)
         if prompt is not None:
@@ -83,7 +84,8 @@ class PromptRenderer:
         if not any(m["content"].strip() for m in messages):
             raise SteerError("every message is empty", field="messages")
         text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True,
+                                                  **({"tools": [dict(t) for t in tools]} if tools else {}))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         return self._checked(PromptInfo(tuple(ids), self._user_start(text, messages, enc["offset_mapping"])),

@@ -135,8 +135,9 @@ class Service:
             out.append((int(key), float(value)))
         return tuple(out)
 
-    def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None) -> PromptInfo:
-        return self.renderer.render(prompt, messages)
+    def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> PromptInfo:
+        return self.renderer.render(prompt, messages, tools=tools)
 
     async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
                      request_id: str | None = None, policy: Policy | None = None,

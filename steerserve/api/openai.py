@@ -170,8 +170,9 @@ async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_e
     if tools is not None and body.stream:
         raise SteerError("streamed tool calls are not supported; send 'stream': false", field="stream",
                          code="unsupported_value")
-    subs = await _submit(request, body, lambda s: s.render(messages=body.plain_messages()), max_tokens, max_field,
-                         body.logprob_count(), structured)
+    tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    subs = await _submit(request, body, lambda s: s.render(messages=body.plain_messages(), tools=tool_defs),
+                         max_tokens, max_field, body.logprob_count(), structured)
     call = _call(request, subs, "chatcmpl", "chat.completion", body.logprobs or False, tools)
     if body.stream:
         return SSEResponse(sse_events(_chat_chunks(call, _include_usage(body), request.app.state.metrics),
