@@ -137,7 +137,9 @@ class Service:
 
     def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
                tools: Sequence[Mapping[str, Any]] | None = None) -> PromptInfo:
-        return self.renderer.render(prompt, messages, tools=tools)
+        if tools:
+            return self.renderer.render(prompt, messages, tools=tools)
+        return self.renderer.render(prompt, messages)
 
     async def submit(self, prompt: PromptInfo, sampling: SamplingParams, steering: Mapping[str, Any] | None,
                      request_id: str | None = None, policy: Policy | None = None,
