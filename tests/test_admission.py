@@ -140,3 +140,21 @@ def test_policy_rate_limit_per_key(client: httpx.Client, admin_headers: dict[str
     assert client.post("/generate", headers=keys[1], json=_gen(max_tokens=2)).status_code == 200  # its own bucket
     bad = client.put("/admin/policies/slow-lane", headers=admin_headers, json={"requests_per_minute": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests_per_minute"
+
+
+def test_a_store_from_before_rate_limits_opens_and_reads_none(tmp_path: Any) -> None:
+    """The policies table of an older release lacks ``requests_per_minute``: opening adds it (NULL: no limit)."""
+    import sqlite3
+
+    from steerserve.store import db
+    from steerserve.store.policies import PolicyStore
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE policies (name VARCHAR(64) PRIMARY KEY, mandatory JSON NOT NULL, allowed_methods "
+                     "JSON, max_coeff FLOAT, method_caps JSON NOT NULL, description TEXT NOT NULL, created VARCHAR "
+                     "NOT NULL, updated VARCHAR NOT NULL)")
+        conn.execute("INSERT INTO policies VALUES ('old', '[]', NULL, 2.0, '{}', 'before', 'x', 'x')")
+    store = PolicyStore(db.make_engine(path))
+    old = store.get("old")
+    assert old.max_coeff == 2.0 and old.requests_per_minute is None
