@@ -11,5 +11,5 @@ ruff check .
 mypy steerserve
 python -m pytest -q -rs "$@"
 if [ $# -eq 0 ] && python -c "import vllm" 2>/dev/null; then
-  STEERSERVE_TEST_ENGINE=hf python -m pytest -q -rs tests/test_api.py tests/test_openai_client.py
+  STEERSERVE_TEST_ENGINE=hf python -m pytest -q -rs tests/test_api.py tests/test_openai_client.py tests/test_openai_parity.py
 fi
