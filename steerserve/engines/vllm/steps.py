@@ -153,8 +153,9 @@ class StepCore:
         state.route_capture.begin(routed)
         if step or state.tables.active:  # skip the table work on all-unsteered steps
             controlled = any(req_id in self._steer_ctrl for req_id, _ in step)
-            state.tables.fill(total, [seg for _, seg in step], state.bank.weight, state.regs.gain,
-                              state.regs.layer_gain if controlled else None)
+            # (the graph-safe op never reads the eager op's all-layer gather: no bank, no gather)
+            state.tables.fill(total, [seg for _, seg in step], None if state.static else state.bank.weight,
+                              state.regs.gain, state.regs.layer_gain if controlled else None)
         if ctrl_reads or state.ctrl.active:
             state.ctrl.fill(ctrl_reads)
         if probe_rows or head_rows or state.head.active:
