@@ -81,6 +81,9 @@ class SteeringRunnerV2Mixin(StepCore):
 
     def prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         batch = super().prepare_inputs(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+        if getattr(self, "pcp_manager", None) is not None:  # its batch no longer maps rows to token runs
+            raise RuntimeError("steerserve: prefill context parallelism is not supported (Model Runner V2); "
+                               f"run without it or with the V1 runner ({FORCE_V1})")
         n = batch.num_reqs
         self._steer_layout(batch.req_ids[:n], batch.query_start_loc_np, batch.num_computed_tokens_np,
                            batch.num_scheduled_tokens, int(batch.num_tokens))
