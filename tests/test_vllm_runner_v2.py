@@ -261,3 +261,15 @@ def test_the_stock_runners_have_the_hooks_the_adapters_override() -> None:
             "num_tokens", "prefill_len_np"} <= fields
     for name in ("_update_states", "_prepare_inputs", "_sample", "_bookkeeping_sync", "execute_model"):
         assert hasattr(V1Runner, name), name
+
+
+def test_the_worker_picks_the_adapter_of_the_runner_vllm_built(caplog: pytest.LogCaptureFixture) -> None:
+    from steerserve.engines.vllm.worker import _steer_runner
+
+    for base, mixin in ((V2Runner, SteeringRunnerV2Mixin), (V1Runner, SteeringRunnerMixin)):
+        runner = object.__new__(base)  # (not initialised: only its class matters here)
+        with caplog.at_level("INFO", logger="steerserve.engines.vllm.worker"):
+            _steer_runner(runner)
+        assert isinstance(runner, mixin) and isinstance(runner, base) and runner._steer_reqs == {}
+    assert "Model Runner V2" in caplog.text and "VLLM_USE_V2_MODEL_RUNNER=0" in caplog.text
+    assert "V1 model runner" in caplog.text
