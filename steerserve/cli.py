@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-args", type=json.loads, default=None, metavar="JSON",
                        help="extra vLLM engine arguments as a JSON object, e.g. "
                             "'{\"max_num_batched_tokens\": 2048, \"enable_prefix_caching\": false}'")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                       help="vLLM tensor-parallel ranks (engine_args tensor_parallel_size); every rank applies "
+                            "the same steering tables (default: 1)")
     serve.add_argument("--model", type=Path, default=None, metavar="PATH",
                        help="a local transformers model directory (default: the packaged SmolLM2-135M-Instruct)")
     serve.add_argument("--model-name", default=None, metavar="NAME",
@@ -92,6 +95,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.engine_args is not None and not isinstance(args.engine_args, dict):
         print("steerserve: --engine-args must be a JSON object", file=sys.stderr)
         return 2
+    if args.tensor_parallel_size is not None:
+        if args.tensor_parallel_size < 1:
+            print("steerserve: --tensor-parallel-size must be at least 1", file=sys.stderr)
+            return 2
+        args.engine_args = {**(args.engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
     vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
     settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
                                  home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,

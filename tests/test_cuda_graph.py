@@ -13,6 +13,7 @@ import torch
 
 from steerserve.model import load_hf, prepare_default_model
 from steerserve.runtime.bank import VectorBank
+from steerserve.runtime.graphs import capture_step
 from steerserve.runtime.hooks import SteeringHooks
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.pins import Pin
@@ -69,16 +70,7 @@ def test_steered_step_with_registers_replays_as_eager() -> None:
         lay_out()
         eager = step().clone()
         eager_regs = snapshot()
-        restore(start)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        restore(start)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_step(step, reset=lambda: restore(start))
         restore(start)
         lay_out()  # the gain multiply happens in fill, on the device, before the step reads the scales
         graph.replay()

@@ -1,6 +1,7 @@
 """Per-step token tables: for every layer and every token of the step, which bank rows to read and with
 what scale. The host fills a staging copy after the batch is laid out, then one copy per table moves
-it to the device buffers, which are allocated once and never move.
+it to the device buffers, which are allocated once and never move (on CUDA through pinned, double-buffered
+host memory, enqueued without blocking the host: ``runtime.staging``).
 
 The host work per step is a fixed number of numpy calls, whatever the number of requests or ops: each
 request's ops are turned into a ``Placement`` (flat arrays) once, when its vectors are pinned, and a step
@@ -9,7 +10,7 @@ concatenates the placements of its segments and scatters them in one go.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from steerserve.runtime.ops import vetted_delta
 from steerserve.runtime.plan import OpKind, SteerOp
+from steerserve.runtime.staging import HostStaging, cuda_fence
 
 KINDS = tuple(OpKind)
 DELTA_MAX_ELEMENTS = 1 << 22  # 16 MiB in fp32: steps up to a few hundred tokens (decode) gather all layers at once
@@ -80,7 +82,10 @@ class Segment:
 class StepTables:
     """Device tables ``[layers, max_tokens, slots]`` plus their host staging arrays."""
 
-    def __init__(self, num_layers: int, max_tokens: int, slots: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_layers: int, max_tokens: int, slots: int, device: torch.device | str = "cpu",
+                 staged: bool | None = None) -> None:
+        """``staged``: copy the tables through pinned, double-buffered host memory (``runtime.staging``);
+        default: on CUDA only. Unstaged (CPU), the device tables are filled straight from the numpy arrays."""
         shape = (num_layers, max_tokens, slots)
         self.slots = slots
         self._rows = {k: np.zeros(shape, dtype=np.int64) for k in OpKind}
@@ -101,6 +106,14 @@ class StepTables:
         self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
         self._delta: list[torch.Tensor] | None = None  # this step's per-layer additions, when gathered
         self._layer_gain: torch.Tensor | None = None  # [cells, L] read by the op this step, if given
+        cuda = torch.device(device).type == "cuda"
+        self.staging: HostStaging | None = None
+        if cuda if staged is None else staged:
+            n = num_layers * max_tokens * slots
+            dtypes = {"rows": torch.int64, "scales": torch.float32, "cells": torch.int64}
+            sizes: dict[Hashable, tuple[int, torch.dtype]] = {
+                (name, k): (n, dtype) for name, dtype in dtypes.items() for k in OpKind}
+            self.staging = HostStaging(sizes, pin=cuda, fence=cuda_fence if cuda else None)
         self.fill(0, [])
 
     @property
@@ -143,15 +156,19 @@ class StepTables:
         self.num_tokens = num_tokens
         self.active = any(self.width.values())
         self.bad[:dirty].zero_()
+        if self.staging is not None:
+            self.staging.begin()
         for kind in OpKind:  # one copy per table
-            self.rows[kind][:, :dirty].copy_(torch.from_numpy(self._rows[kind][:, :dirty]))
-            self.scales[kind][:, :dirty].copy_(torch.from_numpy(self._scales[kind][:, :dirty]))
+            self._to_device("rows", kind, dirty)
+            self._to_device("scales", kind, dirty)
             if self._gained or gained:  # (this step's gain ops, or clearing the last step's cells)
-                cells = self.cells[kind][:, :dirty]
-                cells.copy_(torch.from_numpy(self._cells[kind][:, :dirty]))
+                self._to_device("cells", kind, dirty)
                 if self._gained and gain is not None:
                     scales = self.scales[kind][:, :dirty]  # [L, T, K]
+                    cells = self.cells[kind][:, :dirty]
                     scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
+        if self.staging is not None:
+            self.staging.end()
         # Per-layer gains are read by the op itself (``layer``), not here: a controller may write them in the
         # middle of this very forward pass, for the layers above the one where it decides.
         self._layer_gain = layer_gain if self._gained else None
@@ -166,6 +183,18 @@ class StepTables:
         self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
                                self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
                                self.scales[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0), strict=True))
+
+    def _to_device(self, name: str, kind: OpKind, dirty: int) -> None:
+        """Host table ``name`` of ``kind`` (``[L, dirty, K]``, the step's span) to its device table."""
+        hosts: dict[str, dict[OpKind, np.ndarray]] = {"rows": self._rows, "scales": self._scales,
+                                                      "cells": self._cells}
+        devices: dict[str, dict[OpKind, torch.Tensor]] = {"rows": self.rows, "scales": self.scales,
+                                                          "cells": self.cells}
+        host, dst = hosts[name][kind][:, :dirty], devices[name][kind][:, :dirty]
+        if self.staging is None:
+            dst.copy_(torch.from_numpy(host))
+        else:
+            self.staging.copy((name, kind), host, dst)
 
     def _scatter(self, segments: Sequence[Segment]) -> None:
         """Every (token, op) pair of the step at once: expand each op over its segment's tokens."""

@@ -1,5 +1,5 @@
 """The worker's RPCs (``collective_rpc("steerserve_*")``): what the front end reads from or loads into a worker
-between steps. A mixin of ``worker.SteerWorker``; ``self.model_runner`` is the steered V1 model runner
+between steps. A mixin of ``worker.SteerWorker``; ``self.model_runner`` is the steered model runner (V1 or V2)
 (``worker._steer_runner``) and ``ops.current()`` the worker's installed ``SteerState``.
 """
 
