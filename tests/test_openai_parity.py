@@ -163,3 +163,22 @@ def test_forced_tool_call(oai: OpenAI, service: Service, choice: Any) -> None:
         assert call.type == "function" and call.function.name == "get_weather"
         assert isinstance(json.loads(call.function.arguments)["city"], str)
         assert r.choices[0].finish_reason == ("tool_calls" if choice == "required" else "stop")
+
+
+def test_streamed_named_tool_call(oai: OpenAI, service: Service) -> None:
+    ask: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+
+    def call() -> list[Any]:
+        return list(oai.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=64, tools=WEATHER,
+                                                tool_choice=named, stream=True))
+
+    chunks = _structured_or_refused(service, call, "tool_choice")
+    if chunks is not None:
+        deltas = [d for c in chunks for ch in c.choices for d in (ch.delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather" and deltas[0].id
+        assert isinstance(json.loads("".join(d.function.arguments or "" for d in deltas))["city"], str)
+    with pytest.raises(openai.BadRequestError) as info:  # a list of calls is not streamed
+        list(oai.chat.completions.create(model=MODEL, messages=ask, max_tokens=8, tools=WEATHER,
+                                         tool_choice="required", stream=True))
+    assert info.value.param == "stream"

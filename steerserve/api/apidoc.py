@@ -164,9 +164,17 @@ class ChatCompletion(_Doc):
     steering: SteeringReport
 
 
+class ToolCallDelta(_Doc):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]  # name (first delta), arguments (JSON text, in pieces)
+
+
 class ChatDelta(_Doc):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Doc):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
@@ -167,9 +168,9 @@ async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_e
                            request: Request) -> Response:
     max_tokens, max_field = body.max_new_tokens()
     structured, tools = constraint(body.response_format, body.tools, body.tool_choice)
-    if tools is not None and body.stream:
-        raise SteerError("streamed tool calls are not supported; send 'stream': false", field="stream",
-                         code="unsupported_value")
+    if tools is not None and tools.function is None and body.stream:
+        raise SteerError("streamed calls under tool_choice 'required' are not supported; name the function or "
+                         "send 'stream': false", field="stream", code="unsupported_value")
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     subs = await _submit(request, body, lambda s: s.render(messages=body.plain_messages(), tools=tool_defs),
                          max_tokens, max_field, body.logprob_count(), structured)
@@ -215,12 +216,20 @@ async def _chat_chunks(call: _Call, include_usage: bool, metrics: Metrics) -> As
         first = {"steering": steering_report(call.subs[0])} if i == 0 else {}
         yield {**chunk(i, {"role": "assistant", "content": ""}), **first}
 
+    named = call.tools.function if call.tools is not None else None
+
     async def choice(i: int) -> AsyncGenerator[dict[str, Any], None]:
+        if named is not None:  # a forced named call: the constrained text is its arguments, streamed as they come
+            start = {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": named, "arguments": ""}}
+            yield chunk(i, {"tool_calls": [start]})
         async with aclosing(checked_outputs(call.subs[i], tallies[i], metrics)) as outs:
             async for out in outs:
                 if out.text or (call.logprobs and out.logprobs):
                     lp = chat_logprobs(call.renderer, out.logprobs) if call.logprobs else None
-                    yield chunk(i, {"content": out.text}, lp=lp)
+                    delta = ({"tool_calls": [{"index": 0, "function": {"arguments": out.text}}]} if named is not None
+                             else {"content": out.text})
+                    yield chunk(i, delta, lp=lp)
                 if out.finish_reason is not None:
                     yield chunk(i, {}, out.finish_reason)
 
