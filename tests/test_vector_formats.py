@@ -234,7 +234,13 @@ def test_gguf_upload_steers_like_the_safetensors_upload(client: httpx.Client, ad
                                                         service: Service, tmp_path: Path) -> None:
     norms = service.store.policy.typical_norms
     assert norms is not None
-    dirs = {k: v * norms[k] for k, v in random_vectors([8, 9, 10], seed=8, norm=0.5).items()}
+    # Strong enough to fail the KL vetting (~6 nats at coeff 1 against the budget of 4): refused like a file.
+    loud = {k: v * norms[k] for k, v in random_vectors([8, 9, 10], seed=8, norm=0.5).items()}
+    loud_file = repeng_gguf(tmp_path / "loud.gguf", loud)
+    r = client.post("/admin/vectors", headers=admin_headers, data={"name": "fmt-loud-kl"},
+                    files={"file": ("loud.gguf", loud_file, "application/octet-stream")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "vetting_failed", r.text
+    dirs = {k: v / 5 for k, v in loud.items()}
     data = repeng_gguf(tmp_path / "steer.gguf", dirs)
     r = client.post("/admin/vectors", headers=admin_headers, data={"name": "fmt-gguf"},
                     files={"file": ("steer.gguf", data, "application/octet-stream")})

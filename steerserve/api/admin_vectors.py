@@ -155,7 +155,8 @@ _UPLOAD_BODY = {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file", "name"], "additionalProperties": False,
-            "properties": {"file": {"type": "string", "format": "binary", "description": "the safetensors file or GGUF control vector"},
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the safetensors file or GGUF control vector"},
                            "name": {"type": "string", "pattern": f"^{NAME_RE.pattern}$"},
                            "description": {"type": "string", "maxLength": Settings.max_description_chars}}}},
     }},
