@@ -279,3 +279,16 @@ def test_gguf_upload_gets_the_norm_policy(client: httpx.Client, admin_headers: d
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "tensors.direction.5" and "exceeds" in err["message"]
+
+
+def test_direction_round_trips_through_gguf_with_its_scale(store: ArtifactStore, info: ModelInfo) -> None:
+    from steerserve.store.directions import direction_header
+
+    unit = random_vectors([12], seed=10, norm=1.0)
+    header = direction_header(info, 12, 87.5, "prompt", [{"layer": 12, "score": 0.5}])
+    store.put_vector_file("dir", safetensors.torch.save({"layer.12": unit[12]}, metadata=header))
+    data = export_bytes(info, *stored_file(store, "dir"), "gguf")
+    meta = store.put_vector_file("dir-back", data)
+    back = store.load_vector("dir-back", kinds=("direction",))
+    assert meta.kind == "direction" and back.scale() == 87.5 and torch.equal(back.tensors[12], unit[12])
+    assert back.header["scale_semantics"] == SCALE_SEMANTICS["direction"]
