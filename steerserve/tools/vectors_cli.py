@@ -85,8 +85,7 @@ def _measure(path: Path, settings: Settings, info: ModelInfo) -> list[float]:
 
 
 def _fail(exc: SteerError) -> int:
-    where = f"{exc.field}: " if exc.field else ""
-    print(f"steerserve vectors: {where}{exc}", file=sys.stderr)
+    print(f"steerserve vectors: {exc}", file=sys.stderr)  # str() names the field
     return 2
 
 
