@@ -75,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     from steerserve.evaluation import cli as eval_cli
-    from steerserve.tools import calibrate, extract_cli, train_cli
+    from steerserve.tools import calibrate, extract_cli, train_cli, vectors_cli
 
     extract_cli.add_parser(commands)
     train_cli.add_parser(commands)
     calibrate.add_parser(commands)
     eval_cli.add_parser(commands)
+    vectors_cli.add_parser(commands)
     return parser
 
 

@@ -9,7 +9,9 @@ Uploading a vector, ``POST /admin/vectors``, takes one of
   content type) and text fields ``name`` and optionally ``description``, e.g.
   ``curl -F file=@v.safetensors -F name=v .../admin/vectors``. The parts are parsed as the body arrives,
   the body still counted against ``max_upload_bytes`` by the guard.
-Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``).
+Both file forms then take one path: the store's checks and atomic commit (``put_vector_file``). Either
+may instead carry a llama.cpp / repeng GGUF control vector (told apart by its ``GGUF`` magic bytes;
+``store.formats``): it is stored as the equivalent safetensors vector after the same checks and vetting.
 A safetensors file whose metadata says ``kind: direction`` is stored as a direction (``store.directions``),
 one that says ``kind: controller`` as a refusal controller (``store.controllers``), one that says
 ``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``), one that
@@ -153,7 +155,8 @@ _UPLOAD_BODY = {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file", "name"], "additionalProperties": False,
-            "properties": {"file": {"type": "string", "format": "binary", "description": "the safetensors file"},
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "the safetensors file or GGUF control vector"},
                            "name": {"type": "string", "pattern": f"^{NAME_RE.pattern}$"},
                            "description": {"type": "string", "maxLength": Settings.max_description_chars}}}},
     }},

@@ -33,6 +33,8 @@ from steerserve.store.audit import AuditLog
 from steerserve.store.controllers import check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.expert_sets import ExpertSet, check_expert_set
+from steerserve.store.formats import from_gguf, gguf_field
+from steerserve.store.gguf_io import is_gguf
 from steerserve.store.safeswitch import check_head, check_probes
 from steerserve.store.uploads import FILE_KINDS, Declared, read_upload
 from steerserve.store.vetting import NormPolicy, check_vectors
@@ -161,13 +163,24 @@ class ArtifactStore:
         refusal (a ``SteerError``) stores nothing.
 
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
-        file again is recognisable (the start-up import of ``vectors_dir`` relies on it).
+        file again is recognisable (the start-up import of ``vectors_dir`` relies on it). A llama.cpp / repeng
+        GGUF control vector (``formats.from_gguf``) is stored as the safetensors file it converts to, with
+        the same checks; the provenance's ``imported_from`` records the GGUF's own sha256 and keys.
         """
         check_name(name)
-        upload = read_upload(self.model, data, self.policy)
+        source: dict[str, Any] | None = None
+        if is_gguf(data):
+            data, source = from_gguf(self.model, data)
+        try:
+            upload = read_upload(self.model, data, self.policy)
+        except SteerError as exc:
+            if source is not None:
+                exc.field = gguf_field(exc.field)
+            raise
         # The candidate table can be long: it stays in the file, the manifest row keeps the rest.
         shown = {k: v for k, v in upload.header.items() if k != "candidates"}
-        prov = {"source": "file upload", "file_metadata": shown, **(provenance or {})}
+        prov = {"source": "file upload", "file_metadata": shown, **({"imported_from": source} if source else {}),
+                **(provenance or {})}
         if vet is not None:
             prov["vetting"] = dict(vet(upload.declared))
         return self._commit(name, upload.kind, data, upload.vectors, upload.header.get("method") or "upload", prov,
@@ -255,6 +268,13 @@ class ArtifactStore:
         # Uploaded files are stored as sent (maybe float16); callers always get float32.
         return StoredVector(meta, {int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()},
                             db.header_metadata(data))
+
+    def file_bytes(self, ref: str, kind: str | tuple[str, ...] | None = None, *,
+                   field: str = "name") -> tuple[ArtifactMeta, bytes]:
+        """The artifact ``ref`` names and its verified file bytes (enabled or not), if made for the loaded
+        model: what an export writes out."""
+        meta = self.get(ref, kind, field=field)
+        return meta, self._read(meta, field)
 
     def load_probes(self, ref: str, *, field: str = "probe",
                     require_enabled: bool = True) -> tuple[ArtifactMeta, Probe, Probe, float]:

@@ -36,6 +36,7 @@ from steerserve.store import db
 from steerserve.store.controllers import CONTROLLER_KEYS, check_controller
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
 from steerserve.store.expert_sets import EXPERT_SET_KEYS, check_expert_set, mask_ops
+from steerserve.store.formats import DESCRIPTIVE_KEYS, HOOK_SITE
 from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
 from steerserve.store.vetting import NormPolicy, check_vectors
 
@@ -43,10 +44,11 @@ TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01
 # What a file upload may be (/admin/vectors).
 FILE_KINDS = ("vector", "direction", "controller", "probe", "head", "expert_set")
 STRENGTH_KEY = "declared_use"  # a vector's or direction's declared largest |coeff| and its layers (JSON)
-# Metadata an uploaded file may carry. The first three are checked against the model; the rest are what
-# the store writes itself, accepted so that an exported artifact can be uploaded again.
+# Metadata an uploaded file may carry. The first three, hook_site and model_architecture are checked against
+# the model; the rest are what the store writes itself, accepted so that an exported artifact can be uploaded
+# again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
-            "layer_convention", "format", "provenance", "description", "calibration", STRENGTH_KEY,
+            "layer_convention", "format", "provenance", "description", "calibration", STRENGTH_KEY, *DESCRIPTIVE_KEYS,
             *DIRECTION_KEYS, *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS, *EXPERT_SET_KEYS}
 _OWNED = (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS),
           ("expert_set", EXPERT_SET_KEYS))
@@ -92,7 +94,8 @@ def read_upload(model: ModelInfo, data: bytes, policy: NormPolicy) -> Upload:
         for key in keys:
             if kind not in owner.split(" or ") and key in header:
                 raise SteerError(f"only a {owner!r} file carries this key", field=f"metadata.{key}")
-    expected = {"layer_convention": LAYER_CONVENTION, "model_fingerprint": model.fingerprint}
+    expected = {"layer_convention": LAYER_CONVENTION, "model_fingerprint": model.fingerprint, "hook_site": HOOK_SITE,
+                "model_architecture": model.architecture}
     for key, want in expected.items():
         if header.get(key, want) != want:
             f, whose = ("model_fingerprint", "the loaded model's") if key == "model_fingerprint" else (
