@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class Page:
     """One tab of a headless Chromium; collects console errors and uncaught exceptions as they happen."""
 
     def __init__(self, binary: str, width: int = 1400, height: int = 1000, port: int = 0) -> None:
+        self.stack = ExitStack()  # the WebSocket, closed in close()
         self.profile = tempfile.mkdtemp(prefix="steerserve-chromium-")
         self.log = open(Path(self.profile) / "stderr.log", "wb")  # a file, not a pipe nobody drains  # noqa: SIM115
         port = port or free_port()
@@ -87,7 +89,7 @@ class Page:
                 raise RuntimeError(f"chromium did not start: {err}")
             time.sleep(0.2)
         url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        self.ws = connect(url, max_size=None, open_timeout=30)
+        self.ws = self.stack.enter_context(connect(url, max_size=None, open_timeout=30))
         self.next_id = 0
         self.errors: list[str] = []  # console.error calls, uncaught exceptions, failed loads the browser logged
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
@@ -145,9 +147,7 @@ class Page:
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
+        self.stack.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
