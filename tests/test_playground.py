@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,6 +88,33 @@ def test_page_is_served_as_package_data(hf_url: str) -> None:
     assert "/playground" not in httpx.get(f"{hf_url}/openapi.json", timeout=30).json()["paths"]
 
 
+def test_closed_loop_streams_per_token_figures(hf_url: str) -> None:
+    """What the page's chart draws: on the hf engine every increment of a closed-loop stream, the last one
+    included, carries the loop's entropy and gain; the gain stays in the loop's bounds and ends where the
+    report says. An open-loop request's increments carry none."""
+    def events(steering: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {"messages": [{"role": "user", "content": "Tell me about your day."}], "max_tokens": 24,
+                "temperature": 0, "stream": True, "steering": steering}
+        with httpx.stream("POST", f"{hf_url}/generate", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(x) for x in lines[:-1]]
+
+    out = events({"interventions": [{"method": "entropic", "vector": "east", "target_entropy": 6}]})
+    figures = [e["loop"] for e in out]
+    final = out[-1]
+    assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 24
+    assert len(figures) == 24 == final["steering"]["report"]["loop_steps"]
+    assert all(-1 <= f["gain"] <= 1 and 0 <= f["entropy_bits"] < 16 for f in figures), figures
+    assert figures[-1]["gain"] == final["steering"]["report"]["final_gain"]
+    mean = sum(f["entropy_bits"] for f in figures) / len(figures)
+    assert abs(mean - final["steering"]["report"]["mean_entropy_bits"]) < 1e-3
+    assert len({f["gain"] for f in figures}) > 1  # the gain moves: the figures are per token, not one repeated
+    plain = events({"interventions": [{"method": "entropic", "vector": "east", "beta": 0.25}]})
+    assert not any("loop" in e for e in plain) and "".join(e["text"] for e in plain)
+
+
 # Counts each pane's text changes while it streams: a reply that arrived in one piece would count 1.
 WATCH = """window.changes = {plain: 0, steered: 0};
 for (const k of ["plain", "steered"]) new MutationObserver(() => window.changes[k]++).observe(
@@ -100,7 +128,7 @@ def _set(page: Page, fields: dict[str, str]) -> None:
                       " return true; })()")
 
 
-def _run(page: Page) -> dict[str, dict[str, str]]:
+def _run(page: Page) -> dict[str, dict[str, Any]]:
     """Click Generate, wait for both panes to finish; each pane's text, status, report and chart."""
     page.evaluate(WATCH + "document.getElementById('go').click(); true")
     page.wait_for("document.body.dataset.state === 'done'", timeout=300)
