@@ -177,3 +177,10 @@ def test_playground_streams_unsteered_and_steered_side_by_side(hf_url: str, page
     assert len(steered["points"].split()) == 40, out
     assert "loop_steps 40" in steered["report"] and "final_gain" in steered["report"], out
     assert page.errors == [], page.errors
+
+    # A refused request says why in its own pane (the field the server named); the other pane is unaffected.
+    _set(page, {"artifact": "no-such-vector"})
+    out = _run(page)
+    assert out["plain"]["state"] == "done" and out["steered"]["state"] == "failed", out
+    assert out["steered"]["text"] == "400: steering.interventions.0.vector: unknown vector 'no-such-vector'", out
+    assert out["steered"]["stat"] == "failed", out
