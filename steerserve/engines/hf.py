@@ -333,6 +333,7 @@ class HFEngine(EngineThread):
             if kind in seq.slots:
                 self.slots[kind].release(weights.key)
         report = {}
+        figures = self._loop_figures(seq)  # before close() resets the cell
         if seq.cell:
             report = self.regs.report(seq.cell)
             self.regs.close(seq.cell)
@@ -340,6 +341,8 @@ class HFEngine(EngineThread):
             return seq.emit(failure(seq.req.request_id, len(seq.req.prompt_token_ids), seq.completion, error,
                                     status, code))
         out = self._output(seq, (token,) if token is not None else (), text, reason)
+        if figures:
+            out.extra["loop"] = figures
         if report:
             out.extra["report"] = report
         if seq.req.probes is not None and not seq.probe_sent:
@@ -358,10 +361,21 @@ class HFEngine(EngineThread):
                                logprobs=logprobs)
         if seq.first_logprobs is not None:
             out.extra["first_logprobs"], seq.first_logprobs = seq.first_logprobs, None
+        figures = self._loop_figures(seq) if reason is None else None
+        if figures:
+            out.extra["loop"] = figures
         if seq.req.probes is not None and not seq.probe_sent and seq.completion > PILOT_TOKENS and reason is None:
             seq.probe_sent = True  # the pilot is out: the scores, for the front end to decide what the client sees
             out.extra["probe"] = self.regs.report(seq.cell)
         return out
+
+    def _loop_figures(self, seq: _Seq) -> dict[str, float] | None:
+        """A closed loop's figures at its latest token, for the stream: the entropy it measured (bits; with
+        options, the last decision's) and the gain it set for the next token; None without a loop.
+        ``_token`` has synced with the device already: two scalar reads."""
+        if seq.req.loop is None or not seq.cell:
+            return None
+        return {"entropy_bits": float(self.regs.entropy[seq.cell]), "gain": float(self.regs.gain[seq.cell])}
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
