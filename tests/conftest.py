@@ -9,6 +9,7 @@ The default model is prepared once into a shared cache (``$STEERSERVE_TEST_MODEL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -50,23 +51,29 @@ def service(settings: Settings) -> Service:
 
 @pytest.fixture(scope="session")
 def base_url(service: Service, settings: Settings) -> Iterator[str]:
-    app = create_app(service, settings)
+    with serving(create_app(service, settings)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app: Any, port: int = 0, start_s: float = 900) -> Iterator[str]:
+    """``app`` under uvicorn in a thread on 127.0.0.1 (``port`` 0: a free one), until the block ends; ``start_s``
+    bounds the start-up (the vllm engine compiles the model then: minutes on CPU)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+    sock.bind(("127.0.0.1", port))
+    config = uvicorn.Config(app, host="127.0.0.1", port=sock.getsockname()[1], log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 900  # the vllm engine compiles the model at start (minutes on CPU)
+    deadline = time.monotonic() + start_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

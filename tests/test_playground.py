@@ -14,23 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from steerserve.api import create_app
 from steerserve.config import Settings
 from steerserve.model import prepare_default_model
 from steerserve.service import build_service
 from tests.browser import Page, find_chromium
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, serving
 from tests.paths import models_dir
 
 pytestmark = pytest.mark.slow
@@ -47,25 +43,8 @@ def hf_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(engine="hf", home=tmp_path_factory.mktemp("playground-home"),
                         model=prepare_default_model(models_dir()), admin_key=ADMIN_KEY, max_batch=4,
                         max_tokens_cap=256, vectors_dir=vectors)
-    app = create_app(build_service(settings, log=lambda _msg: None), settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", PORT))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", log_level="warning", lifespan="on",
-                                          timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="playground-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the playground test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving(create_app(build_service(settings, log=lambda _msg: None), settings), PORT, 300) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ from steerserve.api.streaming import (
     until_disconnect,
 )
 from steerserve.api.structured import ToolMode, constraint, tool_calls
+from steerserve.concurrency import gather_all
 from steerserve.engines.base import SamplingParams, Structured
 from steerserve.errors import SteerError
 from steerserve.prompts import PromptRenderer
@@ -149,14 +150,10 @@ async def _collect_all(request: Request, call: _Call) -> list[tuple[str, Tally]]
     metrics: Metrics = request.app.state.metrics
 
     async def run() -> list[tuple[str, Tally]]:
-        tasks = [asyncio.ensure_future(collect(sub, metrics)) for sub in call.subs]
         try:
-            return list(await asyncio.gather(*tasks))
+            return await gather_all(collect(sub, metrics) for sub in call.subs)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for sub in call.subs:
+            for sub in call.subs:  # those never started too: each holds its place in the server until closed
                 await sub.outputs.aclose()
 
     return await until_disconnect(request.receive, run)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from steerserve.concurrency import gather_all
 from steerserve.errors import SteerError
 from steerserve.evaluation.data import Sample
 from steerserve.evaluation.sweep import PLACEHOLDER, apply_template
@@ -93,11 +94,7 @@ async def generate_all(client: httpx.AsyncClient, payloads: Sequence[dict[str, A
         bar.update(1)
         return reply
 
-    tasks = [asyncio.ensure_future(run(p)) for p in payloads]
     try:
-        return list(await asyncio.gather(*tasks))
+        return await gather_all(run(p) for p in payloads)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
