@@ -13,7 +13,6 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +24,11 @@ from steerserve.engines.base import (
     WEIGHT_KINDS,
     GenerationOutput,
     GenerationRequest,
-    TokenLogprob,
     failure,
 )
+from steerserve.engines.hf_seq import Seq as _Seq
 from steerserve.engines.kvbatch import KVBatch
-from steerserve.engines.sampling import Detokenizer, adjust, make_generator, sample, token_logprob
+from steerserve.engines.sampling import Detokenizer, make_generator
 from steerserve.engines.threaded import Emit, EngineThread
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
@@ -45,30 +44,6 @@ from steerserve.runtime.safeswitch import PILOT_TOKENS
 from steerserve.runtime.tables import Segment, StepTables
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Seq:
-    req: GenerationRequest
-    emit: Emit
-    detok: Detokenizer
-    gen: torch.Generator | None
-    pin: Pin | None = None  # its vectors in the bank, once admitted
-    cell: int = 0  # its register cell (closed-loop or controlled requests), once admitted; 0 = none
-    slots: dict[str, int] = field(default_factory=dict)  # kind (controller, probes, head) -> its slot
-    probe_sent: bool = False  # the probes' scores went out (after the pilot tokens)
-    first_logprobs: torch.Tensor | None = None  # [V] fp32, kept until the first output carries it
-    generated: list[int] = field(default_factory=list)  # sampled tokens (the penalties count them)
-    logprob: TokenLogprob | None = None  # the last sampled token's, when the request asks for logprobs
-
-    @property
-    def ctrl_slot(self) -> int:
-        """Its controller's slot, once admitted; -1 = none."""
-        return self.slots.get("controller", -1)
-    pos: int = 0  # tokens in the KV cache = absolute position of the next input token
-    last: int = 0  # last sampled token, the next input
-    completion: int = 0
-    done: bool = False
 
 
 class HFEngine(EngineThread):
@@ -305,14 +280,7 @@ class HFEngine(EngineThread):
 
     def _token(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample, detokenise, decide whether the sequence is finished, and emit."""
-        if not bool(torch.isfinite(logits).all()):  # never sample from NaN: say so instead
-            raise RuntimeError("the model produced non-finite logits for this request")
-        params = seq.req.sampling
-        tok = sample(adjust(logits, params, seq.generated) if params.adjusts_logits else logits, params, seq.gen)
-        if params.logprobs is not None:
-            seq.logprob = token_logprob(logits, tok, params.logprobs)
-        seq.generated.append(tok)
-        seq.last, seq.completion = tok, seq.completion + 1
+        tok = seq.sample(logits)
         if tok in self.eos_ids and not seq.req.sampling.ignore_eos:
             return self._finish(seq, "stop", text=seq.detok.flush())
         text = seq.detok.push(tok)
@@ -333,7 +301,7 @@ class HFEngine(EngineThread):
             if kind in seq.slots:
                 self.slots[kind].release(weights.key)
         report = {}
-        figures = self._loop_figures(seq)  # before close() resets the cell
+        figures = seq.loop_figures(self.regs)  # before close() resets the cell
         if seq.cell:
             report = self.regs.report(seq.cell)
             self.regs.close(seq.cell)
@@ -356,26 +324,7 @@ class HFEngine(EngineThread):
             self._active = [s for s in self._active if not s.done]
 
     def _output(self, seq: _Seq, ids: tuple[int, ...], text: str, reason: Any) -> GenerationOutput:
-        logprobs = (seq.logprob,) if ids and seq.logprob is not None else ()
-        out = GenerationOutput(seq.req.request_id, ids, text, reason, len(seq.req.prompt_token_ids), seq.completion,
-                               logprobs=logprobs)
-        if seq.first_logprobs is not None:
-            out.extra["first_logprobs"], seq.first_logprobs = seq.first_logprobs, None
-        figures = self._loop_figures(seq) if reason is None else None
-        if figures:
-            out.extra["loop"] = figures
-        if seq.req.probes is not None and not seq.probe_sent and seq.completion > PILOT_TOKENS and reason is None:
-            seq.probe_sent = True  # the pilot is out: the scores, for the front end to decide what the client sees
-            out.extra["probe"] = self.regs.report(seq.cell)
-        return out
-
-    def _loop_figures(self, seq: _Seq) -> dict[str, float] | None:
-        """A closed loop's figures at its latest token, for the stream: the entropy it measured (bits; with
-        options, the last decision's) and the gain it set for the next token; None without a loop.
-        ``_token`` has synced with the device already: two scalar reads."""
-        if seq.req.loop is None or not seq.cell:
-            return None
-        return {"entropy_bits": float(self.regs.entropy[seq.cell]), "gain": float(self.regs.gain[seq.cell])}
+        return seq.output(ids, text, reason, self.regs)
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
