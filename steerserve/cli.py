@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-vectors", action="store_true", help="import no shipped vectors at start-up")
     serve.add_argument("--home", type=Path, default=None, metavar="DIR",
                        help="model cache and artifact store (default: $STEERSERVE_HOME or ~/.cache/steerserve)")
+    serve.add_argument("--store-url", default=None, metavar="URL",
+                       help="a PostgreSQL artifact manifest that several replicas share, postgresql://USER:PASS@HOST"
+                            "/DB (default: $STEERSERVE_STORE_URL, else a SQLite file in the store folder)")
+    serve.add_argument("--store-dir", type=Path, default=None, metavar="DIR",
+                       help="artifact files (and the SQLite manifest); replicas share one on shared storage "
+                            "(default: $STEERSERVE_STORE_DIR or HOME/store)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                       help="vllm engine: shard the model over N devices (vLLM's tensor_parallel_size; across "
+                            "machines with --engine-args '{\"distributed_executor_backend\": \"ray\"}')")
     serve.add_argument("--max-coeff", type=float, default=None, metavar="C",
                        help="largest |coeff| a request may use (default: $STEERSERVE_MAX_COEFF or 100)")
     serve.add_argument("--max-interventions", type=int, default=None, metavar="N",
@@ -102,11 +111,15 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         args.engine_args = {**(args.engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
     vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
+    engine_args = args.engine_args
+    if args.tensor_parallel_size is not None:  # on top of --engine-args: the flag is the more specific
+        engine_args = {**(engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
     settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
                                  home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
                                  vectors_dir=vectors_dir, max_coeff=args.max_coeff,
                                  max_interventions=args.max_interventions, max_batch=args.max_batch,
-                                 bank_slots=args.bank_slots, engine_args=args.engine_args)
+                                 bank_slots=args.bank_slots, engine_args=engine_args, store_url=args.store_url,
+                                 store_root=args.store_dir)
     log = logging.getLogger("steerserve")
     try:
         service = build_service(settings, log.info)
