@@ -146,3 +146,32 @@ def _layered_venv(path: Path) -> None:
     shared = sysconfig.get_paths()["purelib"]
     # "zz": processed after the venv's own .pth files, so what pip installs into the venv comes first.
     (site / "zz-steerserve-test-base.pth").write_text(f"import site; site.addsitedir({shared!r})\n")
+
+
+def test_serve_flags_for_replicas_and_tensor_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steerserve.cli import build_parser, serve_settings
+    from steerserve.model import model_info, prepare_default_model
+    from tests.paths import models_dir
+
+    for key in ("STEERSERVE_STORE_URL", "STEERSERVE_STORE_DIR", "STEERSERVE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    parse = build_parser().parse_args
+    s = serve_settings(parse(["serve", "--tensor-parallel-size", "2", "--engine-args", '{"seed": 3}',
+                              "--store-url", "postgresql://u@db/steer", "--store-dir", "/shared/store"]))
+    assert dict(s.engine_args) == {"seed": 3, "tensor_parallel_size": 2}
+    assert (s.store_url, s.store_dir) == ("postgresql://u@db/steer", Path("/shared/store"))
+    default = serve_settings(parse(["serve"]))
+    assert (default.store_url, default.store_dir, dict(default.engine_args)) == (None, default.home / "store", {})
+    with pytest.raises(ValueError, match="tensor-parallel-size"):
+        serve_settings(parse(["serve", "--tensor-parallel-size", "0"]))
+    # The flag reaches vLLM's own engine arguments (its distributed executor does the rest).
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from steerserve.engines.vllm.engine import VLLMEngine
+
+    path = prepare_default_model(models_dir())
+    engine = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path, "float32"), s)
+    args = AsyncEngineArgs(**engine.engine_args())
+    assert (args.tensor_parallel_size, args.seed) == (2, 3)
