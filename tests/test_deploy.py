@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,16 @@ def _moved(root: Path, text: str) -> str:
     return re.sub(r"(?<![\w./])/(?=[\w.])", f"{root}/", text)
 
 
+@pytest.fixture
+def image_root(tmp_path: Path) -> Iterator[Path]:
+    """The temp folder standing for the image's file system; removed afterwards (the model in it is 0.5 GB)."""
+    yield tmp_path / "image"
+    shutil.rmtree(tmp_path / "image", ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_dockerfile_run_commands_outside_docker(tmp_path: Path) -> None:
-    root = tmp_path / "image"
+def test_dockerfile_run_commands_outside_docker(image_root: Path) -> None:
+    root = image_root
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("STEERSERVE_", "VIRTUAL_ENV", "VLLM_", "PYTHON"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
