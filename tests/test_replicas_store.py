@@ -188,3 +188,20 @@ def test_tables_created_once_by_replicas_starting_together(pg_url: str, tmp_path
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_postgres_store_from_an_older_release_gains_new_columns(pg_url: str) -> None:
+    # As on SQLite (test_admission): a nullable column added after a release is added when the store opens.
+    old = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with old.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE policies (name VARCHAR(64) PRIMARY KEY, mandatory JSON NOT NULL, "
+                             "allowed_methods JSON, max_coeff FLOAT, method_caps JSON NOT NULL, description TEXT "
+                             "NOT NULL, created VARCHAR NOT NULL, updated VARCHAR NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO policies VALUES ('old', '[]', NULL, 2.0, '{}', 'before', 'x', 'x')"))
+    old.dispose()
+    engine = store_db.make_engine(pg_url)
+    try:
+        policy = PolicyStore(engine).get("old")
+        assert (policy.max_coeff, policy.requests_per_minute) == (2.0, None)
+    finally:
+        engine.dispose()
