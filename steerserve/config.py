@@ -76,6 +76,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.unknown_keys not in ("auto", "reject", "default"):
             raise ValueError(f"unknown_keys must be 'auto', 'reject' or 'default', not {self.unknown_keys!r}")
+        if self.store_url is not None and not self.store_url.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError("store_url must be a postgresql://USER:PASS@HOST/DB URL (unset: the SQLite manifest)")
 
     @property
     def store_dir(self) -> Path:

@@ -183,3 +183,11 @@ def test_serve_flags_for_replicas_and_tensor_parallel(monkeypatch: pytest.Monkey
     engine = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path, "float32"), s)
     args = AsyncEngineArgs(**engine.engine_args())
     assert (args.tensor_parallel_size, args.seed) == (2, 3)
+
+
+def test_a_store_url_that_is_not_postgres_is_refused_at_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from steerserve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # before any model is loaded
+        main(["serve", "--store-url", "mysql://u@db/steer"])
+    assert exit_.value.code == 2 and "store_url must be a postgresql://" in capsys.readouterr().err

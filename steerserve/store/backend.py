@@ -8,6 +8,7 @@ version allocation and orphan cleanup (``db.remove_orphans``) rely on that.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def _postgres_engine(url: str, metadata: sa.MetaData) -> Engine:
     """READ COMMITTED (PostgreSQL's default, pinned here): each statement after the lock sees every write
     committed before the lock was granted. Under REPEATABLE READ the snapshot would predate the wait, and
     two writers could allocate the same version. ``pool_pre_ping``: survive a database restart."""
+    if importlib.util.find_spec("psycopg") is None:
+        raise RuntimeError("a PostgreSQL store needs the postgres extra (psycopg): "
+                           "STEERSERVE_EXTRAS=postgres ./deploy/install.sh")
     url = url.replace("postgresql://", "postgresql+psycopg://", 1)  # psycopg 3, not SQLAlchemy's psycopg2
     engine = sa.create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
     _create(engine, metadata)
