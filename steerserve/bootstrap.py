@@ -59,7 +59,7 @@ def build_parts(settings: Settings, log: Callable[[str], None] = print) -> tuple
 
         hf_model, tokenizer, info = load_hf(path, settings.dtype, settings.model_name)
         engine = HFEngine(hf_model, tokenizer, info, settings)
-    store = ArtifactStore(settings.store_dir / info.fingerprint, info)
+    store = ArtifactStore(settings.store_dir / info.fingerprint, info, settings.store_url)
     store.max_description_chars = settings.max_description_chars
     renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens, settings.max_prompt_chars)
 
@@ -87,7 +87,8 @@ def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None
         if hashlib.sha256(data).hexdigest() in known:
             continue
         try:
-            meta = store.put_vector_file(path.stem, data, provenance={"source": f"vectors/{path.name}"})
+            # once: another replica on the same store may be importing the same file right now.
+            meta = store.put_vector_file(path.stem, data, provenance={"source": f"vectors/{path.name}"}, once=True)
             log(f"Imported {meta.ref()} from {path}")
         except SteerError as exc:  # made for another model: skip, say why
             log(f"Skipped {path}: {exc}")

@@ -11,8 +11,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from steerserve import __version__
+
+if TYPE_CHECKING:
+    from steerserve.config import Settings
 
 _REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
@@ -52,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-vectors", action="store_true", help="import no shipped vectors at start-up")
     serve.add_argument("--home", type=Path, default=None, metavar="DIR",
                        help="model cache and artifact store (default: $STEERSERVE_HOME or ~/.cache/steerserve)")
+    serve.add_argument("--store-url", default=None, metavar="URL",
+                       help="a PostgreSQL artifact manifest that several replicas share, postgresql://USER:PASS@HOST"
+                            "/DB (default: $STEERSERVE_STORE_URL, else a SQLite file in the store folder)")
+    serve.add_argument("--store-dir", type=Path, default=None, metavar="DIR",
+                       help="artifact files (and the SQLite manifest); replicas share one on shared storage "
+                            "(default: $STEERSERVE_STORE_DIR or HOME/store)")
     serve.add_argument("--max-coeff", type=float, default=None, metavar="C",
                        help="largest |coeff| a request may use (default: $STEERSERVE_MAX_COEFF or 100)")
     serve.add_argument("--max-interventions", type=int, default=None, metavar="N",
@@ -85,28 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """The ``Settings`` of ``serve``'s flags on top of the environment; a bad flag is a ``ValueError``."""
+    from steerserve.config import Settings
+
+    if args.engine_args is not None and not isinstance(args.engine_args, dict):
+        raise ValueError("--engine-args must be a JSON object")
+    engine_args = args.engine_args
+    if args.tensor_parallel_size is not None:  # on top of --engine-args: the flag is the more specific
+        if args.tensor_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size must be at least 1")
+        engine_args = {**(engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
+    vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
+    return Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
+                             home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
+                             vectors_dir=vectors_dir, max_coeff=args.max_coeff,
+                             max_interventions=args.max_interventions, max_batch=args.max_batch,
+                             bank_slots=args.bank_slots, engine_args=engine_args, store_url=args.store_url,
+                             store_root=args.store_dir)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from steerserve.api import create_app
-    from steerserve.config import Settings
     from steerserve.service import build_service
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.engine_args is not None and not isinstance(args.engine_args, dict):
-        print("steerserve: --engine-args must be a JSON object", file=sys.stderr)
+    try:
+        settings = serve_settings(args)
+    except ValueError as exc:
+        print(f"steerserve: {exc}", file=sys.stderr)
         return 2
-    if args.tensor_parallel_size is not None:
-        if args.tensor_parallel_size < 1:
-            print("steerserve: --tensor-parallel-size must be at least 1", file=sys.stderr)
-            return 2
-        args.engine_args = {**(args.engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
-    vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
-    settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
-                                 home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
-                                 vectors_dir=vectors_dir, max_coeff=args.max_coeff,
-                                 max_interventions=args.max_interventions, max_batch=args.max_batch,
-                                 bank_slots=args.bank_slots, engine_args=args.engine_args)
     log = logging.getLogger("steerserve")
     try:
         service = build_service(settings, log.info)

@@ -68,14 +68,20 @@ class Settings:
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments (vllm engine)
     vectors_dir: Path | None = None  # artifacts under this folder are imported at start-up
     models_root: Path | None = None  # where prepared models live; default <home>/models
+    # Replicas: a PostgreSQL manifest they share (``postgresql://user:pass@host/db``; None: SQLite under
+    # ``store_dir``) and a ``store_dir`` on storage they share (the artifact files); default <home>/store.
+    store_url: str | None = None
+    store_root: Path | None = None
 
     def __post_init__(self) -> None:
         if self.unknown_keys not in ("auto", "reject", "default"):
             raise ValueError(f"unknown_keys must be 'auto', 'reject' or 'default', not {self.unknown_keys!r}")
+        if self.store_url is not None and not self.store_url.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError("store_url must be a postgresql://USER:PASS@HOST/DB URL (unset: the SQLite manifest)")
 
     @property
     def store_dir(self) -> Path:
-        return self.home / "store"
+        return self.store_root if self.store_root is not None else self.home / "store"
 
     @property
     def models_dir(self) -> Path:
@@ -96,6 +102,8 @@ class Settings:
             max_batch=int(env["STEERSERVE_MAX_BATCH"]) if env.get("STEERSERVE_MAX_BATCH") else None,
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),
             models_root=Path(env["STEERSERVE_MODELS_DIR"]) if env.get("STEERSERVE_MODELS_DIR") else None,
+            store_url=env.get("STEERSERVE_STORE_URL") or None,
+            store_root=Path(env["STEERSERVE_STORE_DIR"]) if env.get("STEERSERVE_STORE_DIR") else None,
             max_body_bytes=int(env.get("STEERSERVE_MAX_BODY_BYTES", cls.max_body_bytes)),
             max_upload_bytes=int(env.get("STEERSERVE_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
             max_prompt_chars=int(env.get("STEERSERVE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),

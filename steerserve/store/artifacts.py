@@ -107,17 +107,19 @@ class StoredPair:
 class ArtifactStore:
     """Versioned vectors and pairs for one loaded model; safe to share between threads."""
 
-    def __init__(self, root: Path, model: ModelInfo) -> None:
-        """Open (creating if needed) the store under ``root`` and remove what a crashed write left behind."""
+    def __init__(self, root: Path, model: ModelInfo, url: str | None = None) -> None:
+        """Open (creating if needed) the store under ``root`` and remove what a crashed write left behind.
+        ``url``: a PostgreSQL manifest shared by replicas (whose ``root`` is on storage they share) instead
+        of ``root/manifest.sqlite``."""
         self.root, self.model = Path(root), model
         self.dir = self.root / "artifacts"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._engine = db.make_engine(self.root / "manifest.sqlite")
+        self._engine = db.make_engine(url if url is not None else self.root / "manifest.sqlite")
         self.audit = AuditLog(self._engine)  # the admin API's log, in the same manifest
         self.policy = NormPolicy()  # no norm limit until set_norm_policy
         self.max_description_chars = 1024
-        # SQLite's write lock already serialises writers, across processes too; this lock only queues our
-        # own threads in Python instead of letting them wait on SQLITE_BUSY.
+        # The database's write lock (``db.write``) already serialises writers, across processes too; this
+        # lock only queues our own threads in Python instead of letting them wait on SQLITE_BUSY.
         self._lock = threading.Lock()
         with self._lock, db.write(self._engine) as conn:
             db.remove_orphans(conn, self.dir)
@@ -155,7 +157,8 @@ class ArtifactStore:
         return self._commit(name, "vector", data, vecs, method, provenance, description)
 
     def put_vector_file(self, name: str, data: bytes, *, description: str = "",
-                        provenance: Mapping[str, Any] | None = None, vet: Vet | None = None) -> ArtifactMeta:
+                        provenance: Mapping[str, Any] | None = None, vet: Vet | None = None,
+                        once: bool = False) -> ArtifactMeta:
         """Store uploaded safetensors bytes (checked by ``uploads.read_upload``): tensors named ``layer.<i>``
         (a vector, or a ``direction``: one unit vector and its layer), or a ``controller``, ``probe`` or
         ``head`` file with its own tensors. ``vet`` (the server's KL vetting) runs on what the file does at
@@ -165,7 +168,9 @@ class ArtifactStore:
         Once checked, the bytes are stored verbatim, so ``sha256`` is that of the upload: importing the same
         file again is recognisable (the start-up import of ``vectors_dir`` relies on it). A llama.cpp / repeng
         GGUF control vector (``formats.from_gguf``) is stored as the safetensors file it converts to, with
-        the same checks; the provenance's ``imported_from`` records the GGUF's own sha256 and keys.
+        the same checks; the provenance's ``imported_from`` records the GGUF's own sha256 and keys. ``once``:
+        if a version of ``name`` already holds these bytes, return it and store nothing, decided under the
+        write lock (replicas starting together import the shipped vectors once between them).
         """
         check_name(name)
         source: dict[str, Any] | None = None
@@ -184,7 +189,7 @@ class ArtifactStore:
         if vet is not None:
             prov["vetting"] = dict(vet(upload.declared))
         return self._commit(name, upload.kind, data, upload.vectors, upload.header.get("method") or "upload", prov,
-                            description, layers=upload.layers)
+                            description, layers=upload.layers, once=once)
 
     def put_pair(self, name: str, positive: str, negative: str, *, layer: int | None = None,
                  coeff: float | None = None, description: str = "",
@@ -322,7 +327,7 @@ class ArtifactStore:
 
     def _commit(self, name: str, kind: str, data: bytes, vecs: dict[int, torch.Tensor], method: str | None,
                 provenance: Mapping[str, Any] | None, description: str,
-                layers: tuple[int, ...] | None = None) -> ArtifactMeta:
+                layers: tuple[int, ...] | None = None, once: bool = False) -> ArtifactMeta:
         """Allocate the next version, land the file durably, then insert its row, in one write transaction."""
         try:  # a deep, JSON-clean copy: the manifest stores it as JSON and must not fail at commit
             prov = json.loads(json.dumps(dict(provenance or {}), allow_nan=False))
@@ -340,6 +345,9 @@ class ArtifactStore:
             final: Path | None = None
             try:
                 with db.write(self._engine) as conn:
+                    same = db.find_sha(conn, name, sha) if once else None
+                    if same is not None:
+                        return same
                     version = db.next_version(conn, name)
                     final = self._path(name, version)
                     db.write_durably(final, data)

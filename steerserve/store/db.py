@@ -1,4 +1,5 @@
-"""Persistence for the artifact store: the SQLite manifest (SQLAlchemy Core) and durable file writes.
+"""Persistence for the artifact store: the manifest (SQLAlchemy Core; SQLite, or PostgreSQL shared by
+replicas) and durable file writes.
 
 A row is the artifact's existence: a file on disk without a row is an orphan of a crash and is removed
 when the store opens. ``ArtifactMeta`` is the Python view of a row. Nothing here knows the loaded model;
@@ -13,7 +14,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from steerserve.errors import NotFound, SteerError
+from steerserve.store import backend
+from steerserve.store.backend import read as read  # re-exported: callers use db.read / db.write
+from steerserve.store.backend import write as write
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ policies = sa.Table(
     sa.Column("description", sa.Text, nullable=False),
     sa.Column("created", sa.String, nullable=False),
     sa.Column("updated", sa.String, nullable=False),
-    sa.Column("requests_per_minute", sa.Float, nullable=True),  # added after the first release: see _add_columns
+    sa.Column("requests_per_minute", sa.Float, nullable=True),  # added after the first release: see backend._create
 )
 
 # Client API keys: only the sha256 of a key is stored, never the key; ``id`` is what admins revoke by.
@@ -176,63 +180,10 @@ def row_to_meta(row: Mapping[Any, Any]) -> ArtifactMeta:
     })
 
 
-def make_engine(path: Path) -> Engine:
-    """An engine for the manifest at ``path`` that threads may share, with the tables created.
-
-    pysqlite's own transaction handling issues a deferred BEGIN lazily, which would let two writers both
-    read the same "next version" and collide at commit. It is switched off here and the ``begin`` event
-    emits the BEGIN itself, IMMEDIATE when the connection asks for it (see ``write``), so a writer holds
-    SQLite's write lock from the moment it reads the counter until it commits, across processes too.
-    """
-    # timeout: how long a writer waits for another process's write lock before failing.
-    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        # WAL lets readers (generation requests) proceed while an upload writes; FULL makes a committed
-        # row survive power loss, matching the fsync of the file it points to.
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        mode = "IMMEDIATE" if conn.get_execution_options().get("steerserve_immediate") else "DEFERRED"
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-    metadata.create_all(engine)
-    _add_columns(engine)
-    return engine
-
-
-def _add_columns(engine: Engine) -> None:
-    """Add the nullable columns a store made by an older release lacks (its rows read them as NULL)."""
-    inspector = sa.inspect(engine)
-    for table in metadata.sorted_tables:
-        have = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in have and column.nullable:
-                kind = column.type.compile(dialect=engine.dialect)
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-
-
-@contextlib.contextmanager
-def write(engine: Engine) -> Iterator[Connection]:
-    """A transaction holding SQLite's write lock from its first statement; commits on normal exit."""
-    with engine.connect() as conn:
-        conn = conn.execution_options(steerserve_immediate=True)
-        with conn.begin():
-            yield conn
-
-
-@contextlib.contextmanager
-def read(engine: Engine) -> Iterator[Connection]:
-    """A read-only (deferred) transaction: a consistent snapshot that never blocks writers in WAL mode."""
-    with engine.connect() as conn, conn.begin():
-        yield conn
+def make_engine(target: Path | str) -> Engine:
+    """An engine for the manifest, shared by threads and processes, with the tables created: a SQLite file
+    (a ``Path``, the default) or a PostgreSQL URL that several replicas share (``store.backend``)."""
+    return backend.make_engine(target, metadata)
 
 
 # ---- queries (all take a connection inside a ``read``/``write`` transaction) ----------------------------
@@ -259,6 +210,13 @@ def find(conn: Connection, name: str, version: int | None) -> ArtifactMeta | Non
     """The row for ``name@version`` (the latest version when None), or None."""
     q = sa.select(artifacts).where(artifacts.c.name == name).order_by(artifacts.c.version.desc()).limit(1)
     row = conn.execute(q if version is None else q.where(artifacts.c.version == version)).mappings().first()
+    return None if row is None else row_to_meta(row)
+
+
+def find_sha(conn: Connection, name: str, sha256: str) -> ArtifactMeta | None:
+    """The earliest version of ``name`` whose file bytes have this sha256, or None."""
+    q = sa.select(artifacts).where(artifacts.c.name == name, artifacts.c.sha256 == sha256)
+    row = conn.execute(q.order_by(artifacts.c.version).limit(1)).mappings().first()
     return None if row is None else row_to_meta(row)
 
 
@@ -342,8 +300,9 @@ def header_metadata(data: bytes) -> dict[str, str]:
 def remove_orphans(conn: Connection, root: Path) -> None:
     """Delete temp files and files without a row under ``root/<name>/``, then empty folders.
 
-    Call inside ``write``: holding the write lock, no writer in any process is between landing its file
-    and committing its row, so every such file is an orphan of a crash.
+    Call inside ``write``: holding the write lock, no writer in any process (or replica sharing the
+    PostgreSQL manifest and this folder) is between landing its file and committing its row, since
+    ``ArtifactStore`` lands files only inside ``write``; so every such file is an orphan of a crash.
     """
     known = {(r.name, f"{r.version}.safetensors") for r in conn.execute(
         sa.select(artifacts.c.name, artifacts.c.version))}
