@@ -80,6 +80,21 @@ def serving(app: Any, port: int = 0, start_s: float = 900) -> Iterator[str]:
         sock.close()
 
 
+def wait_healthy(proc: Any, url: str, log_tail: Callable[[], str], timeout: float, poll_s: float = 0.2) -> None:
+    """Wait until the server process ``proc`` answers ``/health`` at ``url``; fail the test (with its log's tail)
+    if it exits first or is not healthy within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{url} exited with {proc.returncode} during start-up:\n{log_tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                if client.get("/health").status_code == 200:
+                    return
+            time.sleep(poll_s)
+    pytest.fail(f"{url} not healthy after {timeout:.0f} s:\n{log_tail()}")
+
+
 @pytest.fixture(scope="session")
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -40,6 +40,7 @@ import pytest
 import torch
 
 from steerserve.model import prepare_default_model
+from tests.conftest import wait_healthy
 from tests.paths import models_dir
 
 pytestmark = pytest.mark.slow
@@ -78,16 +79,7 @@ class ServerProcess:
             return "(no log)"
 
     def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.base_url, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health").status_code == 200:
-                        return
-                time.sleep(0.1)
-        pytest.fail(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+        wait_healthy(self.proc, self.base_url, self.log_tail, timeout, poll_s=0.1)
 
     def kill(self) -> None:
         """SIGKILL and reap; harmless if it is already dead."""

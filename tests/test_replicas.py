@@ -13,7 +13,6 @@ its own ``--home`` and port, the same ``--store-url`` and ``--store-dir``. The t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from steerserve.model import prepare_default_model
 from tests import postgres
+from tests.conftest import wait_healthy
 from tests.paths import models_dir
 
 pytestmark = pytest.mark.slow
@@ -54,16 +54,7 @@ def _start(name: str, tmp: Path, store_url: str, store_dir: Path, model: Path) -
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with httpx.Client(base_url=url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"{url} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/health").status_code == 200:
-                    return
-            time.sleep(0.2)
-    pytest.fail(f"{url} not healthy after {START_TIMEOUT_S:.0f} s:\n{log.read_text(errors='replace')[-4000:]}")
+    wait_healthy(proc, url, lambda: log.read_text(errors="replace")[-4000:], START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
