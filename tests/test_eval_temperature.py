@@ -14,7 +14,7 @@ from steerserve.errors import SteerError
 from steerserve.evaluation import sweep
 from steerserve.evaluation.data import Sample
 from steerserve.evaluation.generate import Sampling, body
-from steerserve.evaluation.metrics import METRICS, Case, Probes
+from steerserve.evaluation.metrics import METRICS, Case, Probes, answers_with_option
 from steerserve.evaluation.scoring import ScoreItem, Scorer
 from steerserve.service import Service, build_service
 from tests.paths import models_dir
@@ -32,6 +32,13 @@ def test_temperature_side_settings() -> None:
     sampling = Sampling(max_tokens=4, temperature=0.0)
     assert body(Sample(0, "hi"), None, sampling)["temperature"] == 0.0  # the run's
     assert body(Sample(0, "hi"), None, sampling, temperature=1.5)["temperature"] == 1.5  # the setting's own
+
+
+def test_well_formed_is_a_whole_option() -> None:
+    """What a temperature setting samples ("ABC", "About") is not the answer A; "A", " A." and "B)" are."""
+    options = (" A", " B")
+    assert all(answers_with_option(t, options) for t in ("A", " A.", " B) because", "A\nmore", " B,"))
+    assert not any(answers_with_option(t, options) for t in (" ABC", " About", "Bob", " #", "", " was A"))
 
 
 @pytest.fixture(scope="module")
