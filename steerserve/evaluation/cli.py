@@ -14,8 +14,10 @@ EPILOG = """\
 strength sweep: each --coeffs value gives one setting in which every intervention's strength is set to it:
 the --coeff-field where given, else the first of coeff/beta/gamma the intervention has (interventions
 without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as is. 'auto' sets the field to
-"auto" (cot_compress: the gamma_max that `steerserve calibrate` stored). --also-spec and --also-prompt add
-side settings (another spec; the unsteered model on another prompt template) after the sweep.
+"auto" (cot_compress: the gamma_max that `steerserve calibrate` stored). --also-spec, --also-prompt and
+--also-temperature add side settings (another spec; the unsteered model on another prompt template; the
+unsteered model sampled at temperature T, its distributions scored as softmax(logits / T), so its
+choice_entropy and KL are those of the temperature-scaled distribution) after the sweep.
 
 distribution metrics (kl, refusal_score, choice_entropy, decision_entropy) are computed on the LOCAL hf
 model by teacher forcing, also in --server mode: the scorer loads the model and the artifact store from --home
@@ -69,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--also-prompt", action="append", default=[], metavar="LABEL=TEMPLATE",
                    help="another setting: the unsteered model on its own prompt template (with {prompt}), "
                         "e.g. a 'be concise' instruction baseline")
+    p.add_argument("--also-temperature", action="append", default=[], metavar="LABEL=T",
+                   help="another setting: the unsteered model sampled at temperature T, its distribution metrics "
+                        "and KL those of softmax(logits / T), e.g. a temperature baseline at a method's KL")
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per reply (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
@@ -99,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             raise SteerError("--concurrency and --max-tokens must be >= 1")
         spec = sweep.load_spec(args.spec)
         settings = sweep.unique_labels([*sweep.settings(spec, args.coeffs, args.coeff_field),
-                                        *sweep.side_settings(args.also_spec, args.also_prompt)])
+                                        *sweep.side_settings(args.also_spec, args.also_prompt,
+                                                                    args.also_temperature)])
         template = sweep.check_template(args.prompt_template, "--prompt-template")
         samples = read_samples(args.data, args.field, args.limit, args.offset, args.answer_field)
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
               "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": len(samples),
               "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
               "coeffs": args.coeffs, "coeff_field": args.coeff_field, "prompt_template": args.prompt_template,
-              "also_spec": args.also_spec, "also_prompt": args.also_prompt, "max_tokens": args.max_tokens,
+              "also_spec": args.also_spec, "also_prompt": args.also_prompt,
+              "also_temperature": args.also_temperature, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "kl": args.kl,
               "server": args.server or "in-process (hf)"}
     title = f"{args.data.name}, {len(samples)} prompts, {'chat' if args.chat else 'raw'}, " \

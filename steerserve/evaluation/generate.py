@@ -46,10 +46,10 @@ def prompt_text(sample: Sample, sampling: Sampling, template: str | None = None)
 
 
 def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling,
-         template: str | None = None) -> dict[str, Any]:
-    """The ``POST /generate`` body for one sample (``template``: the setting's own prompt template, if any)."""
-    out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-                           "seed": sampling.seed}
+         template: str | None = None, temperature: float | None = None) -> dict[str, Any]:
+    """The ``POST /generate`` body for one sample (``template``, ``temperature``: the setting's own, if any)."""
+    out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "seed": sampling.seed,
+                           "temperature": sampling.temperature if temperature is None else temperature}
     text = prompt_text(sample, sampling, template)
     if sampling.chat:
         out["messages"] = [{"role": "user", "content": text}]

@@ -154,7 +154,7 @@ def _answer(case: Case, probes: Probes) -> dict[str, float]:
 
 def _choice_entropy(case: Case, probes: Probes) -> dict[str, float]:
     """Entropy (bits) of the first-token distribution renormalised over the options, and whether the
-    reply starts with one of them."""
+    reply starts with one of them (``answers_with_option``)."""
     if not probes.options:
         raise SteerError("choice_entropy needs --options", field="--options")
     assert case.first is not None
@@ -163,8 +163,18 @@ def _choice_entropy(case: Case, probes: Probes) -> dict[str, float]:
     w = [math.exp(x - top) for x in lp]
     z = sum(w)
     entropy = -sum(x / z * math.log2(x / z) for x in w if x > 0)
-    text = case.text.strip()
-    return {"choice_entropy": entropy, "well_formed": float(any(text.startswith(o.strip()) for o in probes.options))}
+    return {"choice_entropy": entropy, "well_formed": float(answers_with_option(case.text, probes.options))}
+
+
+def answers_with_option(text: str, options: Sequence[str]) -> bool:
+    """The reply starts with one of the options as a whole word: "A", "A." or "A\n..." count for option
+    " A", "ABC" or "About" do not (a sampled " ABC" is not the answer A)."""
+    text = text.strip()
+    for o in options:
+        o = o.strip()
+        if o and text.startswith(o) and not text[len(o) : len(o) + 1].isalnum():
+            return True
+    return False
 
 
 def _decision_entropy(case: Case, probes: Probes) -> dict[str, float]:

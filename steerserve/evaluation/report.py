@@ -39,7 +39,8 @@ def to_json(result: Result, config: Mapping[str, Any]) -> dict[str, Any]:
                    for i, lab in enumerate(labels)}
         samples.append({"index": s.index, "prompt": s.prompt, "reference": s.reference, "outputs": outputs})
     return _clean({"model": result.model, "config": dict(config), "notes": list(result.notes),
-                   "settings": [{"label": s.label, "coeff": s.coeff, "steering": s.steering} for s in result.settings],
+                   "settings": [{"label": s.label, "coeff": s.coeff, "steering": s.steering,
+                                 "temperature": s.temperature} for s in result.settings],
                    "table": table, "samples": samples})
 
 

@@ -99,7 +99,8 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
                 notes.append("distribution metrics were scored on the local hf model and store "
                              "(same --home), not on the server")
         await stack.enter_async_context(client)
-        payloads = [body(s, st.steering, opts.sampling, st.template) for st in opts.settings for s in samples]
+        payloads = [body(s, st.steering, opts.sampling, st.template, st.temperature)
+                    for st in opts.settings for s in samples]
         flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
         n = len(samples)
         replies = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(opts.settings)))
@@ -150,11 +151,15 @@ async def _score_all(service: Service, samples: Sequence[Sample], replies: Seque
             cont = tuple(renderer.tokenize(reply.text)) if opts.kl or along else ()
             # the distributions that chose each token, plus the one that chose end-of-sequence
             positions = max(1, len(cont) + (0 if reply.finish_reason == "length" else 1))
-            items.append(ScoreItem(prompt, cont, ops, min(positions, len(cont) + 1)))
+            temperature = 1.0 if setting.temperature is None else setting.temperature
+            items.append(ScoreItem(prompt, cont, ops, min(positions, len(cont) + 1), temperature))
     if opts.kl or along:
         notes.append("KL and decision entropy are measured along each reply, re-tokenised from its text")
     if gain:
         notes.append("closed-loop (gain) ops were scored at gain 1.0")
+    if any(st.temperature is not None for st in opts.settings):
+        notes.append("a temperature setting's distribution metrics and KL are those of softmax(logits / T), "
+                     "its KL taken to the model's own distribution (T = 1)")
     out: list[Scored] = []
     with tqdm(total=len(items), desc="score", unit="seq", disable=not opts.progress, mininterval=1.0) as bar:
         for k in range(0, len(items), SCORE_CHUNK):

@@ -4,7 +4,9 @@ teacher forcing on the hf engine's own model (the same hooks, bank and tables th
 One forward of prompt + continuation per sequence, right-padded into batches (causal attention: padding
 after a sequence never reaches it, and padding tokens are outside every steering segment). Ops are laid
 out at absolute positions from 0, exactly as the engine lays out a prefill. Closed-loop (``gain``) ops
-are applied at gain 1.0: the hf tables carry no gain register yet.
+are applied at gain 1.0: the hf tables carry no gain register yet. An item's ``temperature`` scores the
+distributions ``softmax(logits / T)`` (a temperature baseline); its KL is then to the unsteered model's own
+distribution (T = 1), so an unsteered item at T != 1 has a KL too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ScoreItem:
     continuation: tuple[int, ...]  # generated tokens (the reply, tokenized)
     ops: tuple[SteerOp, ...]  # the steered model's ops; () = unsteered
     positions: int = 1  # generated positions to score: the first predicts continuation[0]
+    temperature: float = 1.0  # the scored distributions are softmax(logits / temperature)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -94,11 +97,16 @@ class Scorer:
         out = []
         for i, it in enumerate(items):
             a = len(it.prompt.token_ids) - 1  # the last prompt position predicts the first generated token
-            ls = torch.log_softmax(steered[i, a : a + it.positions].float(), dim=-1)  # [k, V]
+            logits = steered[i, a : a + it.positions].float()  # [k, V]
+            ls = torch.log_softmax(logits / it.temperature, dim=-1)  # [k, V]
             divergence: tuple[float, ...] | None = None
             if kl:
+                lu: torch.Tensor | None = None  # the unsteered model at T = 1, [k, V]
                 if unsteered is not None and i in rows:
                     lu = torch.log_softmax(unsteered[rows[i], a : a + it.positions].float(), dim=-1)
+                elif it.temperature != 1.0:  # unsteered, only rescaled: its own logits at T = 1
+                    lu = torch.log_softmax(logits, dim=-1)
+                if lu is not None:
                     divergence = tuple((ls.exp() * (ls - lu)).sum(dim=-1).tolist())  # [k]
                 else:
                     divergence = (0.0,) * it.positions

@@ -8,15 +8,19 @@ the spec is used as is (one steered setting, labelled ``spec``). A ``--coeffs`` 
 (``AUTO``): the strength field is set to the string ``"auto"``, which methods with a calibrated strength
 (``cot_compress``'s ``gamma``) accept; such a setting has no numeric ``coeff``.
 
-Side settings (``--also-spec LABEL=SPEC``, ``--also-prompt LABEL=TEMPLATE``) come after the sweep: another
-spec on the same prompts (e.g. a random vector), or the unsteered model on a different prompt template
-(e.g. a "be concise" instruction), each reported beside the baseline like any other setting.
+Side settings (``--also-spec LABEL=SPEC``, ``--also-prompt LABEL=TEMPLATE``, ``--also-temperature
+LABEL=T``) come after the sweep: another spec on the same prompts (e.g. a random vector), the unsteered
+model on a different prompt template (e.g. a "be concise" instruction), or the unsteered model at another
+temperature (sampled at ``T``, and its distributions scored as ``softmax(logits / T)``: the baseline a
+method that raises entropy is compared with at equal KL), each reported beside the baseline like any other
+setting.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,9 @@ class Setting:
     coeff: float | None  # the swept numeric strength; None for the baseline, auto, an unswept spec, a side setting
     steering: Mapping[str, Any] | None  # the request's ``steering`` object; None = unsteered
     template: str | None = None  # this setting's prompt template; None = the run's (--prompt-template)
+    # this setting's temperature, for sampling and for its scored distributions (softmax(logits / T));
+    # None = the run's --temperature for sampling, and the model's own distributions (T = 1) for scoring
+    temperature: float | None = None
 
 
 def parse_coeff(text: str) -> Coeff:
@@ -106,9 +113,11 @@ def _split(item: str, flag: str) -> tuple[str, str]:
     return label.strip(), value
 
 
-def side_settings(specs: Sequence[str] = (), prompts: Sequence[str] = ()) -> list[Setting]:
-    """``--also-spec LABEL=SPEC`` (a spec file or JSON text, run as is) and ``--also-prompt LABEL=TEMPLATE``
-    (unsteered, with its own prompt template), in that order. The label ends at the first ``=``."""
+def side_settings(specs: Sequence[str] = (), prompts: Sequence[str] = (),
+                  temperatures: Sequence[str] = ()) -> list[Setting]:
+    """``--also-spec LABEL=SPEC`` (a spec file or JSON text, run as is), ``--also-prompt LABEL=TEMPLATE``
+    (unsteered, with its own prompt template) and ``--also-temperature LABEL=T`` (unsteered, sampled and
+    scored at temperature ``T`` > 0), in that order. The label ends at the first ``=``."""
     out = []
     for item in specs:
         label, value = _split(item, "--also-spec")
@@ -117,7 +126,21 @@ def side_settings(specs: Sequence[str] = (), prompts: Sequence[str] = ()) -> lis
         label, value = _split(item, "--also-prompt")
         check_template(value, "--also-prompt")
         out.append(Setting(label, None, None, value))
+    for item in temperatures:
+        label, value = _split(item, "--also-temperature")
+        out.append(Setting(label, None, None, temperature=parse_temperature(value)))
     return out
+
+
+def parse_temperature(text: str) -> float:
+    """An ``--also-temperature`` value: a finite number > 0 (0 would be greedy, whose distribution is a point)."""
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise SteerError(f"expects a finite temperature > 0, got {text!r}", field="--also-temperature")
+    return t
 
 
 def check_template(template: str, flag: str) -> str:
