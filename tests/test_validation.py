@@ -137,10 +137,11 @@ def test_malformed_bodies(client: httpx.Client, raw: str) -> None:
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), [
-    ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "n"),
-    ("/v1/chat/completions", {"messages": HI, "logprobs": True}, 400, "logprobs"),
-    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "n": 99}, 400, "n"),
+    ("/v1/chat/completions", {"messages": HI, "logprobs": "yes"}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema"}}, 400,
+     "response_format.json_schema"),
     ("/v1/chat/completions", {"messages": HI, "model": "gpt-4o"}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
