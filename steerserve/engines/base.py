@@ -22,11 +22,11 @@ WEIGHT_KINDS = ("controller", "probes", "head")  # weights an engine loads into 
 class Structured:
     """Constrained decoding, done by vLLM's own structured-output backend (the hf engine has none).
 
-    ``kind`` is ``json`` (``value``: a JSON schema as JSON text), ``json_object`` (any JSON object;
-    ``value`` empty) or ``choice`` (``value``: a JSON list of strings).
+    ``kind`` is ``json`` (``value``: a JSON schema as JSON text) or ``json_object`` (any JSON object;
+    ``value`` empty).
     """
 
-    kind: Literal["json", "json_object", "choice"]
+    kind: Literal["json", "json_object"]
     value: str = ""
     field: str = "response_format"  # the request field that asked for it, named by an error about it
 

@@ -333,8 +333,7 @@ def _structured(structured: Structured | None) -> Any:
 
     if structured.kind == "json_object":
         return StructuredOutputsParams(json_object=True)
-    value = json.loads(structured.value)
-    return StructuredOutputsParams(json=value) if structured.kind == "json" else StructuredOutputsParams(choice=value)
+    return StructuredOutputsParams(json=json.loads(structured.value))
 
 
 def _logprobs(ids: tuple[int, ...], got: Any, top: int | None) -> tuple[TokenLogprob, ...]:
