@@ -37,9 +37,8 @@ from steerserve.prompts import PromptRenderer
 from steerserve.spec import ResolveContext, SteerSpec
 from steerserve.store.artifacts import ArtifactStore, file_header
 from steerserve.tools.asc import complete
+from steerserve.tools.gsm8k import CONCISE_INSTRUCTION as CONCISE_PROMPT
 from steerserve.tools.gsm8k import DEFAULT_DATA, Problem, final_number, read_rows, repetition, same_number
-
-CONCISE_PROMPT = "Be concise: give only the short calculation and the final answer."
 
 
 def settings_list(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, dict[str, Any] | None]]:

@@ -22,7 +22,7 @@ from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext
 from steerserve.store.artifacts import ArtifactStore, file_header
 from steerserve.tools import gsm8k, kl_bound
-from steerserve.tools.asc import complete
+from steerserve.tools.asc import CONCISE_TEMPLATE, TEMPLATE, complete, model_chains, pair_ids, user_prompt
 from steerserve.tools.extract_cli import write_artifact
 from tests.paths import models_dir
 
@@ -184,6 +184,36 @@ async def test_gamma_zero_is_unsteered_bit_for_bit(hf_engine: HFEngine, ctx: Res
     strong = await CotCompress().compile({"vector": "plain", "gamma": 8}, prompt, ctx, WHERE)
     assert (await complete(hf_engine, prompt.token_ids, 24, zero.ops)).token_ids == plain.token_ids
     assert (await complete(hf_engine, prompt.token_ids, 24, strong.ops)).token_ids != plain.token_ids
+
+
+class _NoGeneration:
+    """Stands in for the engine on a second call: everything must come from the cache."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+
+    def generate(self, request: Any) -> Any:
+        raise AssertionError("the cache should have answered")
+
+
+async def test_model_concise_pairs_and_the_chain_cache(hf_engine: HFEngine, tmp_path: Path) -> None:
+    """``--concise model``: both answers of a pair are the model's own, after the same step-by-step prompt;
+    the cache keeps one entry per prompt template, and a second run generates nothing."""
+    r = PromptRenderer(hf_engine.tokenizer, 2048)
+    problems = [gsm8k.Problem(7, "Tom has 3 apples and buys 5 more. How many now?", "3+5=<<3+5=8>>8\n#### 8")]
+    cache = tmp_path / "chains.json"
+    verbose = await model_chains(hf_engine, r, problems, 24, cache)
+    concise = await model_chains(hf_engine, r, problems, 24, cache, CONCISE_TEMPLATE)
+    direct = await complete(hf_engine, user_prompt(r, problems[0].question, CONCISE_TEMPLATE), 24)
+    assert concise[7] == direct.token_ids and verbose[7] != concise[7]
+    again = _NoGeneration(hf_engine.info)
+    assert await model_chains(again, r, problems, 24, cache) == verbose
+    assert await model_chains(again, r, problems, 24, cache, CONCISE_TEMPLATE) == concise
+    pos, neg = pair_ids(r, problems, verbose, concise)
+    prompt = user_prompt(r, problems[0].question, TEMPLATE)
+    assert pos == [prompt + concise[7]] and neg == [prompt + verbose[7]]
+    calc, _ = pair_ids(r, problems, verbose, "calc")
+    assert calc == [prompt + tuple(r.tokenize("3+5=8\n#### 8"))]
 
 
 # ---- data and the shipped artifact ----------------------------------------------------------------------

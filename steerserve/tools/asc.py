@@ -3,15 +3,22 @@
 Pairs come from GSM8K train rows ``[offset, offset + pairs)``. For each question ``q``, rendered with the
 chat template as the user message ``TEMPLATE.format(question=q)``:
 
-- concise: ``q`` + the dataset's own short solution (``--concise calc``: the calculator annotations and
-  ``#### N``; ``worked``: the worked solution without annotations);
+- concise (``--concise``): ``model`` (the default) = the model's *own* greedy answer to the question with
+  ``CONCISE_INSTRUCTION`` instead of "Let's think step by step" (placed after the step-by-step prompt, so
+  the pair differs only in the answer's style, and both answers are text this model writes); ``calc`` =
+  the dataset's calculator annotations and ``#### N``; ``worked`` = the dataset's worked solution without
+  annotations;
 - verbose: ``q`` + the model's own greedy chain for that prompt (``--max-tokens``, end-of-sequence token
   left out), generated here with the hf engine, concurrently and batched.
 
-The vector is ``mean_i state_l(q_i + concise_i)[-1] - state_l(q_i + verbose_i)[-1]`` at one layer ``l``
-(the output of decoder block ``l``, the project-wide convention), i.e. the last token of each answer.
-It is stored unnormalised, so ``gamma = 1`` adds the whole mean difference; ``+gamma`` points towards the
-concise answers. ``--chains FILE`` keeps the model's chains between runs (a layer sweep generates once).
+The vector is the mean over pairs of ``pool(state_l(q_i + concise_i)) - pool(state_l(q_i + verbose_i))`` at
+one layer ``l`` (the output of decoder block ``l``, the project-wide convention). ``--pooling answer`` (the
+default) takes the mean over the answer's tokens; ``last`` takes the answer's last token, as the ASC
+paper does (on this model the last token encodes "the answer ends here" more than a concise style, and the
+dataset's terse notation is text the model cannot continue: both made replies longer, see
+``vectors/README.md``). It is stored unnormalised, so ``gamma = 1`` adds the whole mean difference;
+``+gamma`` points towards the concise answers. ``--chains FILE`` keeps the model's chains between runs (a
+layer sweep generates once).
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import SteerOp
-from steerserve.tools.gsm8k import CONCISE, DEFAULT_DATA, DataMissing, Problem, read_rows, shown
+from steerserve.tools.gsm8k import CONCISE, CONCISE_INSTRUCTION, DEFAULT_DATA, DataMissing, Problem, read_rows, shown
 
 TEMPLATE = "{question}\nLet's think step by step."
+CONCISE_TEMPLATE = "{question}\n" + CONCISE_INSTRUCTION  # the prompt the ``model`` concise answers answer
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--offset", type=int, default=0, help="first row used (0-based line number)")
     p.add_argument("--pairs", type=int, default=64, help="number of rows (pairs) used")
     p.add_argument("--layer", type=int, default=12, help="the layer of the vector (output of block l)")
-    p.add_argument("--concise", choices=sorted(CONCISE), default="calc", help="how the concise answer is built")
-    p.add_argument("--pooling", choices=("last", "answer"), default="last",
+    p.add_argument("--concise", choices=sorted([*CONCISE, "model"]), default="model",
+                   help="how the concise answer is built (default: the model's own answer to the concise prompt)")
+    p.add_argument("--pooling", choices=("last", "answer"), default="answer",
                    help="state of the answer's last token (ASC) or mean over the answer's tokens")
     p.add_argument("--max-tokens", type=int, default=256, help="length budget of the model's own chains")
     p.add_argument("--chains", type=Path, default=None, help="JSON cache of the model's chains (read, then updated)")
@@ -79,41 +88,47 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def user_prompt(renderer: PromptRenderer, question: str) -> tuple[int, ...]:
+def user_prompt(renderer: PromptRenderer, question: str, template: str = TEMPLATE) -> tuple[int, ...]:
     """The chat-templated prompt both answers of a pair follow, and the verbose chain is generated for."""
-    return renderer.render(messages=[{"role": "user", "content": TEMPLATE.format(question=question)}]).token_ids
+    return renderer.render(messages=[{"role": "user", "content": template.format(question=question)}]).token_ids
 
 
 async def model_chains(engine: Any, renderer: PromptRenderer, problems: Sequence[Problem], max_tokens: int,
-                       cache: Path | None = None) -> dict[int, tuple[int, ...]]:
-    """``{row: chain ids}``: the model's greedy answers, from ``cache`` where it has them (same model,
-    template and budget), otherwise generated concurrently (the engine batches them) and added to it."""
-    key = {"model_fingerprint": engine.info.fingerprint, "template": TEMPLATE, "max_tokens": max_tokens}
-    known: dict[int, tuple[int, ...]] = {}
+                       cache: Path | None = None, template: str = TEMPLATE) -> dict[int, tuple[int, ...]]:
+    """``{row: chain ids}``: the model's greedy answers to ``template``, from ``cache`` where it has them
+    (same model and budget; one entry per template), otherwise generated concurrently (the engine batches
+    them) and added to it."""
+    key = {"model_fingerprint": engine.info.fingerprint, "max_tokens": max_tokens}
+    saved: dict[str, Any] = {}
     if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
-        if all(saved.get(k) == v for k, v in key.items()):
-            known = {int(r): tuple(ids) for r, ids in saved["chains"].items()}
+        if any(saved.get(k) != v for k, v in key.items()) or not isinstance(saved.get("templates"), dict):
+            saved = {}
+    known = {int(r): tuple(ids) for r, ids in saved.get("templates", {}).get(template, {}).items()}
     todo = [p for p in problems if p.row not in known]
     if todo:
         print(f"generating the model's own chains for {len(todo)} questions ({max_tokens} tokens, greedy)...",
               file=sys.stderr)
-        done = await asyncio.gather(*(complete(engine, user_prompt(renderer, p.question), max_tokens) for p in todo))
+        done = await asyncio.gather(*(complete(engine, user_prompt(renderer, p.question, template), max_tokens)
+                                      for p in todo))
         known.update({p.row: c.token_ids for p, c in zip(todo, done, strict=True)})
         if cache is not None:
+            templates = {**saved.get("templates", {}),
+                         template: {str(r): list(ids) for r, ids in sorted(known.items())}}
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({**key, "chains": {str(r): list(ids) for r, ids in sorted(known.items())}}))
+            cache.write_text(json.dumps({**key, "templates": templates}))
     return {p.row: known[p.row] for p in problems}
 
 
 def pair_ids(renderer: PromptRenderer, problems: Sequence[Problem], chains: dict[int, tuple[int, ...]],
-             concise: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Token ids of (prompt + concise answer) and (prompt + the model's chain), pair by pair."""
-    render = CONCISE[concise]
+             concise: str | dict[int, tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Token ids of (prompt + concise answer) and (prompt + the model's chain), pair by pair. ``concise`` is
+    a ``gsm8k.CONCISE`` name (built from the dataset's answer) or the model's own concise answers by row."""
     pos, neg = [], []
     for p in problems:
         prompt = user_prompt(renderer, p.question)
-        pos.append(prompt + tuple(renderer.tokenize(render(p.answer))))
+        answer = concise[p.row] if isinstance(concise, dict) else tuple(renderer.tokenize(CONCISE[concise](p.answer)))
+        pos.append(prompt + answer)
         neg.append(prompt + chains[p.row])
     return pos, neg
 
@@ -161,7 +176,10 @@ async def _extract(args: argparse.Namespace, problems: list[Problem]) -> int:
     await engine.start()
     try:
         chains = await model_chains(engine, renderer, problems, args.max_tokens, args.chains)
-        pos, neg = pair_ids(renderer, problems, chains, args.concise)
+        concise: str | dict[int, tuple[int, ...]] = args.concise
+        if args.concise == "model":
+            concise = await model_chains(engine, renderer, problems, args.max_tokens, args.chains, CONCISE_TEMPLATE)
+        pos, neg = pair_ids(renderer, problems, chains, concise)
         prompt_lens = [len(user_prompt(renderer, p.question)) for p in problems]
         print(f"extracting from {len(pos)} pairs at layer {args.layer}...", file=sys.stderr)
         vectors = await asc_vectors(engine.hidden_states, pos, neg, [args.layer], args.pooling, prompt_lens)
@@ -171,6 +189,7 @@ async def _extract(args: argparse.Namespace, problems: list[Problem]) -> int:
         "command": "steerserve " + shlex.join(sys.argv[1:]), "data": shown(args.data),
         "rows": [problems[0].row, problems[-1].row + 1], "pairs": len(problems), "layer": args.layer,
         "concise": args.concise, "pooling": args.pooling, "user_template": TEMPLATE,
+        **({"concise_template": CONCISE_TEMPLATE} if args.concise == "model" else {}),
         "chain_max_tokens": args.max_tokens,
         "sign": "+gamma points from the model's own chains towards the concise answers",
         "mean_tokens": {"concise": sum(len(x) - n for x, n in zip(pos, prompt_lens, strict=True)) / len(pos),

@@ -69,6 +69,9 @@ def worked(answer: str) -> str:
 
 
 CONCISE = {"calc": calculations, "worked": worked}
+# The "be concise" instruction: the prompt baseline of the evaluation, and what ``extract asc --concise
+# model`` asks the model for to get its own concise answers.
+CONCISE_INSTRUCTION = "Be concise: give only the short calculation and the final answer."
 
 
 def final_number(text: str) -> str | None:
