@@ -96,7 +96,7 @@ class StepTables:
         # (exactly 1 for the others: cell 0), multiplied on the device in ``fill``.
         self.scales = {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in OpKind}
         self.cells = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
-        self._gained = False  # this step has a gain op
+        self._gained: set[OpKind] = set()  # the kinds with a gain op this step
         # Tokens whose steering the op refused this step (non-finite result): written by the op on the device,
         # read by the host after the step (``flagged``), cleared by ``fill``.
         self.bad = torch.zeros(max_tokens, dtype=torch.bool, device=device)
@@ -153,11 +153,11 @@ class StepTables:
         for kind in OpKind:
             self._rows[kind][:, :dirty] = 0
             self._scales[kind][:, :dirty] = 0
-            if self._gained:
+            if kind in self._gained:
                 self._cells[kind][:, :dirty] = 0
         self.width = {k: 0 for k in OpKind}
         self._steers = [False] * len(self._steers)
-        gained, self._gained = self._gained, False
+        gained, self._gained = self._gained, set()
         segments = [s for s in segments if len(s.placement) and s.count > 0]
         if segments:
             self._scatter(segments)
@@ -169,9 +169,9 @@ class StepTables:
         for kind in OpKind:  # one copy per table
             self._to_device("rows", kind, dirty)
             self._to_device("scales", kind, dirty)
-            if self._gained or gained:  # (this step's gain ops, or clearing the last step's cells)
+            if kind in self._gained or kind in gained:  # (this step's gain ops, or clearing the last step's)
                 self._to_device("cells", kind, dirty)
-                if self._gained and gain is not None:
+                if kind in self._gained and gain is not None:
                     scales = self.scales[kind][:, :dirty]  # [L, T, K]
                     cells = self.cells[kind][:, :dirty]
                     scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
@@ -240,7 +240,7 @@ class StepTables:
             gained = e[m, _GAIN] > 0
             if gained.any():
                 self._cells[kind][at] = np.where(gained, cell[op[m]], 0)
-                self._gained = True
+                self._gained.add(kind)
             self.width[kind] = int(e[m, _SLOT].max()) + 1
             if kind in (OpKind.ADD, OpKind.ABLATE):
                 for layer in np.unique(e[m, _LAYER]).tolist():
