@@ -52,6 +52,25 @@ def test_entropy_step_is_the_documented_bounded_pi_rule() -> None:
     assert regs.open(LoopSpec(0.5)) == 3 and regs.open(LoopSpec(0.5)) is None  # 3 slots, then full
 
 
+def test_entropy_is_exact_to_fp32_rounding_on_vocabulary_sized_rows() -> None:
+    """The one-softmax entropy against float64: peaked and flat rows, large offsets, masked (-inf) tokens."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 49152, generator=g) * 3  # [B, V], the default model's vocabulary
+    z[::3] *= 6  # peaked: entropy ~1e-3 bits
+    z[1::4] += 25  # large logits: nothing may cancel
+    z[2, :1000] = -math.inf  # a grammar's mask
+    want = torch.special.entr(torch.softmax(z.double(), dim=-1)).sum(dim=-1) / math.log(2.0)  # [B]
+    got = entropy_bits(z)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), want, rtol=2e-4, atol=1e-5), (got, want)
+    ids = z.topk(3, dim=-1).indices  # [B, 3] options that hold real mass; it comes out of the same softmax
+    h, mass = option_entropy(z, ids, torch.ones(16, 3, dtype=torch.bool))
+    p = torch.softmax(z.double(), dim=-1).gather(1, ids)  # [B, 3]
+    assert torch.allclose(mass.double(), p.sum(dim=-1), rtol=1e-5, atol=1e-12)
+    q = p / p.sum(dim=-1, keepdim=True)
+    assert torch.allclose(h.double(), torch.special.entr(q).sum(dim=-1) / math.log(2.0), rtol=1e-4, atol=1e-5)
+
+
 def test_choice_loop_moves_only_at_decisions_and_reports_their_entropy() -> None:
     regs = Registers(2)
     cell = regs.open(LoopSpec(target=0.5, initial=0.0, kp=1.0, ki=0.0, options=(0, 1), gate=0.5))

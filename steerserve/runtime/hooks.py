@@ -40,12 +40,13 @@ class SteeringHooks:
     def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             reading = self.ctrl is not None and self.ctrl.active
-            if not self.tables.steering and not reading:
-                return None  # nothing steered or read this step (ROUTE ops are the routers'): leave it untouched
+            steers = self.tables.steers(index)
+            if not steers and not reading:
+                return None  # nothing steered here or read this step (ROUTE ops are the routers'): leave it untouched
             h = _hidden(output)  # [B, S, H]
             flat = h.reshape(-1, h.shape[-1])  # [B*S, H], row-major = the tables' token order (a view if it can)
             n = flat.shape[0]
-            if self.tables.steering:
+            if steers:
                 steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
                                self.tables.delta(index))
             if reading:  # after steering: the stream the next block reads

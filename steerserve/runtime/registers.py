@@ -19,6 +19,13 @@ import torch
 from steerserve.runtime.loop import MAX_OPTIONS, LoopSpec
 
 _LN2 = math.log(2.0)
+# The scalar registers (rows of ``Registers.file``) and their neutral values. The first ``_WRITTEN`` are
+# the ones ``entropy_step_`` moves, in this order; ``gate`` is 0 for a full-vocabulary loop (every step
+# is a decision: any mass >= 0).
+_ROWS = {"gain": 1.0, "integral": 0.0, "entropy": 0.0, "entropy_sum": 0.0, "steps": 0.0,
+         "target": math.nan, "initial": 0.0, "kp": 0.0, "ki": 0.0, "low": 1.0, "high": 1.0, "i_low": 0.0,
+         "i_high": 0.0, "gate": 0.0}
+_WRITTEN = 5
 
 
 class Registers:
@@ -36,18 +43,21 @@ class Registers:
         def full(value: float) -> torch.Tensor:
             return torch.full((n,), value, dtype=torch.float32, device=device)
 
-        self.gain = full(1.0)  # multiplies the scale of the slot's gain ops; cell 0 stays exactly 1
-        self.target = full(math.nan)  # bits; NaN = no loop on this cell
-        self.entropy = full(0.0)  # bits, of the last next-token distribution the sampler saw
-        self.integral = full(0.0)  # sum of errors (bits), clamped to [i_low, i_high]
-        self.initial, self.kp, self.ki = full(0.0), full(0.0), full(0.0)
-        self.low, self.high, self.i_low, self.i_high = full(1.0), full(1.0), full(0.0), full(0.0)
-        self.entropy_sum, self.steps = full(0.0), full(0.0)  # what a finished request's report says
-        # Choice loops: the option token ids of each cell ([S + 2, K], padded) and which are real; the gate
-        # is 0 for a full-vocabulary loop (every step is a decision: any mass >= 0).
+        # The loop's scalar registers are rows of one file ``[len(_ROWS), S + 2]`` (each name below is a
+        # contiguous row view of it), so the sampler-side op gathers them all with one ``index_select``
+        # and writes back the ones it moves (the first ``_WRITTEN`` rows) with one ``index_copy_``.
+        neutral = torch.tensor(list(_ROWS.values()), dtype=torch.float32)[:, None]  # [rows, 1]
+        self.file = neutral.expand(-1, n).contiguous().to(device)
+        (self.gain,  # multiplies the scale of the slot's gain ops; cell 0 stays exactly 1
+         self.integral,  # sum of errors (bits), clamped to [i_low, i_high]
+         self.entropy,  # bits, of the last next-token distribution the sampler saw
+         self.entropy_sum, self.steps,  # what a finished request's report says
+         self.target,  # bits; NaN = no loop on this cell
+         self.initial, self.kp, self.ki, self.low, self.high, self.i_low, self.i_high,
+         self.gate) = self.file.unbind(0)  # in _ROWS order
+        # Choice loops: the option token ids of each cell ([S + 2, K], padded) and which are real.
         self.option_ids = torch.zeros((n, MAX_OPTIONS), dtype=torch.int64, device=device)
         self.option_on = torch.zeros((n, MAX_OPTIONS), dtype=torch.bool, device=device)
-        self.gate = full(0.0)
         # A gain op at layer l is scaled by gain[cell] * layer_gain[cell, l]. 1 everywhere except in a
         # controlled request's cell, which starts at 0 (no patch before its controller has decided) and
         # takes s * w_l at its last prompt token; x * 1.0 == x, so other requests stay bit-identical.
@@ -112,13 +122,32 @@ class Registers:
 
 
 def _bits(p: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` probabilities -> ``[B]`` entropy in bits (p = 0 contributes 0)."""
+    """``[B, K]`` probabilities -> ``[B]`` entropy in bits (p = 0 contributes 0); for a few options."""
     return torch.special.entr(p).sum(dim=-1) / _LN2
+
+
+def _softmax_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, V]`` logits -> (``[B, V]`` ``softmax(logits)`` fp32, ``[B]`` its entropy in bits).
+
+    ``H = log S - sum_i p_i s_i`` (nats) with ``s = z - max z`` and ``S = sum_i exp(s_i)``: one softmax and
+    one dot product, no log per element (``entr`` took a log of each of the ``V`` probabilities: 3/4 of the
+    cost). Both terms are >= 0, so nothing cancels: exact to fp32 rounding. ``log S`` is read off the
+    softmax itself: at the maximum ``s = 0``, so ``p = exp(0) / S = 1 / S``. Two ``[B, V]`` temporaries
+    (``s``, ``p``; the product reuses ``s``): on CPU, fresh large buffers cost page faults. Fixed shapes,
+    no host sync.
+    """
+    z = logits.float()
+    s = z - z.amax(dim=-1, keepdim=True)  # [B, V], <= 0 (NaN only for a row that is all -inf)
+    # A masked token (logit -inf, e.g. a grammar's bitmask) gets p = 0; a finite s keeps its p * s at 0, not NaN.
+    s.clamp_min_(torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1)  # [B, V]
+    h = -torch.log(p.amax(dim=-1)) - s.mul_(p).sum(dim=-1)  # [B] nats (s is p * s from here on)
+    return p, h / _LN2
 
 
 def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` entropy in bits of ``softmax(logits)`` (fp32)."""
-    return _bits(torch.softmax(logits.float(), dim=-1))
+    return _softmax_entropy(logits)[1]
 
 
 def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +155,7 @@ def option_entropy(logits: torch.Tensor, ids: torch.Tensor, on: torch.Tensor) ->
     the real ones -> (``[B]`` entropy in bits of ``softmax(logits)`` renormalised over the options,
     ``[B]`` the options' total probability). A row without options gets its full-vocabulary entropy and
     mass 0. The scorer (``evaluation``) uses this same function, so the host and the device agree."""
-    p = torch.softmax(logits.float(), dim=-1)  # [B, V]: one pass over the vocabulary
-    full_h = _bits(p)  # [B], = entropy_bits(logits)
+    p, full_h = _softmax_entropy(logits)  # [B, V], [B]: one pass over the vocabulary
     po = p.gather(1, ids) * on  # [B, K]: the options' probabilities (0 for padding)
     mass = po.sum(dim=-1)  # [B]
     has = on.any(dim=-1)  # [B]
@@ -140,26 +168,21 @@ def entropy_step_(regs: Registers, logits: torch.Tensor, cells: torch.Tensor) ->
     """The sampler-side op: measure each row's entropy and move its gain toward its target.
 
     ``logits [B, V]`` (the rows the sampler samples from), ``cells [B]`` int64 (the row's slot cell, or the
-    sink). ``H`` is the next-token entropy, or with options the choice entropy (``option_entropy``), and
-    a step counts only if it is a *decision*: the options' mass >= the cell's gate (gate 0 without options).
+    sink; a cell other than the sink appears at most once). ``H`` is the next-token entropy, or with
+    options the choice entropy (``option_entropy``), and a step counts only if it is a *decision*: the
+    options' mass >= the cell's gate (gate 0 without options).
     For a cell with a target, at a decision: ``e = target - H``, ``I = clamp(I + e, i_low, i_high)``,
     ``gain = clamp(initial + kp * e + ki * I, low, high)``; otherwise the cell keeps its gain and integral.
     Fixed shapes, no host sync: runs inside a step, and its result scales the request's ops from the next
-    step on.
+    step on. One gather of the register file and one scatter back, whatever the batch.
     """
     r = regs
     h, mass = option_entropy(logits, r.option_ids.index_select(0, cells), r.option_on.index_select(0, cells))
-    target = r.target.index_select(0, cells)
-    decide = torch.isfinite(target) & (mass >= r.gate.index_select(0, cells))  # [B]
-    zero = torch.zeros((), device=h.device)
-    err = torch.where(decide, target - h, zero)
-    old_integral = r.integral.index_select(0, cells)
-    integral = torch.minimum(torch.maximum(old_integral + err, r.i_low.index_select(0, cells)),
-                             r.i_high.index_select(0, cells))
-    raw = r.initial.index_select(0, cells) + r.kp.index_select(0, cells) * err + r.ki.index_select(0, cells) * integral
-    gain = torch.minimum(torch.maximum(raw, r.low.index_select(0, cells)), r.high.index_select(0, cells))
-    r.gain.index_copy_(0, cells, torch.where(decide, gain, r.gain.index_select(0, cells)))
-    r.integral.index_copy_(0, cells, torch.where(decide, integral, old_integral))
-    r.entropy.index_copy_(0, cells, torch.where(decide, h, r.entropy.index_select(0, cells)))
-    r.entropy_sum.index_add_(0, cells, torch.where(decide, h, zero))
-    r.steps.index_add_(0, cells, decide.float())
+    old = r.file.index_select(1, cells)  # [rows, B]: every scalar register of every row's cell
+    gain, integral, _, entropy_sum, steps, target, initial, kp, ki, low, high, i_low, i_high, gate = old.unbind(0)
+    decide = torch.isfinite(target) & (mass >= gate)  # [B]
+    err = target - h
+    integral = torch.minimum(torch.maximum(integral + err, i_low), i_high)
+    gain = torch.minimum(torch.maximum(initial + kp * err + ki * integral, low), high)
+    moved = torch.stack([gain, integral, h, entropy_sum + h, steps + 1.0])  # [_WRITTEN, B], in _ROWS order
+    r.file[:_WRITTEN].index_copy_(1, cells, torch.where(decide, moved, old[:_WRITTEN]))

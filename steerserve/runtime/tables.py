@@ -96,15 +96,18 @@ class StepTables:
         # (exactly 1 for the others: cell 0), multiplied on the device in ``fill``.
         self.scales = {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in OpKind}
         self.cells = {k: torch.zeros(shape, dtype=torch.int64, device=device) for k in OpKind}
-        self._gained = False  # this step has a gain op
+        self._gained: set[OpKind] = set()  # the kinds with a gain op this step
         # Tokens whose steering the op refused this step (non-finite result): written by the op on the device,
         # read by the host after the step (``flagged``), cleared by ``fill``.
         self.bad = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.num_tokens = 0
         self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
+        # [L] layers with an ADD or ABLATE op this step: an eager op skips the others (all of whose rows read
+        # row 0 with scale 0: steering them would leave them bit-identical), e.g. a closed loop's one layer.
+        self._steers = [False] * num_layers
         self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
-        self._delta: list[torch.Tensor] | None = None  # this step's per-layer additions, when gathered
+        self._delta: list[torch.Tensor | None] | None = None  # this step's per-layer additions, when gathered
         self._layer_gain: torch.Tensor | None = None  # [cells, L] read by the op this step, if given
         cuda = torch.device(device).type == "cuda"
         self.staging: HostStaging | None = None
@@ -120,6 +123,10 @@ class StepTables:
     def steering(self) -> bool:
         """This step has ADD or ABLATE ops (ROUTE ops are read by the router point alone, never steered)."""
         return bool(self.width[OpKind.ADD] or self.width[OpKind.ABLATE])
+
+    def steers(self, layer: int) -> bool:
+        """This step has an ADD or ABLATE op at ``layer`` (eager callers skip the other layers)."""
+        return self._steers[layer]
 
     @property
     def max_tokens(self) -> int:
@@ -146,10 +153,11 @@ class StepTables:
         for kind in OpKind:
             self._rows[kind][:, :dirty] = 0
             self._scales[kind][:, :dirty] = 0
-            if self._gained:
+            if kind in self._gained:
                 self._cells[kind][:, :dirty] = 0
         self.width = {k: 0 for k in OpKind}
-        gained, self._gained = self._gained, False
+        self._steers = [False] * len(self._steers)
+        gained, self._gained = self._gained, set()
         segments = [s for s in segments if len(s.placement) and s.count > 0]
         if segments:
             self._scatter(segments)
@@ -161,9 +169,9 @@ class StepTables:
         for kind in OpKind:  # one copy per table
             self._to_device("rows", kind, dirty)
             self._to_device("scales", kind, dirty)
-            if self._gained or gained:  # (this step's gain ops, or clearing the last step's cells)
+            if kind in self._gained or kind in gained:  # (this step's gain ops, or clearing the last step's)
                 self._to_device("cells", kind, dirty)
-                if self._gained and gain is not None:
+                if kind in self._gained and gain is not None:
                     scales = self.scales[kind][:, :dirty]  # [L, T, K]
                     cells = self.cells[kind][:, :dirty]
                     scales.mul_(gain.index_select(0, cells.reshape(-1)).view_as(scales))
@@ -177,9 +185,18 @@ class StepTables:
         add_rows = self.rows[OpKind.ADD][:, :num_tokens, :ka]  # [L, T, Ka]
         add_scales = self.scales[OpKind.ADD][:, :num_tokens, :ka]
         self._delta = None
-        small = bank is not None and add_rows.shape[0] * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS
+        # Only the layers with ops: the others' additions are exactly 0 and the op skips them (``steers``).
+        layers = [i for i, on in enumerate(self._steers) if on]
+        small = bank is not None and len(layers) * num_tokens * bank.shape[1] <= DELTA_MAX_ELEMENTS
         if bank is not None and ka and small and self._layer_gain is None:
-            self._delta = list(vetted_delta(bank, add_rows, add_scales, self.bad[:num_tokens]).unbind(0))
+            rows, scales = add_rows, add_scales
+            if len(layers) < len(self._steers):  # (a few ints to the device; no copy when every layer has ops)
+                at = torch.tensor(layers, device=add_rows.device)
+                rows, scales = add_rows.index_select(0, at), add_scales.index_select(0, at)
+            gathered = vetted_delta(bank, rows, scales, self.bad[:num_tokens])  # [len(layers), T, H]
+            self._delta = [None] * len(self._steers)
+            for layer, d in zip(layers, gathered.unbind(0), strict=True):
+                self._delta[layer] = d
         self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
                                self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
                                self.scales[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0), strict=True))
@@ -223,8 +240,11 @@ class StepTables:
             gained = e[m, _GAIN] > 0
             if gained.any():
                 self._cells[kind][at] = np.where(gained, cell[op[m]], 0)
-                self._gained = True
+                self._gained.add(kind)
             self.width[kind] = int(e[m, _SLOT].max()) + 1
+            if kind in (OpKind.ADD, OpKind.ABLATE):
+                for layer in np.unique(e[m, _LAYER]).tolist():
+                    self._steers[layer] = True
 
     def flagged(self, segments: Sequence[Segment]) -> list[int]:
         """Indices of ``segments`` (this step's, as given to ``fill``) with a token the op refused.
@@ -240,7 +260,8 @@ class StepTables:
         return [i for i, s in enumerate(segments) if bad[s.offset : s.offset + s.count].any()]
 
     def delta(self, layer: int) -> torch.Tensor | None:
-        """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None."""
+        """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None (also for a
+        layer without ops: ``steers``)."""
         return None if self._delta is None else self._delta[layer]
 
     def layer(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

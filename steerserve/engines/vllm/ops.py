@@ -88,8 +88,8 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
 
 def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     tables = state.tables
-    if not state.static and not tables.steering:
-        return  # nothing steered this step (ROUTE ops are the router point's): not even a read of the tables
+    if not state.static and not tables.steers(layer):
+        return  # nothing steered at this layer this step (ROUTE ops are the router point's): no table reads
     n = h.shape[0] if state.static else min(h.shape[0], tables.num_tokens)
     add_rows, add_scales, abl_rows, abl_scales = tables.layer(layer, sliced=not state.static)
     if n != add_rows.shape[0]:
