@@ -323,3 +323,21 @@ def test_eval_cli_end_to_end(eval_home: Path, tmp_path: Path, monkeypatch: pytes
     assert "| metric | baseline | coeff=-1.5 | coeff=1.5 |" in md and "| sentiment |" in md
     printed = capsys.readouterr().out
     assert md.strip() in printed and "[coeff=1.5]" in printed
+
+
+@pytest.mark.slow
+def test_server_run_checks_the_local_store_before_generating(eval_home: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a server, the replies are scored on the local store: a vector it lacks is refused before
+    any request is sent (here no server listens, so reaching the generation would fail otherwise)."""
+    monkeypatch.setenv("STEERSERVE_MODELS_DIR", str(models_dir()))
+    spec = {"interventions": [{"method": "add", "vector": "only-on-the-server", "coeff": 1.0}]}
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--server", "http://127.0.0.1:9", "--spec", json.dumps(spec), "--data",
+              str(REPO / "vectors" / "prompts" / "joy.txt"), "--limit", "2", "--max-tokens", "4",
+              "--home", str(eval_home), "--out", str(tmp_path / "out"), "--quiet"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "steering.interventions.0.vector" in err and "local store" in err and "--vectors-dir" in err
+    assert not (tmp_path / "out").exists()

@@ -17,13 +17,16 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from steerserve.errors import SteerError
 from steerserve.evaluation.data import Sample
 from steerserve.evaluation.generate import Reply, Sampling, body, generate_all, prompt_text
 from steerserve.evaluation.metrics import Case, Metric, Probes, Row, get_metrics, make_probes
 from steerserve.evaluation.scoring import Scored, ScoreItem, Scorer
 from steerserve.evaluation.stats import Estimate, bootstrap, paired_delta
 from steerserve.evaluation.sweep import Setting
+from steerserve.methods import resolve
 from steerserve.service import Service
+from steerserve.spec import PromptInfo, SteerSpec
 
 KL_ROW = Row("kl (nats/token)", "kl")
 SCORE_CHUNK = 64  # items per scorer call: the progress bar moves, and memory stays bounded
@@ -96,6 +99,7 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
             client = httpx.AsyncClient(base_url=opts.server, timeout=httpx.Timeout(600.0, connect=10.0))
             if scored:
                 service = await _local_service(opts, stack)
+                await _check_local(service, samples[0], opts)
                 notes.append("distribution metrics were scored on the local hf model and store "
                              "(same --home), not on the server")
         await stack.enter_async_context(client)
@@ -129,6 +133,28 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
                   tuple(_summarise(name, row, values, opts.seed) for name, row in rows), tuple(notes), model)
 
 
+def _prompt(service: Service, sample: Sample, opts: Options, setting: Setting) -> PromptInfo:
+    """The prompt ``setting``'s reply to ``sample`` was generated for, rendered as the server renders it."""
+    text = prompt_text(sample, opts.sampling, setting.template)
+    renderer = service.renderer
+    return (renderer.render(messages=[{"role": "user", "content": text}])
+            if opts.sampling.chat else renderer.render(prompt=text))
+
+
+async def _check_local(service: Service, sample: Sample, opts: Options) -> None:
+    """Before a server run: every setting's spec compiles on the local scorer. A vector that only the
+    server holds would otherwise fail the scoring after the whole (long) generation."""
+    for setting in opts.settings:
+        if setting.steering is not None:
+            try:
+                await resolve(SteerSpec.from_dict(setting.steering), _prompt(service, sample, opts, setting),
+                              service.ctx)
+            except SteerError as exc:
+                raise SteerError(f"{exc.message} in the local store, which scores the replies (import the "
+                                 "server's artifacts with --vectors-dir, or use --home)",
+                                 field=exc.field, code=exc.code) from exc
+
+
 async def _score_all(service: Service, samples: Sequence[Sample], replies: Sequence[Sequence[Reply]],
                      opts: Options, probes: Probes, notes: list[str], along: bool) -> list[list[Scored | None]]:
     """Teacher-force every (setting, sample) on the local model, steered by that setting's spec."""
@@ -143,9 +169,7 @@ async def _score_all(service: Service, samples: Sequence[Sample], replies: Seque
     gain = False
     for setting, rs in zip(opts.settings, replies, strict=True):
         for sample, reply in zip(samples, rs, strict=True):
-            text = prompt_text(sample, opts.sampling, setting.template)  # the prompt the reply was generated for
-            prompt = (renderer.render(messages=[{"role": "user", "content": text}])
-                      if opts.sampling.chat else renderer.render(prompt=text))
+            prompt = _prompt(service, sample, opts, setting)  # the prompt the reply was generated for
             ops = (await scorer.resolve(setting.steering, prompt)).ops if setting.steering is not None else ()
             gain = gain or any(op.gain for op in ops)
             cont = tuple(renderer.tokenize(reply.text)) if opts.kl or along else ()
