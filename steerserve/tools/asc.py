@@ -4,7 +4,8 @@ Pairs come from GSM8K train rows ``[offset, offset + pairs)``. For each question
 chat template as the user message ``TEMPLATE.format(question=q)``:
 
 - concise (``--concise``): ``model`` (the default) = the model's *own* greedy answer to the question with
-  ``CONCISE_INSTRUCTION`` instead of "Let's think step by step" (placed after the step-by-step prompt, so
+  "Be concise: give only the short calculation and the final answer." (``gsm8k.CONCISE_INSTRUCTION``)
+  instead of "Let's think step by step" (placed after the step-by-step prompt, so
   the pair differs only in the answer's style, and both answers are text this model writes); ``calc`` =
   the dataset's calculator annotations and ``#### N``; ``worked`` = the dataset's worked solution without
   annotations;
@@ -79,7 +80,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--concise", choices=sorted([*CONCISE, "model"]), default="model",
                    help="how the concise answer is built (default: the model's own answer to the concise prompt)")
     p.add_argument("--pooling", choices=("last", "answer"), default="answer",
-                   help="state of the answer's last token (ASC) or mean over the answer's tokens")
+                   help="state of the answer's last token (ASC) or mean over the answer's tokens (default)")
     p.add_argument("--max-tokens", type=int, default=256, help="length budget of the model's own chains")
     p.add_argument("--chains", type=Path, default=None, help="JSON cache of the model's chains (read, then updated)")
     p.add_argument("--description", default="chain-of-thought compression (ASC): concise minus verbose answers")
