@@ -15,6 +15,7 @@ import torch
 from steerserve.config import Settings
 from steerserve.engines.hf import HFEngine
 from steerserve.errors import SteerError
+from steerserve.evaluation import metrics
 from steerserve.methods.cot_compress import CotCompress
 from steerserve.model import load_hf, model_info, prepare_default_model
 from steerserve.model_info import ModelInfo
@@ -228,13 +229,14 @@ def test_concise_answers_from_gsm8k() -> None:
     assert (first.row, first.gold, second.row) == (0, "72", 1)
     assert gsm8k.calculations(first.answer) == "48/2=24\n48+24=72\n#### 72"
     assert gsm8k.worked(first.answer).startswith("Natalia sold 48/2 = 24 clips in May.")
-    assert gsm8k.final_number("so 48 + 24 = 72.\nThe answer is: 1,072 clips.") == "1072"
-    assert gsm8k.final_number("The answer is 72.\n\nHope that helps!") is None
+    final = "so 48 + 24 = 72.\nThe answer is: 1,072 clips."
+    assert metrics.ends_with_number(final) and metrics.last_number(final) == 1072.0
+    assert not metrics.ends_with_number("The answer is 72.\n\nHope that helps!")
 
 
 def test_repetition_share() -> None:
-    assert gsm8k.repetition("a b c d e") == 0.0
-    assert gsm8k.repetition("x y z x y z") == pytest.approx(1 / 4)  # grams xyz yzx zxy xyz: one repeat
+    assert metrics.repetition("a b c d e") == 0.0
+    assert metrics.repetition("x y z x y z") == pytest.approx(1 / 4)  # grams xyz yzx zxy xyz: one repeat
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="vectors/asc.safetensors is not built")

@@ -129,8 +129,9 @@ async def test_closed_loop_scales_beta_max_by_the_gain_toward_the_target(ctx: Re
 
 
 async def test_closed_loop_over_options_measures_their_tokens(ctx: ResolveContext) -> None:
-    c = await compile_(ctx, vector="one", target_entropy=0.6, options=[" A", " B", " C"], initial_gain=-0.25)
-    assert c.loop == LoopSpec(target=0.6, initial=-0.25, options=(97, 98, 99))
+    c = await compile_(ctx, vector="one", target_entropy=0.6, options=[" A", " B", " C"], initial_gain=-0.25,
+                       kp=0.125, ki=0)
+    assert c.loop == LoopSpec(target=0.6, initial=-0.25, kp=0.125, ki=0.0, options=(97, 98, 99))
     assert c.detail["options"] == [" A", " B", " C"]
 
 
@@ -163,6 +164,10 @@ async def test_closed_loop_over_options_measures_their_tokens(ctx: ResolveContex
     ({"vector": "one", "target_entropy": 0.5, "initial_gain": 1.5}, "initial_gain", "invalid"),
     ({"vector": "one", "target_entropy": 0.5, "initial_gain": float("nan")}, "initial_gain", "invalid"),
     ({"vector": "one", "beta": 0.5, "initial_gain": 0.5}, "initial_gain", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "kp": -0.1}, "kp", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "ki": 5}, "ki", "invalid"),
+    ({"vector": "one", "target_entropy": 0.5, "ki": float("inf")}, "ki", "invalid"),
+    ({"vector": "one", "beta": 0.5, "kp": 0.5}, "kp", "invalid"),
     ({"beta": 0.5}, "vector", "invalid"),
     ({"vector": "nope", "beta": 0.5}, "vector", "unknown_artifact"),
     ({"vector": "pair", "beta": 0.5}, "vector", "wrong_kind"),

@@ -23,7 +23,16 @@ from steerserve.errors import SteerError
 from steerserve.evaluation import sweep
 from steerserve.evaluation.data import Sample, read_samples
 from steerserve.evaluation.generate import Sampling, body, generate_all
-from steerserve.evaluation.metrics import METRICS, Case, Probes, is_refusal, last_number, reference_number, repetition
+from steerserve.evaluation.metrics import (
+    METRICS,
+    Case,
+    Probes,
+    is_refusal,
+    last_number,
+    log_well_formed,
+    reference_number,
+    repetition,
+)
 from steerserve.evaluation.scoring import ScoreItem, Scorer
 from steerserve.evaluation.stats import bootstrap, paired_delta
 from steerserve.service import Service, build_service
@@ -103,13 +112,30 @@ def test_decision_entropy_reads_decisions_or_the_loop_report() -> None:
     probes = Probes(options=(" A", " B"), option_ids=(10, 11))
     m = METRICS["decision_entropy"]
     case = dataclasses.replace(_case("x"), decisions=((1.0, 0.9), (0.2, 0.1), (0.5, 0.5)))
-    assert m.values(case, probes) == {"decision_entropy": pytest.approx(0.75), "decisions": 2.0}  # mass >= 0.5
+    values = m.values(case, probes)
+    assert values["decision_entropy"] == pytest.approx(0.75) and values["decisions"] == 2.0  # mass >= 0.5
     none = dataclasses.replace(_case("x"), decisions=((1.0, 0.2),))
     assert math.isnan(m.values(none, probes)["decision_entropy"])
     looped = dataclasses.replace(case, report={"mean_entropy_bits": 0.4, "loop_steps": 7.0})
-    assert m.values(looped, probes) == {"decision_entropy": 0.4, "decisions": 7.0}  # the engine's own measurement
+    values = m.values(looped, probes)  # the engine's own measurement
+    assert (values["decision_entropy"], values["decisions"]) == (0.4, 7.0)
     with pytest.raises(SteerError):
         m.values(case, Probes())
+
+
+def test_log_well_formed_compares_line_shapes_with_the_prompt() -> None:
+    prompt = "Two spots, A and B.\n\nDay 1: you fished at spot A and caught 3 fish.\nDay 2: you fished at spot"
+    options = (" A", " B")
+    good = " B and caught 12 fish.\nDay 3: you fished at spot A and caught 0 fish.\nDay 4: you fish"
+    assert log_well_formed(prompt, good, options) == 1.0  # the cut last line is not judged
+    bad = " B and caught 1 person.\nDay 3: you fished at spot A and caught 2 fish.\nDay 4: you fished at spot C" \
+          " and caught 2 fish.\nSo spot A is better.\n"
+    assert log_well_formed(prompt, bad, options) == pytest.approx(1 / 3)  # not a round line: the summary
+    assert log_well_formed(prompt, "\nWhich spot is best?\n", options) == 0.0  # the round line left unfinished
+    assert math.isnan(log_well_formed(prompt, " B and caught", options))  # no complete line
+    case = dataclasses.replace(_case("x"), sample=Sample(0, prompt), text=bad, decisions=((1.0, 0.9),))
+    values = METRICS["decision_entropy"].values(case, Probes(options=options, option_ids=(10, 11)))
+    assert values["log_well_formed"] == pytest.approx(1 / 3)
 
 
 def test_bootstrap_interval() -> None:
@@ -319,6 +345,10 @@ def test_eval_cli_end_to_end(eval_home: Path, tmp_path: Path, monkeypatch: pytes
     assert table["sentiment"]["coeff=1.5"]["value"] > table["sentiment"]["coeff=-1.5"]["value"]
     assert table["kl"]["baseline"]["value"] == 0 and table["kl"]["coeff=1.5"]["value"] > 0
     assert len(data["samples"]) == 4 and set(data["samples"][0]["outputs"]) == {"baseline", "coeff=-1.5", "coeff=1.5"}
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["index"]) for r in replies] == [
+        (st, i) for st in ("baseline", "coeff=-1.5", "coeff=1.5") for i in range(4)]
+    assert [r["text"] for r in replies[:4]] == [s["outputs"]["baseline"]["text"] for s in data["samples"]]
     md = (out / "eval.md").read_text()
     assert "| metric | baseline | coeff=-1.5 | coeff=1.5 |" in md and "| sentiment |" in md
     printed = capsys.readouterr().out

@@ -88,7 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vectors-dir", type=Path, default=None, metavar="DIR",
                    help="import the artifacts in DIR into the local store (default: the repository's vectors/)")
     p.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR",
-                   help="where eval.json, eval.md and eval.png go (default: ./eval-out)")
+                   help="where eval.json, eval.md, eval.png and replies.jsonl (written before scoring) go "
+                        "(default: ./eval-out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
-                              args.vectors_dir or _default_vectors_dir())
+                              args.vectors_dir or _default_vectors_dir(), args.out / "replies.jsonl")
         result = asyncio.run(runner.evaluate(samples, opts))
     except SteerError as exc:
         print(f"steerserve eval: {exc}", file=sys.stderr)

@@ -177,6 +177,25 @@ def answers_with_option(text: str, options: Sequence[str]) -> bool:
     return False
 
 
+def _shape(line: str, options: Sequence[str]) -> str:
+    """A log line with its numbers as ``#`` and its option words as ``@``: "Day #: you took route @."."""
+    words = [o.strip() for o in options if o.strip()]
+    line = _NUMBER.sub("#", line.strip())
+    return re.sub(r"\b(" + "|".join(map(re.escape, words)) + r")\b", "@", line) if words else line
+
+
+def log_well_formed(prompt: str, text: str, options: Sequence[str]) -> float:
+    """Share of the reply's round lines that keep the prompt's log format: a round line starts like the
+    prompt's own lines ("Day #:"); it is well formed when its whole shape (``_shape``) is one of theirs
+    ("Day 9: you took route A and arrived 3 minutes early." but not "... and caught 1 person."). The
+    prompt's unfinished last line is completed by the reply. NaN when the reply completes no round line."""
+    shapes = {_shape(line, options) for line in prompt.splitlines()[:-1]}
+    starts = {sh.split(":")[0] + ":" for sh in shapes if ":" in sh}
+    lines = (prompt.splitlines()[-1] + text).splitlines()[:-1]  # the last line may be cut by the budget
+    rounds = [sh for sh in (_shape(line, options) for line in lines) if any(sh.startswith(p) for p in starts)]
+    return sum(sh in shapes for sh in rounds) / len(rounds) if rounds else math.nan
+
+
 def _decision_entropy(case: Case, probes: Probes) -> dict[str, float]:
     """Mean choice entropy (bits, over the options) at the reply's *decision* positions, those where the
     options hold at least ``DECISION_GATE`` of the probability, and how many there were: the quantity a
@@ -184,12 +203,13 @@ def _decision_entropy(case: Case, probes: Probes) -> dict[str, float]:
     (``steering.report``): its gain changed step by step, which teacher forcing cannot replay."""
     if not probes.options:
         raise SteerError("decision_entropy needs --options", field="--options")
+    fmt = {"log_well_formed": log_well_formed(case.sample.prompt, case.text, probes.options)}
     if "mean_entropy_bits" in case.report:
         return {"decision_entropy": case.report["mean_entropy_bits"],
-                "decisions": case.report.get("loop_steps", math.nan)}
+                "decisions": case.report.get("loop_steps", math.nan), **fmt}
     assert case.decisions is not None
     hs = [h for h, mass in case.decisions if mass >= DECISION_GATE]
-    return {"decision_entropy": sum(hs) / len(hs) if hs else math.nan, "decisions": float(len(hs))}
+    return {"decision_entropy": sum(hs) / len(hs) if hs else math.nan, "decisions": float(len(hs)), **fmt}
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -203,7 +223,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
                       Row("final_answer (ends with a number, within budget)", "final_answer")), _answer),
     Metric("choice_entropy", (Row("choice_entropy (bits)", "choice_entropy"), Row("well_formed", "well_formed")),
            _choice_entropy, scored=True),
-    Metric("decision_entropy", (Row("decision_entropy (bits)", "decision_entropy"), Row("decisions", "decisions")),
+    Metric("decision_entropy", (Row("decision_entropy (bits)", "decision_entropy"), Row("decisions", "decisions"),
+                                Row("log_well_formed (round lines in the prompt's format)", "log_well_formed")),
            _decision_entropy, scored=True, along=True),
 )}
 

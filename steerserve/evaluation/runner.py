@@ -9,6 +9,7 @@ home (model and store) is started for it, and only when such a metric is asked f
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Options:
     home: Path | None = None
     model: Path | None = None
     vectors_dir: Path | None = None  # imported into the local store at start-up
+    replies_out: Path | None = None  # JSONL of every reply, written when generation ends (before scoring)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,19 @@ async def _local_service(opts: Options, stack: contextlib.AsyncExitStack) -> Ser
     return service
 
 
+def _write_replies(path: Path, settings: Sequence[Setting], samples: Sequence[Sample],
+                   replies: Sequence[Sequence[Reply]]) -> None:
+    """One JSON line per reply, so that a long generation survives a failure (or a long wait) in scoring."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for st, rs in zip(settings, replies, strict=True):
+            for sample, r in zip(samples, rs, strict=True):
+                f.write(json.dumps({"setting": st.label, "index": sample.index, "text": r.text,
+                                    "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
+                                    "report": dict(r.report)}, ensure_ascii=False) + "\n")
+    _log(f"wrote {path} ({sum(map(len, replies))} replies)")
+
+
 async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
     """Run the whole evaluation; raises SteerError for anything the user can fix."""
     metrics = get_metrics(opts.metrics)
@@ -108,6 +123,8 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
         flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
         n = len(samples)
         replies = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(opts.settings)))
+        if opts.replies_out is not None:
+            _write_replies(opts.replies_out, opts.settings, samples, replies)
         probes = Probes()
         scores: list[list[Scored | None]] = [[None] * n for _ in opts.settings]
         if scored:

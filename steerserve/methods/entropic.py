@@ -30,6 +30,7 @@ from steerserve.spec import PromptInfo, ResolveContext
 # Closed-loop amplitude in units of the layer's mean residual norm: on the shipped vector, up to this
 # beta the answers keep their format (see vectors/README.md); the gain in [-1, 1] scales it.
 DEFAULT_BETA_MAX = 0.5
+MAX_LOOP_GAIN = 4.0  # kp, ki per bit: beyond this one decision swings the gain across its whole range
 
 
 def target_bits(value: Any, vocab_size: int, f: str) -> float:
@@ -49,21 +50,30 @@ def option_tokens(value: Any, ctx: ResolveContext, f: str) -> tuple[int, ...]:
     return one_token_ids(ctx.tokenize, value, f)
 
 
+def _loop_gain(params: Mapping[str, Any], key: str, where: str) -> float:
+    """``kp``/``ki``: the loop's gain change per bit of error, in ``[0, MAX_LOOP_GAIN]`` (0 = no such term)."""
+    f = f"{where}.{key}"
+    value = coeff_value(params.get(key, getattr(LoopSpec, key)), MAX_LOOP_GAIN, f)
+    if value < 0:
+        raise SteerError(f"must be >= 0 (a negative {key} pushes away from the target), got {value}", field=f)
+    return value
+
+
 class Entropic:
     name = "entropic"
 
     async def compile(
         self, params: Mapping[str, Any], prompt: PromptInfo, ctx: ResolveContext, where: str
     ) -> Compiled:
-        check_keys(params, ("vector", "beta", "target_entropy", "layer", "beta_max", "options", "initial_gain"),
-                   where)
+        check_keys(params, ("vector", "beta", "target_entropy", "layer", "beta_max", "options", "initial_gain",
+                            "kp", "ki"), where)
         closed = "target_entropy" in params
         if closed and "beta" in params:
             raise SteerError("give either 'beta' (open loop) or 'target_entropy' (closed loop), not both",
                              field=f"{where}.target_entropy")
         if not closed and "beta" not in params:
             raise SteerError("is required (or give 'target_entropy' for the closed loop)", field=f"{where}.beta")
-        for key in ("beta_max", "options", "initial_gain"):
+        for key in ("beta_max", "options", "initial_gain", "kp", "ki"):
             if not closed and key in params:
                 raise SteerError("only applies with 'target_entropy'", field=f"{where}.{key}")
         stored = ctx.store.load_vector(string(params, "vector", where), field=f"{where}.vector")
@@ -84,10 +94,11 @@ class Entropic:
             raise SteerError(f"must be below log2({len(options)}) = {math.log2(len(options)):.2f} bits, the most "
                              f"{len(options)} options can have", field=f"{where}.target_entropy")
         initial = coeff_value(params.get("initial_gain", 0.0), 1.0, f"{where}.initial_gain")
+        kp, ki = (_loop_gain(params, key, where) for key in ("kp", "ki"))
         op = SteerOp(OpKind.ADD, layer, vec, beta_max, start, None, gain=True)
         detail: dict[str, Any] = {"layer": layer, "target_entropy": target, "beta_max": beta_max,
-                                  "initial_gain": initial}
+                                  "initial_gain": initial, "kp": kp, "ki": ki}
         if options:
             detail["options"] = list(params["options"])
         return Compiled((op,), (stored.meta.ref(),), detail,
-                        loop=LoopSpec(target=target, initial=initial, options=options))
+                        loop=LoopSpec(target=target, initial=initial, kp=kp, ki=ki, options=options))

@@ -1,4 +1,4 @@
-"""GSM8K rows for the offline tools (``extract asc``, ``calibrate``): reading, concise solutions, answers.
+"""GSM8K rows for the offline tools (``extract asc``, ``calibrate``): reading rows and concise solutions.
 
 The data is read at run time from ``../shared/data/gsm8k/train.jsonl`` (relative to the repository root)
 or a path given on the command line; nothing of it is copied into the repository. Rows are addressed by
@@ -17,7 +17,6 @@ _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = _REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 _CALC = re.compile(r"<<([^<>]*)>>")  # GSM8K's calculator annotations: "<<48/2=24>>"
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class DataMissing(RuntimeError):
@@ -72,25 +71,3 @@ CONCISE = {"calc": calculations, "worked": worked}
 # The "be concise" instruction: the prompt baseline of the evaluation, and what ``extract asc --concise
 # model`` asks the model for to get its own concise answers.
 CONCISE_INSTRUCTION = "Be concise: give only the short calculation and the final answer."
-
-
-def final_number(text: str) -> str | None:
-    """The answer a generation gives: the last number on its last non-empty line (commas removed), if any."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    found = _NUMBER.findall(lines[-1]) if lines else []
-    return found[-1].replace(",", "") if found else None
-
-
-def same_number(a: str, b: str) -> bool:
-    """``"72" == "72.0"``; anything unparsable is unequal."""
-    try:
-        return abs(float(a) - float(b)) < 1e-6
-    except ValueError:
-        return False
-
-
-def repetition(text: str) -> float:
-    """Share of the word 3-grams that repeat an earlier one (0 for no repetition; loops approach 1)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
