@@ -30,7 +30,9 @@ from steerserve.spec import PromptInfo, ResolveContext
 # Closed-loop amplitude in units of the layer's mean residual norm: on the shipped vector, up to this
 # beta the answers keep their format (see vectors/README.md); the gain in [-1, 1] scales it.
 DEFAULT_BETA_MAX = 0.5
-MAX_LOOP_GAIN = 4.0  # kp, ki per bit: beyond this one decision swings the gain across its whole range
+# kp, ki per bit of error: the gain spans [-1, 1], so at 2 one bit of error already crosses all of it; the
+# bound only leaves room for small full-vocabulary errors and rejects typos.
+MAX_LOOP_GAIN = 4.0
 
 
 def target_bits(value: Any, vocab_size: int, f: str) -> float:
