@@ -113,11 +113,13 @@ def test_decision_entropy_reads_decisions_or_the_loop_report() -> None:
     m = METRICS["decision_entropy"]
     case = dataclasses.replace(_case("x"), decisions=((1.0, 0.9), (0.2, 0.1), (0.5, 0.5)))
     values = m.values(case, probes)
+    assert set(values) == {"decision_entropy", "decisions", "log_well_formed"}
     assert values["decision_entropy"] == pytest.approx(0.75) and values["decisions"] == 2.0  # mass >= 0.5
     none = dataclasses.replace(_case("x"), decisions=((1.0, 0.2),))
     assert math.isnan(m.values(none, probes)["decision_entropy"])
     looped = dataclasses.replace(case, report={"mean_entropy_bits": 0.4, "loop_steps": 7.0})
     values = m.values(looped, probes)  # the engine's own measurement
+    assert set(values) == {"decision_entropy", "decisions", "log_well_formed"}
     assert (values["decision_entropy"], values["decisions"]) == (0.4, 7.0)
     with pytest.raises(SteerError):
         m.values(case, Probes())

@@ -189,9 +189,10 @@ def log_well_formed(prompt: str, text: str, options: Sequence[str]) -> float:
     prompt's own lines ("Day #:"); it is well formed when its whole shape (``_shape``) is one of theirs
     ("Day 9: you took route A and arrived 3 minutes early." but not "... and caught 1 person."). The
     prompt's unfinished last line is completed by the reply. NaN when the reply completes no round line."""
-    shapes = {_shape(line, options) for line in prompt.splitlines()[:-1]}
+    *played, unfinished = prompt.splitlines()
+    shapes = {_shape(line, options) for line in played}
     starts = {sh.split(":")[0] + ":" for sh in shapes if ":" in sh}
-    lines = (prompt.splitlines()[-1] + text).splitlines()[:-1]  # the last line may be cut by the budget
+    lines = (unfinished + text).splitlines()[:-1]  # the last line may be cut by the budget
     rounds = [sh for sh in (_shape(line, options) for line in lines) if any(sh.startswith(p) for p in starts)]
     return sum(sh in shapes for sh in rounds) / len(rounds) if rounds else math.nan
 

@@ -9,7 +9,8 @@ that norm (0.25 = a quarter of a typical state's length).
 - Closed loop (ours, not in the paper): ``{"method": "entropic", "vector": NAME, "target_entropy": h}``;
   the same op scaled by ``beta_max`` and by the request's gain register in ``[-1, 1]`` (starting at
   ``initial_gain``, default 0), which the runtime moves after each sampled token so that the next-token
-  entropy (bits) tracks ``h`` (``runtime.loop``). With ``"options": [" A", " B"]`` (one-token answers) the
+  entropy (bits) tracks ``h`` (``runtime.loop``; ``kp``/``ki``, the rule's gains per bit of error, default
+  to ``LoopSpec``'s). With ``"options": [" A", " B"]`` (one-token answers) the
   loop tracks the *choice* entropy instead, at the steps where the options hold most of the probability:
   what an agent making repeated decisions needs (the full-vocabulary entropy of the words around the
   decisions is not what EAST moves).
