@@ -20,21 +20,24 @@ from steerserve.config import Settings
 from steerserve.engines.base import SamplingParams
 from steerserve.engines.hf import HFEngine
 from steerserve.errors import SteerError
-from steerserve.evaluation import sweep
+from steerserve.evaluation import report, sweep
 from steerserve.evaluation.data import Sample, read_samples
 from steerserve.evaluation.generate import Sampling, body, generate_all
 from steerserve.evaluation.metrics import (
     METRICS,
     Case,
     Probes,
+    Row,
     is_refusal,
     last_number,
     log_well_formed,
     reference_number,
     repetition,
 )
+from steerserve.evaluation.runner import Result, RowResult
 from steerserve.evaluation.scoring import ScoreItem, Scorer
 from steerserve.evaluation.stats import bootstrap, paired_delta
+from steerserve.evaluation.sweep import Setting
 from steerserve.service import Service, build_service
 from steerserve.spec import PromptInfo
 from tests.paths import models_dir
@@ -154,6 +157,20 @@ def test_bootstrap_interval() -> None:
     assert math.isnan(bootstrap([]).value)
     d = paired_delta([v + 1.0 for v in values], values, seed=3)
     assert (d.value, d.lo, d.hi) == pytest.approx((1.0, 1.0, 1.0))  # a constant shift: no spread at all
+
+
+def test_markdown_shows_the_paired_difference() -> None:
+    """Each steered cell carries its difference to the baseline on the same prompts, with the paired
+    interval: the figure that says whether an effect is significant (the levels' intervals overlap here)."""
+    base, up = [0.1, 0.5, 0.9, 0.3], [0.3, 0.7, 1.1, 0.5]
+    row = RowResult("sentiment", Row("sentiment", "sentiment"), (bootstrap(base), bootstrap(up)),
+                    (None, paired_delta(up, base)))
+    result = Result((Setting("baseline", None, None), Setting("coeff=2", 2.0, {"interventions": []})), (), (), (),
+                    (row,), (), "m")
+    (line,) = [ln for ln in report.markdown(result).splitlines() if ln.startswith("| sentiment |")]
+    _, baseline, steered = line.strip("| ").split(" | ")
+    assert baseline == bootstrap(base).text() and "Δ" not in baseline
+    assert steered == f"{bootstrap(up).text()} (Δ +0.2 [+0.2, +0.2])"  # a constant shift: no spread
 
 
 def test_sweep_rule() -> None:

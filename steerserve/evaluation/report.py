@@ -50,10 +50,13 @@ def markdown(result: Result, title: str = "") -> str:
     lines = [f"**{title}**", ""] if title else []
     lines += ["| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for r in result.rows:
-        lines.append(f"| {r.row.label} | " + " | ".join(e.text() for e in r.estimates) + " |")
+        cells = (e.text() + ("" if d is None or d.n == 0 else f" (Δ {d.text(signed=True)})")
+                 for e, d in zip(r.estimates, r.deltas, strict=True))
+        lines.append(f"| {r.row.label} | " + " | ".join(cells) + " |")
     n = len(result.samples)
     lines += ["", f"{n} prompts; each cell: statistic [bootstrap 95% interval]; values are per-prompt means "
-                  "unless the row says otherwise."]
+                  "unless the row says otherwise. (Δ ...): the difference to the baseline on the same prompts, "
+                  "with its paired bootstrap interval; an effect is significant when it excludes 0."]
     lines += [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
 

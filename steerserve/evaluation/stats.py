@@ -36,10 +36,11 @@ class Estimate:
 
         return {"value": clean(self.value), "lo": clean(self.lo), "hi": clean(self.hi), "n": self.n}
 
-    def text(self, digits: int = 3) -> str:
+    def text(self, digits: int = 3, signed: bool = False) -> str:
         if np.isnan(self.value):
             return "-"
-        return f"{self.value:.{digits}g} [{self.lo:.{digits}g}, {self.hi:.{digits}g}]"
+        sign = "+" if signed else ""
+        return f"{self.value:{sign}.{digits}g} [{self.lo:{sign}.{digits}g}, {self.hi:{sign}.{digits}g}]"
 
 
 def _resample_index(n: int, seed: int, n_boot: int) -> np.ndarray:
