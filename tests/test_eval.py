@@ -21,7 +21,7 @@ from steerserve.engines.base import SamplingParams
 from steerserve.engines.hf import HFEngine
 from steerserve.errors import SteerError
 from steerserve.evaluation import report, sweep
-from steerserve.evaluation.data import Sample, read_samples
+from steerserve.evaluation.data import Sample, read_samples, with_draws
 from steerserve.evaluation.generate import Sampling, body, generate_all
 from steerserve.evaluation.metrics import (
     METRICS,
@@ -36,7 +36,7 @@ from steerserve.evaluation.metrics import (
 )
 from steerserve.evaluation.runner import Result, RowResult
 from steerserve.evaluation.scoring import ScoreItem, Scorer
-from steerserve.evaluation.stats import bootstrap, paired_delta
+from steerserve.evaluation.stats import bootstrap, paired_delta, per_prompt
 from steerserve.evaluation.sweep import Setting
 from steerserve.service import Service, build_service
 from steerserve.spec import PromptInfo
@@ -171,6 +171,17 @@ def test_markdown_shows_the_paired_difference() -> None:
     _, baseline, steered = line.strip("| ").split(" | ")
     assert baseline == bootstrap(base).text() and "Δ" not in baseline
     assert steered == f"{bootstrap(up).text()} (Δ +0.2 [+0.2, +0.2])"  # a constant shift: no spread
+
+
+def test_draws_are_paired_seeds_and_prompts_are_the_unit() -> None:
+    """Draw ``d`` of a prompt is sampled with seed ``seed + d`` in every setting, and the statistics average a
+    prompt's draws before resampling prompts."""
+    draws = with_draws([Sample(4, "a"), Sample(7, "b")], 2)
+    assert [(s.index, s.draw) for s in draws] == [(4, 0), (4, 1), (7, 0), (7, 1)]
+    assert [body(s, None, Sampling(seed=5))["seed"] for s in draws] == [5, 6, 5, 6]
+    assert per_prompt([1.0, 3.0, float("nan"), 4.0], [s.index for s in draws]) == [2.0, 4.0]
+    with pytest.raises(SteerError, match="--samples"):
+        with_draws(draws, 0)
 
 
 def test_sweep_rule() -> None:
@@ -372,6 +383,34 @@ def test_eval_cli_end_to_end(eval_home: Path, tmp_path: Path, monkeypatch: pytes
     assert "| metric | baseline | coeff=-1.5 | coeff=1.5 |" in md and "| sentiment |" in md
     printed = capsys.readouterr().out
     assert md.strip() in printed and "[coeff=1.5]" in printed
+
+
+@pytest.mark.slow
+def test_eval_cli_several_replies_per_prompt(eval_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``--samples 3``: three sampled replies per prompt and setting, the table's n counts prompts (each
+    prompt's value is the mean of its replies), and greedy decoding refuses it."""
+    monkeypatch.setenv("STEERSERVE_MODELS_DIR", str(models_dir()))
+    out = tmp_path / "out"
+    args = ["eval", "--spec", json.dumps(JOY), "--data", str(REPO / "vectors" / "prompts" / "joy.txt"), "--limit", "2",
+            "--max-tokens", "6", "--metric", "length", "--no-kl", "--home", str(eval_home), "--out", str(out),
+            "--quiet", "--samples", "3"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and "--samples" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--temperature", "0.9", "--seed", "5"])
+    assert exited.value.code == 0
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["index"], r["draw"]) for r in replies] == [
+        (st, i, d) for st in ("baseline", "spec") for i in range(2) for d in range(3)]
+    data = json.loads((out / "eval.json").read_text())
+    assert data["config"]["prompts"] == 2 and data["config"]["samples"] == 3
+    (row,) = [r for r in data["table"] if r["row"] == "tokens (mean)"]
+    tokens = [[r["completion_tokens"] for r in replies[k * 3 : k * 3 + 3]] for k in range(2)]  # baseline, per prompt
+    assert row["values"]["baseline"]["n"] == 2
+    assert row["values"]["baseline"]["value"] == pytest.approx(np.mean([np.mean(t) for t in tokens]))
+    assert "2 prompts x 3 replies" in (out / "eval.md").read_text()
 
 
 @pytest.mark.slow

@@ -77,6 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per reply (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="replies per prompt and setting, sampled with seeds SEED..SEED+K-1 (the same in every "
+                        "setting, so differences are paired); each prompt's value is the mean of its K, and "
+                        "the intervals resample prompts (needs --temperature > 0; default: 1)")
     p.add_argument("--no-kl", dest="kl", action="store_false",
                    help="skip the KL column (it costs two forwards per sample)")
     p.add_argument("--server", default=None, metavar="URL",
@@ -97,7 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from steerserve.cli import _default_vectors_dir
     from steerserve.evaluation import report, runner, sweep
-    from steerserve.evaluation.data import read_samples
+    from steerserve.evaluation.data import read_samples, with_draws
     from steerserve.evaluation.generate import Sampling
 
     try:
@@ -109,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
                                                                     args.also_temperature)])
         template = sweep.check_template(args.prompt_template, "--prompt-template")
         samples = read_samples(args.data, args.field, args.limit, args.offset, args.answer_field)
+        if args.samples > 1 and args.temperature == 0:
+            raise SteerError("more than one reply per prompt needs --temperature > 0 (greedy replies are all "
+                             "the same)", field="--samples")
+        prompts = len(samples)
+        samples = with_draws(samples, args.samples)
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
@@ -118,15 +127,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"steerserve eval: {exc}", file=sys.stderr)
         return 2
     config = {"command": "steerserve " + shlex.join(sys.argv[1:]), "spec": spec, "data": str(args.data),
-              "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": len(samples),
-              "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
+              "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": prompts,
+              "samples": args.samples, "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
               "coeffs": args.coeffs, "coeff_field": args.coeff_field, "prompt_template": args.prompt_template,
               "also_spec": args.also_spec, "also_prompt": args.also_prompt,
               "also_temperature": args.also_temperature, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "kl": args.kl,
               "server": args.server or "in-process (hf)"}
-    title = f"{args.data.name}, {len(samples)} prompts, {'chat' if args.chat else 'raw'}, " \
-            f"max_tokens {args.max_tokens}, temperature {args.temperature:g}: {result.model}"
+    title = f"{args.data.name}, {prompts} prompts" + (f" x {args.samples} replies" if args.samples > 1 else "") + \
+            f", {'chat' if args.chat else 'raw'}, max_tokens {args.max_tokens}, temperature {args.temperature:g}: " \
+            f"{result.model}"
     paths = report.write(result, args.out, config, title)
     print(report.markdown(result, title))
     print(report.samples_text(result))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,14 @@ class Sample:
     index: int  # position in the file (after nothing is skipped): stable ids across runs
     prompt: str
     reference: str | None = None
+    draw: int = 0  # which of the prompt's replies (--samples K): sampled with seed ``--seed + draw``
+
+
+def with_draws(samples: list[Sample], k: int) -> list[Sample]:
+    """Each sample ``k`` times, as draws ``0 .. k-1`` (one reply each), a prompt's draws side by side."""
+    if k < 1:
+        raise SteerError("must be >= 1", field="--samples")
+    return [replace(s, draw=d) for s in samples for d in range(k)]
 
 
 def read_items(path: Path) -> list[Any]:

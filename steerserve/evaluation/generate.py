@@ -48,7 +48,7 @@ def prompt_text(sample: Sample, sampling: Sampling, template: str | None = None)
 def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling,
          template: str | None = None, temperature: float | None = None) -> dict[str, Any]:
     """The ``POST /generate`` body for one sample (``template``, ``temperature``: the setting's own, if any)."""
-    out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "seed": sampling.seed,
+    out: dict[str, Any] = {"max_tokens": sampling.max_tokens, "seed": sampling.seed + sample.draw,
                            "temperature": sampling.temperature if temperature is None else temperature}
     text = prompt_text(sample, sampling, template)
     if sampling.chat:

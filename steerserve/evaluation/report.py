@@ -37,7 +37,8 @@ def to_json(result: Result, config: Mapping[str, Any]) -> dict[str, Any]:
         outputs = {lab: {"text": result.replies[i][j].text, "completion_tokens": result.replies[i][j].completion_tokens,
                          "finish_reason": result.replies[i][j].finish_reason, "values": result.values[i][j]}
                    for i, lab in enumerate(labels)}
-        samples.append({"index": s.index, "prompt": s.prompt, "reference": s.reference, "outputs": outputs})
+        samples.append({"index": s.index, "draw": s.draw, "prompt": s.prompt, "reference": s.reference,
+                        "outputs": outputs})
     return _clean({"model": result.model, "config": dict(config), "notes": list(result.notes),
                    "settings": [{"label": s.label, "coeff": s.coeff, "steering": s.steering,
                                  "temperature": s.temperature} for s in result.settings],
@@ -53,7 +54,7 @@ def markdown(result: Result, title: str = "") -> str:
         cells = (e.text() + ("" if d is None or d.n == 0 else f" (Δ {d.text(signed=True)})")
                  for e, d in zip(r.estimates, r.deltas, strict=True))
         lines.append(f"| {r.row.label} | " + " | ".join(cells) + " |")
-    n = len(result.samples)
+    n = len({s.index for s in result.samples})
     lines += ["", f"{n} prompts; each cell: statistic [bootstrap 95% interval]; values are per-prompt means "
                   "unless the row says otherwise. (Δ ...): the difference to the baseline on the same prompts, "
                   "with its paired bootstrap interval; an effect is significant when it excludes 0."]
@@ -62,9 +63,10 @@ def markdown(result: Result, title: str = "") -> str:
 
 
 def samples_text(result: Result, count: int = 3) -> str:
-    """The first ``count`` prompts with every setting's reply beside each other."""
+    """The first ``count`` prompts with every setting's reply beside each other (the first draw of each)."""
     out = []
-    for j, s in enumerate(result.samples[:count]):
+    firsts = [(j, s) for j, s in enumerate(result.samples) if s.draw == 0]
+    for j, s in firsts[:count]:
         out.append(f"### prompt {s.index}: {s.prompt[:SAMPLE_CHARS]}")
         for i, st in enumerate(result.settings):
             text = " ".join(result.replies[i][j].text.split())

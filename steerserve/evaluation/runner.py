@@ -23,7 +23,7 @@ from steerserve.evaluation.data import Sample
 from steerserve.evaluation.generate import Reply, Sampling, body, generate_all, prompt_text
 from steerserve.evaluation.metrics import Case, Metric, Probes, Row, get_metrics, make_probes
 from steerserve.evaluation.scoring import Scored, ScoreItem, Scorer
-from steerserve.evaluation.stats import Estimate, bootstrap, paired_delta
+from steerserve.evaluation.stats import Estimate, bootstrap, paired_delta, per_prompt
 from steerserve.evaluation.sweep import Setting
 from steerserve.methods import resolve
 from steerserve.service import Service
@@ -91,7 +91,7 @@ def _write_replies(path: Path, settings: Sequence[Setting], samples: Sequence[Sa
     with path.open("w", encoding="utf-8") as f:
         for st, rs in zip(settings, replies, strict=True):
             for sample, r in zip(samples, rs, strict=True):
-                f.write(json.dumps({"setting": st.label, "index": sample.index, "text": r.text,
+                f.write(json.dumps({"setting": st.label, "index": sample.index, "draw": sample.draw, "text": r.text,
                                     "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
                                     "report": dict(r.report)}, ensure_ascii=False) + "\n")
     _log(f"wrote {path} ({sum(map(len, replies))} replies)")
@@ -146,8 +146,15 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
     rows += [("report", Row(f"report.{k}", f"report.{k}")) for k in report_keys]
     if not opts.kl:
         notes.append("KL was not measured (--no-kl)")
+    draws = 1 + max(s.draw for s in samples)
+    if draws > 1:
+        notes.append(f"{draws} replies per prompt (seeds {opts.sampling.seed}..{opts.sampling.seed + draws - 1}, "
+                     "the same in every setting): each prompt's value is the mean of its replies, and the "
+                     "intervals resample prompts")
+    prompts = [s.index for s in samples]
     return Result(opts.settings, tuple(samples), replies, values,
-                  tuple(_summarise(name, row, values, opts.seed) for name, row in rows), tuple(notes), model)
+                  tuple(_summarise(name, row, values, prompts, opts.seed) for name, row in rows), tuple(notes),
+                  model)
 
 
 def _prompt(service: Service, sample: Sample, opts: Options, setting: Setting) -> PromptInfo:
@@ -224,9 +231,10 @@ def _sample_values(metrics: Sequence[Metric], sample: Sample, reply: Reply, scor
     return out
 
 
-def _summarise(metric: str, row: Row, values: Sequence[Sequence[Mapping[str, float]]], seed: int) -> RowResult:
+def _summarise(metric: str, row: Row, values: Sequence[Sequence[Mapping[str, float]]], prompts: Sequence[int],
+               seed: int) -> RowResult:
     nan = float("nan")
-    per = [[v.get(row.key, nan) for v in vs] for vs in values]  # [setting][sample]
+    per = [per_prompt([v.get(row.key, nan) for v in vs], prompts) for vs in values]  # [setting][prompt]
     est = tuple(bootstrap(p, row.stat, seed) for p in per)
     deltas = (None, *(paired_delta(p, per[0], row.stat, seed) for p in per[1:]))
     return RowResult(metric, row, est, deltas)

@@ -60,6 +60,20 @@ def bootstrap(values: Sequence[float], stat: str = "mean", seed: int = 0, n_boot
     return Estimate(float(f(a)), float(lo), float(hi), int(a.size))
 
 
+def per_prompt(values: Sequence[float], prompts: Sequence[int]) -> list[float]:
+    """The mean of each prompt's values (its draws, in first-seen order; NaNs left out, NaN if all are):
+    with several replies per prompt the prompt, not the reply, is the unit the bootstrap resamples."""
+    groups: dict[int, list[float]] = {}
+    for p, v in zip(prompts, values, strict=True):
+        groups.setdefault(p, []).append(v)
+    out = []
+    for vs in groups.values():
+        a = np.asarray(vs, dtype=np.float64)
+        a = a[~np.isnan(a)]
+        out.append(float(a.mean()) if a.size else float("nan"))
+    return out
+
+
 def paired_delta(steered: Sequence[float], baseline: Sequence[float], stat: str = "mean", seed: int = 0,
                  n_boot: int = N_BOOT) -> Estimate:
     """``stat(steered) - stat(baseline)`` over the same prompts, resampling prompts jointly (prompts with
