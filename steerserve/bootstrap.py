@@ -65,12 +65,10 @@ def build_parts(settings: Settings, log: Callable[[str], None] = print) -> tuple
 
     def measure() -> list[float]:
         from steerserve.model import load_hf
-        from steerserve.runtime.hooks import capture_hidden_states
 
         log(f"Measuring {info.name}'s typical activation norms (once per model)")
         model = hf_model if hf_model is not None else load_hf(path, "float32")[0]
-        return norms.measure(lambda p, layers: capture_hidden_states(model, model.model.layers, p, layers),
-                             renderer.tokenize, info.num_layers)
+        return norms.measure_hf(model, renderer.tokenize, info.num_layers)
 
     store.set_norm_policy(norms.load_or_measure(store.root, info.fingerprint, measure),
                           settings.max_vector_norm_ratio)

@@ -18,13 +18,6 @@ from steerserve import __version__
 if TYPE_CHECKING:
     from steerserve.config import Settings
 
-_REPO_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
-
-
-def _default_vectors_dir() -> Path | None:
-    return _REPO_VECTORS if _REPO_VECTORS.is_dir() else None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerserve", description="An inference server for steered generation.")
     parser.add_argument("--version", action="version", version=f"steerserve {__version__}")
@@ -52,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "variable: a flag is visible in the process list)")
     serve.add_argument("--vectors-dir", type=Path, default=None, metavar="DIR",
                        help="import the <name>.safetensors artifacts in DIR at start-up "
-                            f"(default: {_REPO_VECTORS} if it exists)")
+                            "(default: the repository's vectors/ if it exists)")
     serve.add_argument("--no-vectors", action="store_true", help="import no shipped vectors at start-up")
     serve.add_argument("--home", type=Path, default=None, metavar="DIR",
                        help="model cache and artifact store (default: $STEERSERVE_HOME or ~/.cache/steerserve)")
@@ -97,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_settings(args: argparse.Namespace) -> Settings:
     """The ``Settings`` of ``serve``'s flags on top of the environment; a bad flag is a ``ValueError``."""
-    from steerserve.config import Settings
+    from steerserve.config import Settings, default_vectors_dir
 
     if args.engine_args is not None and not isinstance(args.engine_args, dict):
         raise ValueError("--engine-args must be a JSON object")
@@ -106,7 +99,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         if args.tensor_parallel_size < 1:
             raise ValueError("--tensor-parallel-size must be at least 1")
         engine_args = {**(engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
-    vectors_dir = None if args.no_vectors else (args.vectors_dir or _default_vectors_dir())
+    vectors_dir = None if args.no_vectors else (args.vectors_dir or default_vectors_dir())
     return Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
                              home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
                              vectors_dir=vectors_dir, max_coeff=args.max_coeff,

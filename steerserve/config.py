@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 
+def default_vectors_dir() -> Path | None:
+    """The repository's ``vectors/`` (the artifacts shipped for the default model), where it exists."""
+    repo = Path(__file__).resolve().parents[1] / "vectors"
+    return repo if repo.is_dir() else None
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("STEERSERVE_HOME", Path.home() / ".cache" / "steerserve"))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from steerserve.anatomy import EMBEDDING_WEIGHTS, anatomy_of
 from steerserve.model_info import ModelInfo, MoEInfo
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -62,9 +63,6 @@ def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) 
     return target
 
 
-_EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-
-
 def _embedding_sample(path: Path, n: int = 4096) -> bytes:
     """The first ``n`` values of the input embedding, as float32 bytes, read from the safetensors files."""
     import torch
@@ -73,7 +71,7 @@ def _embedding_sample(path: Path, n: int = 4096) -> bytes:
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
-                if key.endswith(_EMBEDDING_NAMES):
+                if key.endswith(EMBEDDING_WEIGHTS):
                     part = f.get_slice(key)
                     cols = part.get_shape()[-1]
                     rows = part[: -(-n // cols)]  # enough rows for n values
@@ -93,6 +91,7 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> M
         raise RuntimeError(f"{path} is not a transformers model directory (no config.json)")
     cfg = AutoConfig.from_pretrained(path)
     architecture = (cfg.architectures or ["unknown"])[0]
+    anatomy_of(architecture)  # an architecture steerserve does not know is refused here, at start
     h = hashlib.sha256()
     moe = moe_info(cfg)
     h.update(repr((cfg.architectures, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)).encode())
@@ -112,19 +111,14 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> M
     )
 
 
-# Routed-MoE architectures: config key of the expert count, and whether top-k weights are renormalised
-# (None: per ``norm_topk_prob``), as vLLM 0.32 runs them.
-_MOE = {"MixtralForCausalLM": ("num_local_experts", True), "Qwen2MoeForCausalLM": ("num_experts", None),
-        "Qwen3MoeForCausalLM": ("num_experts", None), "OlmoeForCausalLM": ("num_experts", False)}
-
-
 def moe_info(cfg: Any) -> MoEInfo | None:
     """The MoE layout of a transformers config, or None for a dense model. An OLMoE config asking for
     renormalised weights is refused: vLLM ignores ``norm_topk_prob`` there, so the engines would differ."""
     arch = (cfg.architectures or [""])[0]
-    if arch not in _MOE:
+    anatomy = anatomy_of(arch)
+    if not anatomy.moe:
         return None
-    key, renorm = _MOE[arch]
+    key, renorm = anatomy.experts, anatomy.renormalize
     if arch == "OlmoeForCausalLM" and getattr(cfg, "norm_topk_prob", False):
         raise RuntimeError("OLMoE with norm_topk_prob=true is not served: vLLM's OLMoE never renormalises")
     n = cfg.num_hidden_layers

@@ -46,12 +46,18 @@ def config(arch: str) -> Any:
 def build(arch: str, folder: Path, tokenizer_from: Path, seed: int = 0, **overrides: Any) -> Path:
     """Write the tiny ``arch`` checkpoint (fp32) into ``folder`` (created) and return it; ``overrides`` change
     config fields (e.g. a larger model for a benchmark)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
     cfg = config(arch)
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    return save(cfg, folder, tokenizer_from, seed)
+
+
+def save(cfg: Any, folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+    """A random-initialised (``seed``) fp32 model of ``cfg`` saved into ``folder`` with the tokenizer of
+    ``tokenizer_from`` copied beside it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from steerserve.anatomy import hf_router
 from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
@@ -76,8 +77,8 @@ def test_unmasked_is_bit_identical_and_a_neighbour_is_untouched(loaded: tuple[An
         bank = VectorBank(16, info.hidden_size)
         tables = StepTables(info.num_layers, 64, 2)
         capture = RouteCapture()
-        hooks = RouteHooks(model.model.layers, info.moe.layers, info.moe.num_experts, info.moe.renormalize, bank,
-                           tables, capture)
+        hooks = RouteHooks({i: hf_router(model, i) for i in info.moe.layers}, info.moe.num_experts,
+                           info.moe.renormalize, bank, tables, capture)
         try:
             tables.fill(2 * seq, [])
             assert torch.equal(model(input_ids=ids).logits, ref)  # no ROUTE op: the router's own output

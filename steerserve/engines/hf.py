@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from steerserve.anatomy import hf_layers, hf_norm, hf_router
 from steerserve.config import Settings
 from steerserve.engines.base import (
     ENGINE_FAILED,
@@ -53,7 +54,7 @@ class HFEngine(EngineThread):
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, settings: Settings) -> None:
         self.model, self.tokenizer, self.info, self.settings = model.eval(), tokenizer, info, settings
-        self.layers = model.model.layers
+        self.layers = hf_layers(model)
         self.bank = VectorBank(settings.bank_slots, info.hidden_size, dtype=model.dtype)
         self.max_batch = settings.max_batch or 16
         self.tables = StepTables(info.num_layers, max(settings.max_prompt_tokens, self.max_batch),
@@ -70,9 +71,10 @@ class HFEngine(EngineThread):
         self.route_capture = RouteCapture()
         moe = info.moe
         self.route_hooks = None if moe is None else RouteHooks(
-            self.layers, moe.layers, moe.num_experts, moe.renormalize, self.bank, self.tables, self.route_capture)
+            {i: hf_router(model, i) for i in moe.layers}, moe.num_experts, moe.renormalize, self.bank, self.tables,
+            self.route_capture)
         self._normed: torch.Tensor | None = None  # [B, S, H] the final norm's output of the last forward
-        model.model.norm.register_forward_hook(self._keep_normed)
+        hf_norm(model).register_forward_hook(self._keep_normed)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self._waiting: deque[_Seq] = deque()
@@ -332,4 +334,4 @@ class HFEngine(EngineThread):
     def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
         self.tables.fill(0, [])  # unsteered
         self.route_capture.begin([])
-        return capture_hidden_states(self.model, self.layers, prompts, layers)
+        return capture_hidden_states(self.model, prompts, layers)

@@ -99,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from steerserve.cli import _default_vectors_dir
+    from steerserve.config import default_vectors_dir
     from steerserve.evaluation import report, runner, sweep
     from steerserve.evaluation.data import read_samples, with_draws
     from steerserve.evaluation.generate import Sampling
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
-                              args.vectors_dir or _default_vectors_dir(), args.out / "replies.jsonl")
+                              args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl")
         result = asyncio.run(runner.evaluate(samples, opts))
     except SteerError as exc:
         print(f"steerserve eval: {exc}", file=sys.stderr)

@@ -3,13 +3,14 @@ the router point (expert masks) at MoE routers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from steerserve.anatomy import hf_layers
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.ops import steer_guarded_
@@ -87,13 +88,14 @@ class Capture:
         self._handles.clear()
 
 
-def capture_hidden_states(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequence[Sequence[int]],
+def capture_hidden_states(model: nn.Module, prompts: Sequence[Sequence[int]],
                           which: Sequence[int]) -> list[torch.Tensor]:
     """Residual stream of each prompt at layers ``which``: one ``[len(prompt), len(which), H]`` fp32 each.
 
-    ``model`` is a transformers causal LM whose decoder layers are ``layers``; run it unsteered (inactive
-    tables, or no steering hooks at all).
+    ``model`` is a transformers causal LM (its blocks from ``anatomy.hf_layers``); run it unsteered
+    (inactive tables, or no steering hooks at all).
     """
+    layers = hf_layers(model)
     out = []
     with torch.inference_mode():
         for ids in prompts:
@@ -103,26 +105,17 @@ def capture_hidden_states(model: nn.Module, layers: Sequence[nn.Module], prompts
     return out
 
 
-def router_of(layer: nn.Module) -> nn.Module:
-    """The router module of a transformers MoE decoder layer (``mlp.gate`` in transformers 5 for Mixtral,
-    Qwen2/3-MoE and OLMoE): it returns ``(logits [T, E], weights [T, k], ids [T, k])``."""
-    block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-    gate = getattr(block, "gate", None)
-    if not isinstance(gate, nn.Module) or not hasattr(gate, "top_k"):
-        raise TypeError(f"{type(layer).__name__} has no top-k router at .mlp.gate")
-    return gate
-
-
 class RouteHooks:
     """The router point of the hf engine: a forward hook on each MoE layer's router that writes the masked
     routing (``route_point.route_``) over the router's own, for the tokens whose ROUTE row is non-zero, and
     records the routing when ``capture.on``. Steps without ROUTE ops return the router's output untouched."""
 
-    def __init__(self, layers: Sequence[nn.Module], moe_layers: Sequence[int], num_experts: int, renormalize: bool,
+    def __init__(self, routers: Mapping[int, nn.Module], num_experts: int, renormalize: bool,
                  bank: VectorBank, tables: StepTables, capture: RouteCapture) -> None:
+        """``routers``: MoE layer -> its top-k router (``anatomy.hf_router``)."""
         self.bank, self.tables, self.capture = bank, tables, capture
         self.num_experts, self.renormalize = num_experts, renormalize
-        self._handles = [router_of(layers[i]).register_forward_hook(self._make(i)) for i in moe_layers]
+        self._handles = [router.register_forward_hook(self._make(i)) for i, router in routers.items()]
 
     def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

@@ -33,25 +33,18 @@ from steerserve.store.audit import AuditLog
 from steerserve.store.controllers import check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.expert_sets import ExpertSet, check_expert_set
-from steerserve.store.formats import from_gguf, gguf_field
+from steerserve.store.formats import file_header, from_gguf, gguf_field
 from steerserve.store.gguf_io import is_gguf
 from steerserve.store.safeswitch import check_head, check_probes
 from steerserve.store.uploads import FILE_KINDS, Declared, read_upload
 from steerserve.store.vetting import NormPolicy, check_vectors
 
 __all__ = ["FILE_KINDS", "ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector",
-           "Vet", "check_name", "parse_ref"]
+           "Vet", "check_name", "file_header", "parse_ref"]
 
 KINDS = ("vector", "pair", "direction", "controller", "probe", "head", "expert_set")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
 Vet = Callable[[Declared], Mapping[str, Any]]  # the server's KL vetting of an upload (``methods.vetting``)
-
-
-def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
-    """The safetensors metadata every artifact file carries (the store's own and offline tools' files)."""
-    return {"kind": kind, "model_fingerprint": model.fingerprint, "model_name": model.name,
-            "hidden_size": str(model.hidden_size), "num_layers": str(model.num_layers),
-            "layer_convention": LAYER_CONVENTION, **extra}
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.controller import READ_LAYERS, ControllerWeights
 from steerserve.store.directions import UNIT_TOLERANCE
+from steerserve.store.formats import file_header
 from steerserve.store.vetting import metadata_number
 
 TENSORS = ("w1", "b1", "w2", "b2", "direction", "scales")
@@ -51,7 +52,6 @@ def controller_header(model: ModelInfo, read_layers: Sequence[int], alpha: float
                       auroc: float | None = None, direction: Mapping[str, Any] | None = None,
                       **extra: str) -> dict[str, str]:
     """The safetensors metadata of a controller file (``extra``: provenance, description, method...)."""
-    from steerserve.store.artifacts import file_header  # artifacts imports this module
 
     header = file_header(model, "controller", read_layers=json.dumps([int(x) for x in read_layers]),
                          alpha=repr(float(alpha)), w_mode=w_mode, **extra)

@@ -29,6 +29,7 @@ import torch
 
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
+from steerserve.store.formats import file_header
 
 UNIT_TOLERANCE = 1e-3  # |norm - 1|: float32 storage and a cast from float64 stay far inside it
 # Metadata keys that only a direction carries.
@@ -38,7 +39,6 @@ DIRECTION_KEYS = ("layer", "scale", "recipe", "candidates")
 def direction_header(model: ModelInfo, layer: int, scale: float, recipe: str,
                      candidates: Sequence[Mapping[str, Any]], **extra: str) -> dict[str, str]:
     """The safetensors metadata of a direction file (``extra``: provenance, description, method...)."""
-    from steerserve.store.artifacts import file_header  # artifacts imports this module
 
     return file_header(model, "direction", layer=str(layer), scale=repr(float(scale)), recipe=recipe,
                        candidates=json.dumps(list(candidates), allow_nan=False), **extra)

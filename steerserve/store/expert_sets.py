@@ -31,6 +31,7 @@ from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo, MoEInfo
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.runtime.route_op import encode_row
+from steerserve.store.formats import file_header
 
 EXPERT_SET_KEYS = ("num_experts", "top_k", "by", "classes")  # metadata only an expert set carries
 BY = ("weight", "count")
@@ -46,7 +47,6 @@ class ExpertSet:
 
 def expert_set_header(model: ModelInfo, by: str, classes: Mapping[str, object], **extra: str) -> dict[str, str]:
     """The safetensors metadata of an expert-set file (``extra``: provenance, description, method...)."""
-    from steerserve.store.artifacts import file_header  # artifacts imports this module
 
     moe = _moe(model)
     return file_header(model, "expert_set", num_experts=str(moe.num_experts), top_k=str(moe.top_k), by=by,

@@ -45,6 +45,14 @@ DESCRIPTIVE_KEYS = ("hook_site", "model_architecture", "dtype", "scale_semantics
 _NARROW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def file_header(model: ModelInfo, kind: str, **extra: str) -> dict[str, str]:
+    """The safetensors metadata every artifact file carries (the store's own and offline tools' files)."""
+    return {"kind": kind, "model_fingerprint": model.fingerprint, "model_name": model.name,
+            "hidden_size": str(model.hidden_size), "num_layers": str(model.num_layers),
+            "layer_convention": LAYER_CONVENTION, **extra}
+
+
+
 def model_hint(model: ModelInfo) -> str:
     """GGUF's ``controlvector.model_hint``: the family, as repeng writes transformers' ``model_type``
     (``LlamaForCausalLM`` -> ``llama``). llama.cpp does not read it."""

@@ -40,6 +40,7 @@ import torch
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, Probe
+from steerserve.store.formats import file_header
 from steerserve.store.vetting import metadata_number
 
 PROBE_TENSORS = tuple(f"stage{k}.{p}" for k in (1, 2) for p in ("w1", "b1", "w2", "b2"))
@@ -53,7 +54,6 @@ HEAD_KEYS = ("rank", "base", "vocab_size", "val_refusal_rate")
 def probe_header(model: ModelInfo, threshold: float, val_metrics: Mapping[str, Any] | None = None,
                  **extra: str) -> dict[str, str]:
     """The safetensors metadata of a probe file (``extra``: provenance, description, method...)."""
-    from steerserve.store.artifacts import file_header  # artifacts imports this module
 
     header = file_header(model, "probe", pilot_tokens=str(PILOT_TOKENS), threshold=repr(float(threshold)), **extra)
     if val_metrics is not None:
@@ -64,7 +64,6 @@ def probe_header(model: ModelInfo, threshold: float, val_metrics: Mapping[str, A
 def head_header(model: ModelInfo, rank: int, base: str, val_refusal_rate: float | None = None,
                 **extra: str) -> dict[str, str]:
     """The safetensors metadata of a head file (``extra``: provenance, description, method...)."""
-    from steerserve.store.artifacts import file_header
 
     header = file_header(model, "head", rank=str(rank), base=base, vocab_size=str(model.vocab_size), **extra)
     if val_refusal_rate is not None:

@@ -41,6 +41,7 @@ from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import SteerOp
+from steerserve.store.formats import file_header
 from steerserve.tools.gsm8k import CONCISE, CONCISE_INSTRUCTION, DEFAULT_DATA, DataMissing, Problem, read_rows, shown
 
 TEMPLATE = "{question}\nLet's think step by step."
@@ -164,8 +165,7 @@ async def _extract(args: argparse.Namespace, problems: list[Problem]) -> int:
     from steerserve.bootstrap import model_path
     from steerserve.engines.hf import HFEngine
     from steerserve.model import load_hf
-    from steerserve.store.artifacts import file_header
-    from steerserve.tools.extract_cli import write_artifact
+    from steerserve.tools.common import write_artifact
 
     settings = Settings.from_env(model=args.model)
     model, tokenizer, info = load_hf(model_path(settings), settings.dtype)

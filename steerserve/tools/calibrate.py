@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from steerserve.anatomy import hf_layers
 from steerserve.tools.gsm8k import DEFAULT_DATA, DataMissing, read_rows, shown
 
 CHUNK = 16  # states per batched pass: bounds the KV cache kept for the nested JVP
@@ -58,7 +59,7 @@ def calibrate(model: Any, prompts: list[tuple[int, ...]], pad_id: int, layer: in
     from steerserve.tools import kl_bound
 
     model.set_attn_implementation("eager")  # SDPA has no forward-mode derivative on CPU
-    layers = model.model.layers
+    layers = hf_layers(model)
     norm = float(v.norm())
     u = (v / norm).to(next(model.parameters()).dtype)
     a_all: list[float] = []
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from steerserve.config import Settings
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.tools.extract_cli import write_artifact
+    from steerserve.tools.common import write_artifact
 
     def fail(msg: str) -> int:
         print(f"steerserve calibrate: {msg}", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from steerserve.anatomy import hf_body, hf_head, hf_layers
 from steerserve.evaluation.metrics import is_refusal, repetition
 from steerserve.runtime.hooks import Capture
 
@@ -43,8 +44,8 @@ def prompt_states(model: Any, prompts: Sequence[Sequence[int]], layers: Sequence
         idx = order[i : i + batch]
         chunk = [prompts[j] for j in idx]
         last = torch.tensor([len(p) - 1 for p in chunk])
-        with torch.inference_mode(), Capture(model.model.layers, layers) as cap:
-            model.model(input_ids=_right_padded(chunk), use_cache=False)
+        with torch.inference_mode(), Capture(hf_layers(model), layers) as cap:
+            hf_body(model)(input_ids=_right_padded(chunk), use_cache=False)
         rows = torch.arange(len(chunk))
         x = torch.cat([cap.outputs[layer][rows, last] for layer in layers], dim=-1).float()  # [b, 4H]
         if not out.numel():
@@ -56,12 +57,12 @@ def prompt_states(model: Any, prompts: Sequence[Sequence[int]], layers: Sequence
 def mean_norms(model: Any, seqs: Sequence[Sequence[int]], batch: int = 16) -> torch.Tensor:
     """``[N]`` mean ``||h_l[t]||`` over tokens 1.. of every sequence at every layer (token 0, the attention
     sink, is an outlier), as a direction's ``scale`` is measured (``tools.refusal.mean_norms``)."""
-    n = len(model.model.layers)
+    n = len(hf_layers(model))
     total, count = torch.zeros(n, dtype=torch.float64), 0
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
-        with torch.inference_mode(), Capture(model.model.layers, range(n)) as cap:
-            model.model(input_ids=_right_padded(chunk), use_cache=False)
+        with torch.inference_mode(), Capture(hf_layers(model), range(n)) as cap:
+            hf_body(model)(input_ids=_right_padded(chunk), use_cache=False)
         for b, s in enumerate(chunk):
             norms = torch.stack([cap.outputs[layer][b, 1 : len(s)].norm(dim=-1) for layer in range(n)])  # [N, T]
             total += norms.double().sum(dim=1)
@@ -87,7 +88,7 @@ def patched(model: Any, direction: torch.Tensor, scales: torch.Tensor,
 
         return hook
 
-    handles = [block.register_forward_hook(make(i)) for i, block in enumerate(model.model.layers)]
+    handles = [block.register_forward_hook(make(i)) for i, block in enumerate(hf_layers(model))]
     try:
         yield
     finally:
@@ -120,7 +121,7 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], pad_id: int) -> Prefix
     training step; the last token, patched at the layers above the read layers, goes with the reply)."""
     ids, attn = left_padded([p[:-1] for p in prompts], pad_id)
     with torch.inference_mode():
-        out = model.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+        out = hf_body(model)(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                           past_key_values=DynamicCache(config=model.config), use_cache=True)
     cache = tuple((k.clone(), v.clone()) for k, v, *_ in out.past_key_values)  # plain tensors, reusable
     return Prefix(attn, attn.sum(-1), cache, tuple(p[-1] for p in prompts))
@@ -151,9 +152,9 @@ def reply_nll(model: Any, prefix: Prefix, replies: Sequence[Sequence[int]], gain
     targets = torch.tensor([t for r in replies for t in list(r)[first:]])
     cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix.cache])  # a fresh copy: update() appends
     with patched(model, direction, scales, delta):
-        hidden = model.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+        hidden = hf_body(model)(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                              use_cache=True).last_hidden_state  # [B, 1 + R, H], after the final norm
-    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), dim=-1)  # [K, V]
+    logp = torch.log_softmax(hf_head(model)(hidden[rows, cols]).float(), dim=-1)  # [K, V]
     nll = -logp[torch.arange(len(targets)), targets]
     per = torch.zeros(len(replies)).index_add(0, torch.tensor(rows), nll)
     return per / torch.tensor([max(len(r) - first, 1) for r in replies])

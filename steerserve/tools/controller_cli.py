@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 
 from steerserve.config import Settings
-from steerserve.tools.extract_cli import read_prompts, require_counts
+from steerserve.tools.common import read_prompts, require_counts
 from steerserve.tools.refusal_cli import add_data_arguments
 
 
@@ -204,6 +204,6 @@ def train(args: argparse.Namespace) -> None:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
-    from steerserve.tools.extract_cli import write_bytes
+    from steerserve.tools.common import write_bytes
 
     write_bytes(path, safetensors.torch.save(tensors, metadata=header))

@@ -17,10 +17,11 @@ import safetensors
 import safetensors.torch
 import torch
 
+from steerserve.anatomy import hf_layers
 from steerserve.prompts import PromptRenderer
 from steerserve.tools import controller as ct
 from steerserve.tools import controller_train as tr
-from steerserve.tools.extract_cli import write_bytes
+from steerserve.tools.common import write_bytes
 from steerserve.tools.refusal import REFUSALS
 
 WIDTH = 1024  # the paper's hidden width D
@@ -74,7 +75,7 @@ def fit_and_select(args: argparse.Namespace, tools: Tools, rows: dict[str, list[
     y_sel = torch.cat([torch.ones(k), torch.zeros(k)])
     std = tr.Standardiser.fit(x_fit)
     torch.manual_seed(args.seed)
-    net = tr.Net(x_fit.shape[1], WIDTH, len(model.model.layers))
+    net = tr.Net(x_fit.shape[1], WIDTH, len(hf_layers(model)))
     log(f"stage 1 (s): BCE on {n} + {n} fit rows, AdamW lr {args.lr:g}, batch {args.batch}, {args.epochs} epochs, "
         f"w regulariser {args.reg:g} x mean(logit(w)^2)")
     hist1 = tr.train_scale(net, std(x_fit), y_fit, epochs=args.epochs, lr=args.lr, batch=args.batch, reg=args.reg,

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from steerserve.config import Settings
-from steerserve.tools.extract_cli import require_counts, write_artifact
+from steerserve.store.formats import file_header
+from steerserve.tools.common import require_counts, write_artifact
 
 DEFAULT_LAYER = 18  # best of 6..24 on held-out seed-1 situations (see vectors/README.md)
 
@@ -91,7 +92,6 @@ async def _extract(args: argparse.Namespace) -> None:
     from steerserve.engines.hf import HFEngine
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.store.artifacts import file_header
     from steerserve.tools.east import FRAMINGS, OPTIONS, extract, option_ids, prompt_text, situations
 
     settings = Settings.from_env(model=args.model)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,26 +22,23 @@ import safetensors.torch
 import torch
 
 from steerserve.config import Settings
-from steerserve.evaluation.data import read_items
+from steerserve.store.formats import file_header
+from steerserve.tools import asc
+from steerserve.tools.common import read_prompts, write_artifact
+from steerserve.tools.east_cli import add_east
+from steerserve.tools.ftri import add_ftri
+from steerserve.tools.refusal_cli import add_refusal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     extract = sub.add_parser("extract", help="make a steering artifact offline (mean-diff, ...)",
                              description="Make a steering artifact offline with the hf engine.")
     kinds = extract.add_subparsers(dest="kind", metavar="KIND", required=True)
-    from steerserve.tools import asc  # asc reuses this module's helpers: imported here, not at the top
-
     add_mean_diff(kinds)
-    from steerserve.tools.east_cli import add_east  # east_cli reuses this module's helpers
-
     add_east(kinds)
     asc.add_parser(kinds)
     add_random(kinds)
-    from steerserve.tools.refusal_cli import add_refusal  # refusal_cli reuses this module's helpers
-
     add_refusal(kinds)
-    from steerserve.tools.ftri import add_ftri
-
     add_ftri(kinds)
 
 
@@ -99,35 +94,6 @@ def run_random(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({len(vectors)} layers, seed {args.seed})")
 
 
-def require_counts(args: argparse.Namespace, keys: tuple[str, ...]) -> None:
-    """Exit with a message naming the flag when any of ``args.<key>`` is below 1."""
-    for key in keys:
-        if getattr(args, key) < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be at least 1")
-
-
-def read_prompts(path: Path, field: str, limit: int | None) -> list[str]:
-    prompts = [item if isinstance(item, str) else str(item[field]) for item in read_items(path)]
-    return prompts[:limit] if limit else prompts
-
-
-def write_artifact(path: Path, vectors: Mapping[int, torch.Tensor], header: dict[str, str]) -> None:
-    """``vectors`` (layer -> ``[hidden]``) as a safetensors artifact file with ``header`` as its metadata."""
-    data = safetensors.torch.save({f"layer.{k}": v.contiguous() for k, v in vectors.items()}, metadata=header)
-    write_bytes(path, data)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` atomically: a crash never leaves a half file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> None:
     asyncio.run(_extract(args))
 
@@ -137,7 +103,6 @@ async def _extract(args: argparse.Namespace) -> None:
     from steerserve.engines.hf import HFEngine
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.store.artifacts import file_header
     from steerserve.tools.extract import mean_difference
 
     settings = Settings.from_env(model=args.model)

@@ -27,6 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from steerserve.anatomy import hf_layers
 from steerserve.model_info import ModelInfo, MoEInfo
 from steerserve.runtime.route_op import masked_routing, merge
 
@@ -35,7 +36,7 @@ Routing = tuple[torch.Tensor, torch.Tensor]  # (weights [T, k] fp32, ids [T, k] 
 
 def router_modules(model: Any, layers: Sequence[int]) -> dict[int, torch.nn.Module]:
     """``{layer: router}`` of a transformers MoE causal LM: the ``mlp.gate`` of each MoE decoder layer."""
-    decoder = model.model.layers
+    decoder = hf_layers(model)
     out = {}
     for layer in layers:
         gate = getattr(getattr(decoder[layer], "mlp", None), "gate", None)
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
     from steerserve.store.expert_sets import expert_set_header, expert_set_tensors
-    from steerserve.tools.extract_cli import write_bytes
+    from steerserve.tools.common import write_bytes
 
     if args.top_k < 1:
         raise SystemExit("--top-k must be at least 1")

@@ -41,6 +41,13 @@ def measure(hidden_states: HiddenStates, tokenize: Callable[[str], list[int]], n
     return [float(x) for x in norms.median(dim=0).values]
 
 
+def measure_hf(model: torch.nn.Module, tokenize: Callable[[str], list[int]], num_layers: int) -> list[float]:
+    """``measure`` on a transformers causal LM, run unsteered."""
+    from steerserve.runtime.hooks import capture_hidden_states
+
+    return measure(lambda p, layers: capture_hidden_states(model, p, layers), tokenize, num_layers)
+
+
 def load_or_measure(folder: Path, fingerprint: str, measure_fn: Callable[[], list[float]]) -> list[float]:
     """The recorded norms in ``folder`` for this model, measuring (and recording) them the first time."""
     path = folder / FILE

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from steerserve.anatomy import hf_body, hf_head
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
 from steerserve.evaluation.metrics import is_refusal
@@ -153,9 +154,9 @@ def _forward_last(engine: HFEngine, prompts: Sequence[Sequence[int]], ops: tuple
                 segments.append(Segment(i * width, 0, len(p), pin.placement(engine.bank)))
         engine.tables.fill(ids.numel(), segments, engine.bank.weight)
         with torch.inference_mode():
-            hidden = engine.model.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, S, H], final norm
+            hidden = hf_body(engine.model)(input_ids=ids, use_cache=False).last_hidden_state  # [B, S, H], final norm
             last = hidden[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
-            logits = engine.model.lm_head(last).float()
+            logits = hf_head(engine.model)(last).float()
         if engine.tables.flagged(segments):
             raise RuntimeError(NON_FINITE)
         return torch.log_softmax(logits, dim=-1)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.config import Settings
-from steerserve.tools.extract_cli import read_prompts, require_counts, write_artifact
+from steerserve.tools.common import read_prompts, require_counts, write_artifact
 
 DATA = Path("../shared/data/refusal")
 

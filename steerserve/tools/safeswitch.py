@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from steerserve.anatomy import hf_body, hf_head
 from steerserve.runtime.safeswitch import PILOT_TOKENS, PROBE_WIDTH, HeadDelta, Probe, head_logits, probe_prob
 
 # Refusal-then-explanation replies for the head's training (written for this repository), combined per row
@@ -70,7 +71,7 @@ def run_batch(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: se
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(list(p))
         mask[i, width - len(p):] = 1
-    body, weight = model.model, model.lm_head.weight  # [V, H], the tied embeddings on the default model
+    body, weight = hf_body(model), hf_head(model).weight  # [V, H], the tied embeddings on the default model
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
     teacher: list[torch.Tensor] = []
@@ -96,7 +97,7 @@ def run_batch(model: Any, prompts: Sequence[Sequence[int]], tokens: int, eos: se
         steps = [stage1]
         stage2 = stage1
         for step in range(n):  # h predicts token step + 1
-            logits = model.lm_head(h) if head is None else head_logits(h, weight, head.a, head.b)  # [B, V]
+            logits = hf_head(model)(h) if head is None else head_logits(h, weight, head.a, head.b)  # [B, V]
             out.append(logits.argmax(-1))
             if step + 1 == n and step + 1 != PILOT_TOKENS:
                 break  # the last token's own state is not needed

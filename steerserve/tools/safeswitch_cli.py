@@ -42,11 +42,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from steerserve.anatomy import hf_head
 from steerserve.config import Settings
 from steerserve.evaluation.metrics import is_refusal, repetition
 from steerserve.runtime.safeswitch import PILOT_TOKENS, PROBE_WIDTH, HeadDelta
 from steerserve.tools import safeswitch as ss
-from steerserve.tools.extract_cli import read_prompts, require_counts, write_bytes
+from steerserve.tools.common import read_prompts, require_counts, write_bytes
 from steerserve.tools.refusal_cli import add_data_arguments
 
 
@@ -208,7 +209,7 @@ def train(args: argparse.Namespace) -> None:
     states = torch.cat(got["harmful"].teacher)  # [N, H]
     tgt = torch.tensor([t for r in targets for t in r])
     _log(f"fitting the head: rank {args.rank}, {len(tgt)} reply tokens, {args.head_epochs} epochs")
-    delta, losses = ss.fit_head(states, tgt, model.lm_head.weight, rank=args.rank, epochs=args.head_epochs,
+    delta, losses = ss.fit_head(states, tgt, hf_head(model).weight, rank=args.rank, epochs=args.head_epochs,
                                 lr=args.head_lr, batch=args.head_batch, seed=args.seed)
     head = HeadDelta(delta.a.half().float(), delta.b.half().float())  # what the fp16 file holds
     head_figs: dict[str, Any] = {"train_loss": losses}

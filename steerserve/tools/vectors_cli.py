@@ -74,14 +74,12 @@ def _measure(path: Path, settings: Settings, info: ModelInfo) -> list[float]:
     """The typical residual norms, measured on the hf model as ``bootstrap`` does (once per model)."""
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.runtime.hooks import capture_hidden_states
     from steerserve.tools import norms
 
     print(f"measuring {info.name}'s typical activation norms (once per model)...", file=sys.stderr)
     model, tokenizer, _ = load_hf(path, "float32")
     renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens, settings.max_prompt_chars)
-    return norms.measure(lambda p, layers: capture_hidden_states(model, model.model.layers, p, layers),
-                         renderer.tokenize, info.num_layers)
+    return norms.measure_hf(model, renderer.tokenize, info.num_layers)
 
 
 def _fail(exc: SteerError) -> int:
@@ -119,7 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         return _fail(exc)
     finally:
         store.close()
-    from steerserve.tools.extract_cli import write_bytes
+    from steerserve.tools.common import write_bytes
 
     write_bytes(args.out, out)
     layers = [k for k in sorted(tensors) if not (k == 0 and fmt == "gguf" and args.drop_layer_0)]

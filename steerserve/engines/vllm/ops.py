@@ -6,9 +6,10 @@ Python inside the layer would be traced with the tables' *values at trace time* 
 (``tables.active``) frozen. An opaque torch library op (``steerserve::steer_``) is called on every step with the live
 module-level state, so table contents written by the host between steps take effect.
 
-vLLM's residual stream: a vLLM decoder layer returns ``(hidden_states, residual)`` separately (the add
+vLLM's residual stream: most vLLM decoder layers return ``(hidden_states, residual)`` separately (the add
 is fused into the next RMSNorm); the residual stream after block ``l`` (what the hf engine steers, the
-layer convention of ``model_info.LAYER_CONVENTION``) is their SUM ``x = hidden + residual``. So:
+layer convention of ``model_info.LAYER_CONVENTION``) is their SUM ``x = hidden + residual``. Layers that
+return the stream whole (``anatomy``: ``"single"``, ``"first"``) pass ``residual=None`` and ``x = hidden``. So:
 
 - ``add``: ``x + c v = (hidden + c v) + residual``: added to ``hidden`` only, in place.
 - ``ablate``: the projection must be of the SUM: ``hidden += steer(x) - x`` where ``steer`` is
@@ -67,8 +68,9 @@ def current() -> SteerState | None:
     return _STATE
 
 
-def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    """Steer the residual stream ``h + residual`` after decoder block ``layer``, writing into ``h``.
+def _steer_impl(h: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
+    """Steer the residual stream ``h + residual`` (``h`` alone where ``residual`` is None: a block that
+    returns the stream whole) after decoder block ``layer``, writing into ``h``.
 
     ``h, residual [T, H]``: the flat step (``T`` = tokens laid out this step, possibly padded; padded
     rows are beyond ``tables.num_tokens`` and are never touched).
@@ -79,14 +81,14 @@ def _steer_impl(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     _steer_tables(state, h, residual, layer)
     capture, ctrl = state.static or state.capture.active, state.static or state.ctrl.active
     if capture or ctrl:  # reads come after steering: the stream the next block reads
-        stream = h + residual  # [T, H]
+        stream = h if residual is None else h + residual  # [T, H]
         if capture:
             state.capture.read_layer(layer, stream[: h.shape[0] if state.static else state.capture.num_tokens])
         if ctrl:
             state.ctrl.read_layer(layer, stream, state.regs, state.static)
 
 
-def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     tables = state.tables
     if not state.static and not tables.steers(layer):
         return  # nothing steered at this layer this step (ROUTE ops are the router point's): no table reads
@@ -98,7 +100,8 @@ def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, la
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
     if state.static:  # graph-safe: every slot, every token up to the captured size; no data-dependent branch
-        _steer_static(h[:n], residual[:n], bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n])
+        res = None if residual is None else residual[:n]
+        _steer_static(h[:n], res, bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n])
         return
     delta = tables.delta(layer)  # [T, H] gathered for all layers at once, for small steps
     if delta is not None and delta.shape[0] != n:
@@ -107,10 +110,10 @@ def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor, la
         # Ablations project the sum hidden + residual; additions go to hidden alone (they commute with
         # the split). Refused tokens keep their value and are marked in tables.bad.
         steer_guarded_(h[:n], bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n], delta,
-                       residual[:n])
+                       None if residual is None else residual[:n])
 
 
-def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, add_rows: torch.Tensor,
+def _steer_static(hn: torch.Tensor, residual: torch.Tensor | None, bank: torch.Tensor, add_rows: torch.Tensor,
                   add_scales: torch.Tensor, abl_rows: torch.Tensor, abl_scales: torch.Tensor,
                   bad: torch.Tensor) -> None:
     """The same steering with a fixed sequence of kernels (for CUDA-graph capture and replay).
@@ -118,15 +121,16 @@ def _steer_static(hn: torch.Tensor, residual: torch.Tensor, bank: torch.Tensor, 
     Ablations on the sum ``x = hn + residual`` (a token with scale 0 gets ``x - x0 == 0`` exactly), then
     the additions on ``hn`` (row 0 / scale 0 adds exactly 0), so unsteered tokens stay bit-identical.
     """
-    x0 = hn + residual  # [T, H]
+    x0 = hn if residual is None else hn + residual  # [T, H]
     x = x0.clone()
     steer_(x, bank, add_rows[:, :0], add_scales[:, :0], abl_rows, abl_scales)
-    new = hn + (x - x0)
+    new = x if residual is None else hn + (x - x0)
     new.add_(add_delta(bank, add_rows, add_scales))
-    keep_finite_(hn, new, new + residual, bad)  # refused tokens keep hn and are marked, as in steer_guarded_
+    # refused tokens keep hn and are marked, as in steer_guarded_
+    keep_finite_(hn, new, new if residual is None else new + residual, bad)
 
 
-def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _steer_fake(h: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     """Shape-only version for Dynamo/Inductor tracing: mutates ``h`` in place, returns nothing."""
     return None
 
@@ -136,7 +140,7 @@ def _steer_fake(h: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
 # autograd / inplace-view / dynamo-disable wrappers cuts its per-call overhead several times; it is
 # called once per decoder layer per step.
 _LIB = torch.library.Library("steerserve", "DEF")
-_LIB.define("steer_(Tensor(a!) h, Tensor residual, int layer) -> ()")
+_LIB.define("steer_(Tensor(a!) h, Tensor? residual, int layer) -> ()")
 _LIB.impl("steer_", _steer_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("steerserve::steer_", _steer_fake, lib=_LIB)
 

@@ -9,8 +9,8 @@ that triggers the Dynamo trace + Inductor compile), so the compiled graph contai
 
 ``steer_decoder_layers`` swaps each decoder layer's class for a cached subclass whose ``forward`` calls
 the op after the stock forward: the model, its weights and vLLM's class are untouched (no class-level
-monkeypatch, nothing leaks into other engines in the process), and it works for every architecture
-whose layers return ``(hidden_states, residual)`` (Llama, Mistral, Qwen2, ...), not only Llama.
+monkeypatch, nothing leaks into other engines in the process). Where the layers are and what they
+return (a ``(hidden, residual)`` pair or one tensor) comes from ``steerserve.anatomy``.
 """
 
 from __future__ import annotations
@@ -24,57 +24,57 @@ from typing import Any
 import torch
 from torch import nn
 
+from steerserve.anatomy import Output, anatomy_of, vllm_layers
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as _ops  # noqa: F401  (registers torch.ops.steerserve.steer_, route_)
 from steerserve.model_info import MoEInfo
 
-_STEERED: dict[type[nn.Module], type[nn.Module]] = {}
+_STEERED: dict[tuple[type[nn.Module], str], type[nn.Module]] = {}
 # Source files outside engines/vllm whose code the compiled graph calls (cache key: ``code_fingerprint``).
-ROUTE_SOURCES = ("runtime/route_op.py", "runtime/route_point.py")  # relative to the package
+ROUTE_SOURCES = ("runtime/route_op.py", "runtime/route_point.py", "anatomy.py")  # relative to the package
 
 
-def _steered_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """``cls`` with the steering op at the end of ``forward`` (one subclass per layer class)."""
-    if cls in _STEERED or getattr(cls, "_steerserve_steered", False):
-        return _STEERED.get(cls, cls)
+def _steered_class(cls: type[nn.Module], output: Output) -> type[nn.Module]:
+    """``cls`` with the steering op at the end of ``forward`` (one subclass per layer class and output kind,
+    ``anatomy.Anatomy.vllm_output``): the op always sees the whole residual stream after the block."""
+    if getattr(cls, "_steerserve_steered", False):
+        return cls
+    if (cls, output) in _STEERED:
+        return _STEERED[(cls, output)]
 
     class Steered(cls):  # type: ignore[valid-type, misc]
         _steerserve_steered = True
 
-        def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden, residual = super().forward(*args, **kwargs)  # [T, H] each
-            # In place on ``hidden``; the residual stream after this block is ``hidden + residual``.
-            torch.ops.steerserve.steer_(hidden, residual, self.steer_layer)
-            return hidden, residual
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            if output == "sum":  # (hidden, residual) [T, H] each, stream = their sum: steer into hidden
+                torch.ops.steerserve.steer_(out[0], out[1], self.steer_layer)
+            elif output == "first":  # (stream, the block's input): the next block ignores the second
+                torch.ops.steerserve.steer_(out[0], None, self.steer_layer)
+            else:  # one tensor, the stream itself: [T, H], or [1, T, H] from vLLM's transformers backend
+                torch.ops.steerserve.steer_(out.flatten(0, -2), None, self.steer_layer)  # a view: in place on out
+            return out
 
     Steered.__name__ = Steered.__qualname__ = f"Steered{cls.__name__}"
     Steered.__module__ = __name__
     steered: type[nn.Module] = Steered
-    _STEERED[cls] = steered
+    _STEERED[(cls, output)] = steered
     return steered
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a vLLM causal LM (``model.model.layers`` for Llama-style models)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"cannot find decoder layers in {type(model).__name__} (expected .model.layers)")
-    return layers
+def steer_decoder_layers(model: nn.Module, architecture: str) -> int:
+    """Insert the op into every decoder layer of ``model`` (vLLM's model of ``architecture``); returns the
+    number of layers (global count).
 
-
-def steer_decoder_layers(model: nn.Module) -> int:
-    """Insert the op into every decoder layer of ``model``; returns the number of layers (global count).
-
-    Layer ``i`` of ``model.model.layers`` is steering layer ``i`` (the same index as the hf engine and
-    the artifacts' layer convention). Pipeline-parallel placeholders (no ``forward`` of their own
-    returning a pair) are skipped.
+    Layer ``i`` of ``anatomy.vllm_layers`` is steering layer ``i`` (the same index as the hf engine and
+    the artifacts' layer convention). Pipeline-parallel placeholders (another rank's layers) are skipped.
     """
-    layers = decoder_layers(model)
+    output = anatomy_of(architecture).vllm_output
+    layers = vllm_layers(model, architecture)
     for i, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":
             continue
-        layer.__class__ = _steered_class(type(layer))
+        layer.__class__ = _steered_class(type(layer), output)
         layer.steer_layer = i  # type: ignore[assignment]  # a Python int: a constant in the traced graph
     return len(layers)
 
@@ -105,7 +105,7 @@ def _routed_class(cls: type) -> type:
     return Routed
 
 
-def route_moe_layers(model: nn.Module, moe: MoEInfo, eplb: bool = False) -> tuple[int, ...]:
+def route_moe_layers(model: nn.Module, moe: MoEInfo, architecture: str, eplb: bool = False) -> tuple[int, ...]:
     """Insert the router point into every MoE layer of ``model`` (the decoder layers ``moe.layers``): each
     layer's MoE runner gets its router object's class swapped (``_routed_class``). Refuses, with the
     reason, what would bypass or reorder the point: monolithic expert kernels (they never call the
@@ -116,7 +116,7 @@ def route_moe_layers(model: nn.Module, moe: MoEInfo, eplb: bool = False) -> tupl
     if eplb:
         raise RuntimeError("steerserve's router point does not support EPLB (expert ids are remapped before it)")
     found = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(vllm_layers(model, architecture)):
         runners = [m for m in layer.modules() if isinstance(m, MoERunnerInterface)]
         if not runners:
             continue

@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerserve.anatomy import vllm_layers
 from steerserve.config import Settings
 from steerserve.engines.vllm import ops as steer_ops
 from steerserve.engines.vllm import runner_v2
-from steerserve.engines.vllm.plugin import decoder_layers, route_moe_layers, steer_decoder_layers
+from steerserve.engines.vllm.plugin import route_moe_layers, steer_decoder_layers
 from steerserve.engines.vllm.rpc import SteerRPC
 from steerserve.engines.vllm.steps import StepCore
 from steerserve.model import moe_info
@@ -155,7 +156,8 @@ def _setup(worker: Any) -> None:
     """After ``load_model``: insert the op, build this process's bank and tables, install them."""
     runner = worker.model_runner
     model = runner.get_model()
-    num_layers = steer_decoder_layers(model)
+    arch = worker.vllm_config.model_config.architectures[0]  # the config's (ModelInfo.architecture), not vLLM's class
+    num_layers = steer_decoder_layers(model, arch)
     # Where vLLM may capture CUDA graphs (any device but CPU, unless enforce_eager), the op must take its
     # graph-safe form: fixed shapes, every slot, no host branch (a captured early return would be replayed
     # forever). NOTE: written for the GPU worker, not yet run on a GPU in this project's CI.
@@ -164,7 +166,7 @@ def _setup(worker: Any) -> None:
     if moe is not None:
         if static:  # the op body is eager (early returns, host reads): a captured graph would freeze it
             raise RuntimeError("steerserve's router point (MoE models) runs eagerly: use enforce_eager on GPU")
-        route_moe_layers(model, moe, eplb=bool(worker.vllm_config.parallel_config.enable_eplb))
+        route_moe_layers(model, moe, arch, eplb=bool(worker.vllm_config.parallel_config.enable_eplb))
     conf = (worker.vllm_config.additional_config or {}).get("steerserve", {})
     hidden = worker.vllm_config.model_config.get_hidden_size()
     dtype = worker.vllm_config.model_config.dtype
@@ -185,7 +187,7 @@ def _setup(worker: Any) -> None:
                             device=runner.device)
     steer_ops.install(steer_ops.SteerState(bank, tables, regs, capture, ctrl, head, static=static))
     log.info("steerserve: steering %d layers of %s (bank %d x %d, tables %d tokens)%s", num_layers,
-             type(decoder_layers(model)[0]).__name__, bank.slots, hidden, max_tokens,
+             type(vllm_layers(model, arch)[-1]).__name__, bank.slots, hidden, max_tokens,
              "" if moe is None else f", router point on MoE layers {list(moe.layers)}")
 
 
