@@ -110,16 +110,17 @@ def _of(model: nn.Module) -> Anatomy:
     return anatomy_of(type(model).__name__)
 
 
-def hf_layers(model: nn.Module) -> nn.ModuleList:
+def hf_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks of a transformers causal LM; block ``i`` is steering layer ``i``."""
     layers = attrgetter(_of(model).layers)(model)
     assert isinstance(layers, nn.ModuleList)
-    return layers
+    return list(layers)
 
 
 def hf_norm(model: nn.Module) -> nn.Module:
     """The final norm of a transformers causal LM (its output is what the LM head reads)."""
-    return attrgetter(_of(model).norm)(model)  # type: ignore[no-any-return]
+    norm: nn.Module = attrgetter(_of(model).norm)(model)
+    return norm
 
 
 def hf_body(model: nn.Module) -> Any:
@@ -129,12 +130,13 @@ def hf_body(model: nn.Module) -> Any:
 
 def hf_embeddings(model: Any) -> nn.Module:
     """The input token embeddings."""
-    return model.get_input_embeddings()  # type: ignore[no-any-return]
+    emb: nn.Module = model.get_input_embeddings()
+    return emb
 
 
-def hf_head(model: Any) -> nn.Module:
-    """The LM head (a ``Linear(H, V)``; on a tied model its weight is the embeddings')."""
-    return model.get_output_embeddings()  # type: ignore[no-any-return]
+def hf_head(model: Any) -> Any:
+    """The LM head, a ``Linear(H, V)`` (``.weight [V, H]``; on a tied model the embeddings' weight)."""
+    return model.get_output_embeddings()
 
 
 def hf_router(model: nn.Module, layer: int) -> nn.Module:
@@ -142,10 +144,10 @@ def hf_router(model: nn.Module, layer: int) -> nn.Module:
     a = _of(model)
     if not a.moe:
         raise TypeError(f"{a.family} is not a mixture-of-experts family")
-    router = attrgetter(a.router)(hf_layers(model)[layer])
+    router: nn.Module = attrgetter(a.router)(hf_layers(model)[layer])
     if not hasattr(router, "top_k"):
         raise TypeError(f"{type(router).__name__} at layer {layer}.{a.router} is not a top-k router")
-    return router  # type: ignore[no-any-return]
+    return router
 
 
 def vllm_layers(model: nn.Module, architecture: str) -> nn.ModuleList:

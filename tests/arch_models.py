@@ -50,16 +50,16 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 ARCHS = tuple(CONFIGS)
 
 
-def config(arch: str) -> Any:
-    """The transformers config of the tiny ``arch`` model."""
+def config(arch: str, **overrides: Any) -> Any:
+    """The transformers config of the tiny ``arch`` model; ``overrides`` change fields (e.g. more layers)."""
     import transformers
 
     cls_name, fields = CONFIGS[arch]
-    cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                                          initializer_range=0.2, **fields)
-    return cfg
+    return getattr(transformers, cls_name)(**{"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2,
+                                              "pad_token_id": 2, "initializer_range": 0.2, **fields, **overrides})
 
 
-def build(arch: str, folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
-    """Write the tiny ``arch`` checkpoint (fp32) into ``folder`` and return it."""
-    return save(config(arch), folder, tokenizer_from, seed)
+def build(arch: str, folder: Path, tokenizer_from: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write the tiny ``arch`` checkpoint (fp32) into ``folder`` and return it; ``overrides`` change config
+    fields (e.g. more layers)."""
+    return save(config(arch, **overrides), folder, tokenizer_from, seed)

@@ -30,6 +30,7 @@ from steerserve.config import Settings
 from steerserve.engines.hf import HFEngine
 from steerserve.engines.vllm.engine import VLLMEngine
 from steerserve.model import load_hf, model_info
+from tests.arch_results import record
 from tests.moe_models import ARCHS
 from tests.test_moe_routing import DROP, FORCED, OFF, mask_ops, prompts, run, same_route, together
 
@@ -59,6 +60,7 @@ async def engines(request: pytest.FixtureRequest,
 async def test_masked_and_unmasked_batches_match_hf(engines: tuple[VLLMEngine, HFEngine]) -> None:
     vl, hf = engines
     info = hf.info
+    record(info.architecture, "expert_mask", False)  # until every check below has passed
     ps = prompts(4, seed=2)
     jobs: list[tuple[Any, Any]] = [(ps[0], mask_ops(info, off=OFF)), (ps[1], ()),
                                    (ps[2], mask_ops(info, drop=DROP, forced=FORCED)), (ps[3], ())]
@@ -79,6 +81,8 @@ async def test_masked_and_unmasked_batches_match_hf(engines: tuple[VLLMEngine, H
     # unmasked neighbours route as in the all-unmasked batch, and masking changed the masked requests
     assert mixed[1] == plain[1] and mixed[3] == plain[3]
     assert mixed[0][1]["ids"] != plain[0][1]["ids"] and mixed[2][1]["ids"] != plain[2][1]["ids"]
+    record(info.architecture, "expert_mask", True)
+    record(info.architecture, "unsteered", mixed[1][0] == ref_mixed[1][0])  # the assertions above hold it
 
 
 def _close(a: dict[str, Any], b: dict[str, Any], tol: float) -> bool:
