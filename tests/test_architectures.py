@@ -4,7 +4,8 @@
 Per architecture, one hf engine and one vLLM engine (``AsyncLLM``, engine core in its own process, vLLM run
 eagerly: ``enforce_eager``; the compiled path of the op is covered on the default model by
 ``test_vllm_engine``, and for a 2-layer model compilation only adds start-up time):
-- with the hooks installed and nothing requested, the logits are bit-identical to the bare model's;
+- with the hooks installed and nothing requested, the logits are bit-identical to the bare model's, and a
+  GGUF control vector written for the model reads back on the same layer numbers;
 - in one shared vLLM batch, an unsteered request, ``add`` on every layer, ``ablate`` on every layer, an
   ``actadd`` pair (each engine capturing its own pair states) and an entropic closed loop give the same
   greedy tokens as each alone on the hf engine, and the steered ones differ from unsteered;
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 try:
@@ -41,6 +43,7 @@ from steerserve.engines.vllm.engine import VLLMEngine
 from steerserve.model import load_hf, model_info, prepare_default_model
 from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.store.formats import export_bytes, file_header, from_gguf
 from tests import arch_models
 from tests.arch_results import record
 from tests.paths import models_dir
@@ -108,10 +111,24 @@ async def test_hooks_installed_nothing_requested_is_bit_identical(checkpoints: d
         ok = torch.equal(bare, hooked)
         record(info.architecture, "identity", ok)
         assert ok, arch
+        # a GGUF control vector written for the model reads back on the same layers (llama.cpp has no layer 0)
+        vectors = {layer: _unit(layer, info.hidden_size).data[0] for layer in range(info.num_layers)}
+        data = export_bytes(info, "vector", file_header(info, "vector"), vectors, "gguf", drop_layer_0=True)
+        back = safetensors.torch.load(from_gguf(info, data)[0])
+        same = {int(k.split(".")[1]) for k in back} == set(vectors) - {0} and all(
+            torch.equal(back[f"layer.{k}"], vectors[k]) for k in vectors if k)
+        record(info.architecture, "gguf", same)
+        assert same, arch
 
 
 async def test_steering_matches_hf_in_one_batch(engines: tuple[str, HFEngine, VLLMEngine]) -> None:
     arch, hf, vl = engines
+    await check_steering(arch, hf, vl)
+
+
+async def check_steering(arch: str, hf: HFEngine, vl: VLLMEngine) -> None:
+    """The shared-batch check of the module docstring on one architecture's engines, recorded per check
+    (``test_vllm_moe`` runs it on the MoE engines too)."""
     info = hf.info
     layers = range(info.num_layers)
     ps = _prompts(5, seed=3)
@@ -127,7 +144,8 @@ async def test_steering_matches_hf_in_one_batch(engines: tuple[str, HFEngine, VL
     plus, minus = (tuple(int(t) for t in torch.randint(100, 40000, (len(ps[3]),), generator=torch.Generator()
                                                          .manual_seed(seed))) for seed in (9, 10))
     loop = LoopSpec(target=0.0, initial=1.0, kp=1.0, ki=0.5)
-    closed = (SteerOp(OpKind.ADD, 1, _unit(11, info.hidden_size, norm), 1.0, len(ps[4]) - 1, gain=True),)
+    closed = (SteerOp(OpKind.ADD, info.num_layers - 1, _unit(11, info.hidden_size, norm), 1.0, len(ps[4]) - 1,
+                      gain=True),)
     hf_specs: list[tuple[Spec, LoopSpec | None]] = [((), None), (add, None), (ablate, None),
                                                      (await _actadd(hf, plus, minus, 0, 4.0), None), (closed, loop)]
     vl_specs = [*hf_specs[:3], (await _actadd(vl, plus, minus, 0, 4.0), None), hf_specs[4]]

