@@ -22,7 +22,8 @@ RESULTS = ROOT / "tests" / "artifacts" / "architectures.json"
 BEGIN, END = "<!-- arch-table:begin (scripts/arch_table.py) -->", "<!-- arch-table:end -->"
 CHECKS = (("identity", "hooks idle = bit-identical"), ("unsteered", "unsteered hf = vllm"), ("add", "add"),
           ("ablate", "ablate"), ("actadd", "actadd"), ("closed_loop", "closed loop"),
-          ("expert_mask", "expert masks"), ("gguf", "GGUF layers round-trip"))
+          ("expert_mask_hf", "expert masks (hf)"), ("expert_mask", "expert masks hf = vllm"),
+          ("gguf", "GGUF layers round-trip"))
 OUTPUT = {"sum": "(hidden, residual), summed", "first": "(stream, input)", "single": "one tensor"}
 
 

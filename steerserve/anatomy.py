@@ -86,6 +86,7 @@ FAMILIES: tuple[Anatomy, ...] = (
     Anatomy("qwen2_moe", ("Qwen2MoeForCausalLM",), experts="num_experts"),
     Anatomy("qwen3_moe", ("Qwen3MoeForCausalLM",), experts="num_experts"),
     Anatomy("olmoe", ("OlmoeForCausalLM",), experts="num_experts", renormalize=False),
+    Anatomy("deepseek_v2", ("DeepseekV2ForCausalLM",), experts="n_routed_experts"),  # shared experts, MLA
 )
 # The input embedding's weight as the families name it in their checkpoints (the fingerprint samples it).
 EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")

