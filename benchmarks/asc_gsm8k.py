@@ -36,7 +36,7 @@ from steerserve.model import load_hf, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import ResolveContext, SteerSpec
 from steerserve.store.artifacts import ArtifactStore, file_header
-from steerserve.tools.asc import complete
+from steerserve.tools.extract.asc import complete
 from steerserve.tools.gsm8k import CONCISE_INSTRUCTION as CONCISE_PROMPT
 from steerserve.tools.gsm8k import DEFAULT_DATA, Problem, final_number, read_rows, repetition, same_number
 

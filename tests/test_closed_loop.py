@@ -188,7 +188,7 @@ async def test_choice_loop_on_a_game_measures_what_the_scorer_measures(hf_engine
     from steerserve.evaluation.metrics import DECISION_GATE
     from steerserve.evaluation.scoring import ScoreItem, Scorer
     from steerserve.spec import PromptInfo
-    from steerserve.tools.east import game_text, situations
+    from steerserve.tools.extract.east import game_text, situations
 
     game = next(s for s in situations(1, 6, seed=5) if s.step == 5)
     prompt: PromptInfo = PromptRenderer(hf_engine.tokenizer, 4096).render(game_text(game))

@@ -23,8 +23,8 @@ from steerserve.prompts import PromptRenderer
 from steerserve.runtime.controller import controller_outputs, layer_gains
 from steerserve.store.artifacts import FILE_KINDS, STEERING_KINDS, ArtifactStore
 from steerserve.store.controllers import controller_header
-from steerserve.tools import controller as ct
-from steerserve.tools import controller_train as tr
+from steerserve.tools.train import controller as ct
+from steerserve.tools.train import controller_train as tr
 from tests.paths import models_dir
 
 ROOT = Path(__file__).resolve().parents[1]

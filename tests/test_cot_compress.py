@@ -22,9 +22,10 @@ from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext
 from steerserve.store.artifacts import ArtifactStore, file_header
-from steerserve.tools import gsm8k, kl_bound
-from steerserve.tools.asc import CONCISE_TEMPLATE, TEMPLATE, complete, model_chains, pair_ids, user_prompt
+from steerserve.tools import gsm8k
+from steerserve.tools.calibrate import kl_bound
 from steerserve.tools.common import write_artifact
+from steerserve.tools.extract.asc import CONCISE_TEMPLATE, TEMPLATE, complete, model_chains, pair_ids, user_prompt
 from tests.paths import models_dir
 
 SHIPPED = Path(__file__).resolve().parents[1] / "vectors" / "asc.safetensors"

@@ -25,8 +25,8 @@ from steerserve.runtime.loop import LoopSpec
 from steerserve.runtime.plan import OpKind
 from steerserve.spec import PromptInfo, ResolveContext, SteerSpec
 from steerserve.store.artifacts import ArtifactStore
-from steerserve.tools import east
-from steerserve.tools.east_cli import held_out
+from steerserve.tools.extract import east
+from steerserve.tools.extract.east_cli import held_out
 
 SHIPPED = Path(__file__).resolve().parents[1] / "vectors" / "east.safetensors"
 MODEL = ModelInfo(name="tiny", architecture="LlamaForCausalLM", num_layers=4, hidden_size=8, vocab_size=100,

@@ -252,7 +252,7 @@ def test_random_control_vector(tmp_path: Path, capsys: pytest.CaptureFixture[str
     import safetensors.torch
     import torch
 
-    from steerserve.tools.extract_cli import random_like
+    from steerserve.tools.extract.cli import random_like
 
     like = {3: torch.full((8,), 2.0), 1: torch.ones(8)}
     a, b = random_like(like, 0), random_like(like, 0)

@@ -25,7 +25,7 @@ from steerserve.model import model_info
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.route_op import encode_row
 from steerserve.store.expert_sets import check_expert_set
-from steerserve.tools.ftri import RouterHooks
+from steerserve.tools.extract.ftri import RouterHooks
 from tests import moe_models
 from tests.paths import models_dir
 
@@ -183,7 +183,7 @@ def test_disabling_the_planted_expert(planted: tuple[Path, str]) -> None:
 
 def test_labels_from_an_eval_report(tmp_path: Path) -> None:
     """A ``steerserve eval`` report as --data: the class is a setting's metric value (``SETTING.METRIC``)."""
-    from steerserve.tools.ftri import read_labelled
+    from steerserve.tools.extract.ftri import read_labelled
 
     samples = [{"index": i, "prompt": f"p{i}", "reference": None,
                 "outputs": {"baseline": {"text": "", "values": {"refusal": float(i % 2)}}}} for i in range(4)]

@@ -31,7 +31,7 @@ from steerserve.runtime.plan import OpKind
 from steerserve.spec import PromptInfo, ResolveContext, SteerSpec
 from steerserve.store.artifacts import STEERING_KINDS, ArtifactStore
 from steerserve.store.directions import direction_header
-from steerserve.tools import refusal as rf
+from steerserve.tools.extract import refusal as rf
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "vectors" / "refusal_direction.safetensors"

@@ -23,7 +23,7 @@ from steerserve.prompts import PromptRenderer
 from steerserve.runtime.safeswitch import PILOT_TOKENS, HeadDelta, Probe, probe_prob
 from steerserve.store.artifacts import FILE_KINDS, ArtifactStore
 from steerserve.store.safeswitch import head_header, probe_header, probe_tensors
-from steerserve.tools import safeswitch as ss
+from steerserve.tools.train import safeswitch as ss
 from tests.paths import models_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from steerserve.runtime.controller import controller_outputs
-from steerserve.tools import controller as ct
+from steerserve.tools.train import controller as ct
 
 Log = Callable[[str], None]
 

@@ -23,11 +23,11 @@ import torch
 
 from steerserve.config import Settings
 from steerserve.store.formats import file_header
-from steerserve.tools import asc
 from steerserve.tools.common import read_prompts, write_artifact
-from steerserve.tools.east_cli import add_east
-from steerserve.tools.ftri import add_ftri
-from steerserve.tools.refusal_cli import add_refusal
+from steerserve.tools.extract import asc
+from steerserve.tools.extract.east_cli import add_east
+from steerserve.tools.extract.ftri import add_ftri
+from steerserve.tools.extract.refusal_cli import add_refusal
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +103,7 @@ async def _extract(args: argparse.Namespace) -> None:
     from steerserve.engines.hf import HFEngine
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.tools.extract import mean_difference
+    from steerserve.tools.extract.mean_diff import mean_difference
 
     settings = Settings.from_env(model=args.model)
     model, tokenizer, info = load_hf(model_path(settings), settings.dtype)

@@ -19,10 +19,10 @@ import torch
 
 from steerserve.anatomy import hf_layers
 from steerserve.prompts import PromptRenderer
-from steerserve.tools import controller as ct
-from steerserve.tools import controller_train as tr
 from steerserve.tools.common import write_bytes
-from steerserve.tools.refusal import REFUSALS
+from steerserve.tools.extract.refusal import REFUSALS
+from steerserve.tools.train import controller as ct
+from steerserve.tools.train import controller_train as tr
 
 WIDTH = 1024  # the paper's hidden width D
 GEN_BATCH = 30  # prompts per patched greedy batch

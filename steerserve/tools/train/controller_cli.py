@@ -35,7 +35,7 @@ import torch
 
 from steerserve.config import Settings
 from steerserve.tools.common import read_prompts, require_counts
-from steerserve.tools.refusal_cli import add_data_arguments
+from steerserve.tools.extract.refusal_cli import add_data_arguments
 
 
 def add_controller(kinds: argparse._SubParsersAction) -> None:
@@ -141,7 +141,7 @@ def train(args: argparse.Namespace) -> None:
     from steerserve.bootstrap import model_path
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.tools.controller_run import WIDTH, Tools, fit_and_select
+    from steerserve.tools.train.controller_run import WIDTH, Tools, fit_and_select
 
     started, cpu = time.monotonic(), time.process_time()
     torch.manual_seed(args.seed)

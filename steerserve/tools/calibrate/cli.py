@@ -56,7 +56,7 @@ def calibrate(model: Any, prompts: list[tuple[int, ...]], pad_id: int, layer: in
     geometry, where a shift common to all logits counts for nothing (``p`` = the unsteered next-token
     distribution), so that the closed form's quadratic term ``a^2 g^2 / 4`` is the KL's own (METHODS.md's
     check: the measured KL at ``gamma_max`` must come out near ``eps``)."""
-    from steerserve.tools import kl_bound
+    from steerserve.tools.calibrate import kl_bound
 
     model.set_attn_implementation("eager")  # SDPA has no forward-mode derivative on CPU
     layers = hf_layers(model)
@@ -105,7 +105,7 @@ def calibrate(model: Any, prompts: list[tuple[int, ...]], pad_id: int, layer: in
 
 def user_template(name: str) -> str:
     """``--template``: ``asc`` is ``extract asc``'s prompt; anything else is the template itself."""
-    from steerserve.tools.asc import TEMPLATE
+    from steerserve.tools.extract.asc import TEMPLATE
 
     return TEMPLATE if name == "asc" else name
 

@@ -46,9 +46,9 @@ from steerserve.anatomy import hf_head
 from steerserve.config import Settings
 from steerserve.evaluation.metrics import is_refusal, repetition
 from steerserve.runtime.safeswitch import PILOT_TOKENS, PROBE_WIDTH, HeadDelta
-from steerserve.tools import safeswitch as ss
 from steerserve.tools.common import read_prompts, require_counts, write_bytes
-from steerserve.tools.refusal_cli import add_data_arguments
+from steerserve.tools.extract.refusal_cli import add_data_arguments
+from steerserve.tools.train import safeswitch as ss
 
 
 def add_safeswitch(kinds: argparse._SubParsersAction) -> None:

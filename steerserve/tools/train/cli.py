@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from steerserve.tools.controller_cli import add_controller
-from steerserve.tools.safeswitch_cli import add_safeswitch
+from steerserve.tools.train.controller_cli import add_controller
+from steerserve.tools.train.safeswitch_cli import add_safeswitch
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -66,7 +66,7 @@ def held_out(tokenizer: object, runs: int, steps: int, seed: int) -> list[dict[s
     """``runs`` held-out games, ``steps`` decisions of each at distinct random steps (0 .. 7), as eval records."""
     import random
 
-    from steerserve.tools.east import prompt_text, situations
+    from steerserve.tools.extract.east import prompt_text, situations
 
     horizon = max(8, steps)
     pick = random.Random(seed)
@@ -79,7 +79,7 @@ def held_out_games(games: int, seed: int) -> list[dict[str, object]]:
     """``games`` held-out multi-decision prompts, each after 3..7 rounds already played, as eval records."""
     import random
 
-    from steerserve.tools.east import game_text, situations
+    from steerserve.tools.extract.east import game_text, situations
 
     pick = random.Random(seed)
     played = {k: pick.randint(3, 7) for k in range(games)}
@@ -92,7 +92,7 @@ async def _extract(args: argparse.Namespace) -> None:
     from steerserve.engines.hf import HFEngine
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
-    from steerserve.tools.east import FRAMINGS, OPTIONS, extract, option_ids, prompt_text, situations
+    from steerserve.tools.extract.east import FRAMINGS, OPTIONS, extract, option_ids, prompt_text, situations
 
     settings = Settings.from_env(model=args.model)
     model, tokenizer, info = load_hf(model_path(settings), settings.dtype)

@@ -87,7 +87,7 @@ async def _extract(args: argparse.Namespace) -> None:
     from steerserve.model import load_hf
     from steerserve.prompts import PromptRenderer
     from steerserve.store.directions import direction_header
-    from steerserve.tools import refusal as rf
+    from steerserve.tools.extract import refusal as rf
 
     settings = Settings.from_env(model=args.model)
     model, tokenizer, info = load_hf(model_path(settings), settings.dtype)

@@ -1,0 +1,1 @@
+"""``steerserve vectors``: import and export of artifacts between formats and stores."""
