@@ -45,6 +45,7 @@ class Anatomy:
     experts: str = ""
     renormalize: bool | None = None
     router: str = "mlp.gate"
+    router_out: tuple[str, str, str] = ("logits", "weights", "ids")  # what the transformers router returns
 
     @property
     def moe(self) -> bool:
@@ -87,6 +88,8 @@ FAMILIES: tuple[Anatomy, ...] = (
     Anatomy("qwen3_moe", ("Qwen3MoeForCausalLM",), experts="num_experts"),
     Anatomy("olmoe", ("OlmoeForCausalLM",), experts="num_experts", renormalize=False),
     Anatomy("deepseek_v2", ("DeepseekV2ForCausalLM",), experts="n_routed_experts"),  # shared experts, MLA
+    Anatomy("granitemoe", ("GraniteMoeForCausalLM",), vllm_output="single", experts="num_local_experts",
+            renormalize=True, router="block_sparse_moe.router", router_out=("ids", "weights", "logits")),
 )
 # The input embedding's weight as the families name it in their checkpoints (the fingerprint samples it).
 EMBEDDING_WEIGHTS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -141,7 +144,8 @@ def hf_head(model: Any) -> Any:
 
 
 def hf_router(model: nn.Module, layer: int) -> nn.Module:
-    """The top-k router of MoE block ``layer`` (returns ``(logits [T, E], weights [T, k], ids [T, k])``)."""
+    """The top-k router of MoE block ``layer``; it returns ``logits [T, E]``, ``weights [T, k]`` and ``ids [T, k]``
+    in the family's ``router_out`` order."""
     a = _of(model)
     if not a.moe:
         raise TypeError(f"{a.family} is not a mixture-of-experts family")

@@ -16,14 +16,21 @@ from typing import Any
 
 import torch
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek_v2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                    "special_tokens_map.json")
 
 
 def config(arch: str) -> Any:
     """The transformers config of the tiny ``arch`` model."""
-    from transformers import DeepseekV2Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV2Config,
+        GraniteMoeConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common: dict[str, Any] = dict(vocab_size=49152, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
@@ -40,6 +47,8 @@ def config(arch: str) -> Any:
                               mlp_only_layers=[])
     if arch == "olmoe":
         return OlmoeConfig(**common, intermediate_size=64, num_experts=16, num_experts_per_tok=2, norm_topk_prob=False)
+    if arch == "granitemoe":  # one tensor out of each vLLM block; the router returns (ids, weights, logits)
+        return GraniteMoeConfig(**common, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
     # layer 0 dense (first_k_dense_replace), one shared expert; MLA with the latent width vLLM's CPU kernel takes
     # (kv_lora_rank 512 + rope 64 = 576)
     if arch == "deepseek_v2":

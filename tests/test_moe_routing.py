@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from steerserve.anatomy import hf_router
+from steerserve.anatomy import anatomy_of, hf_router
 from steerserve.config import Settings
 from steerserve.engines.base import GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
@@ -79,7 +79,7 @@ def test_unmasked_is_bit_identical_and_a_neighbour_is_untouched(loaded: tuple[An
         tables = StepTables(info.num_layers, 64, 2)
         capture = RouteCapture()
         hooks = RouteHooks({i: hf_router(model, i) for i in info.moe.layers}, info.moe.num_experts,
-                           info.moe.renormalize, bank, tables, capture)
+                           info.moe.renormalize, bank, tables, capture, anatomy_of(info.architecture).router_out)
         try:
             tables.fill(2 * seq, [])
             assert torch.equal(model(input_ids=ids).logits, ref)  # no ROUTE op: the router's own output

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from steerserve.anatomy import hf_layers, hf_norm, hf_router
+from steerserve.anatomy import anatomy_of, hf_layers, hf_norm, hf_router
 from steerserve.config import Settings
 from steerserve.engines.base import (
     ENGINE_FAILED,
@@ -72,7 +72,7 @@ class HFEngine(EngineThread):
         moe = info.moe
         self.route_hooks = None if moe is None else RouteHooks(
             {i: hf_router(model, i) for i in moe.layers}, moe.num_experts, moe.renormalize, self.bank, self.tables,
-            self.route_capture)
+            self.route_capture, anatomy_of(info.architecture).router_out)
         self._normed: torch.Tensor | None = None  # [B, S, H] the final norm's output of the last forward
         hf_norm(model).register_forward_hook(self._keep_normed)
         eos = model.generation_config.eos_token_id

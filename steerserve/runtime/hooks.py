@@ -111,15 +111,18 @@ class RouteHooks:
     records the routing when ``capture.on``. Steps without ROUTE ops return the router's output untouched."""
 
     def __init__(self, routers: Mapping[int, nn.Module], num_experts: int, renormalize: bool,
-                 bank: VectorBank, tables: StepTables, capture: RouteCapture) -> None:
-        """``routers``: MoE layer -> its top-k router (``anatomy.hf_router``)."""
-        self.bank, self.tables, self.capture = bank, tables, capture
+                 bank: VectorBank, tables: StepTables, capture: RouteCapture,
+                 order: Sequence[str] = ("logits", "weights", "ids")) -> None:
+        """``routers``: MoE layer -> its top-k router (``anatomy.hf_router``), returning ``order``
+        (``anatomy.Anatomy.router_out``)."""
+        self.bank, self.tables, self.capture, self.order = bank, tables, capture, tuple(order)
         self.num_experts, self.renormalize = num_experts, renormalize
         self._handles = [router.register_forward_hook(self._make(i)) for i, router in routers.items()]
 
     def _make(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            logits, weights, ids = output
+            named = dict(zip(self.order, output, strict=True))
+            logits, weights, ids = named["logits"], named["weights"], named["ids"]
             rows = route_rows(self.tables, self.bank.weight, index, ids.shape[0], self.num_experts)
             if rows is None and not self.capture.on:
                 return None
@@ -128,7 +131,8 @@ class RouteHooks:
                 route_(weights, ids, logits, rows, self.renormalize)
             if self.capture.on:
                 self.capture.record(index, weights, ids)
-            return logits, weights, ids
+            named.update(logits=logits, weights=weights, ids=ids)
+            return tuple(named[k] for k in self.order)
 
         return hook
 
