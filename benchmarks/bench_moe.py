@@ -45,7 +45,7 @@ SIZES: dict[str, dict[str, int]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="a local MoE checkpoint directory")
-    p.add_argument("--build", choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+    p.add_argument("--build", choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"),
                    help="build this tiny random test checkpoint into a temp dir and use it")
     p.add_argument("--size", choices=tuple(SIZES), default="tiny",
                    help="with --build: the test checkpoint's own size, or a larger random one (a real step's cost)")
@@ -53,11 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--mode", choices=("mask", "zero"), default="mask",
+                   help="mask: disable experts (the batch then routes to other experts: the model's own work "
+                        "changes too); zero: drop experts after selection (the same experts run, only their "
+                        "weights change: the router point's own cost)")
     return p.parse_args(argv)
 
 
-def requests(info: ModelInfo, n: int, prompt_tokens: int, max_tokens: int, masked: bool) -> list[GenerationRequest]:
-    """``n`` requests with seeded random prompts; when ``masked``, each with its own mask on every MoE layer."""
+def requests(info: ModelInfo, n: int, prompt_tokens: int, max_tokens: int, masked: bool,
+             mode: str = "mask") -> list[GenerationRequest]:
+    """``n`` requests with seeded random prompts; when ``masked``, each with its own mask on every MoE layer
+    (``mode`` "mask": disabled experts; "zero": dropped after selection)."""
     assert info.moe is not None
     moe, rng = info.moe, random.Random(0)
     out = []
@@ -67,8 +73,9 @@ def requests(info: ModelInfo, n: int, prompt_tokens: int, max_tokens: int, maske
         if masked:
             for layer in moe.layers:  # a distinct set of disabled experts per (request, layer)
                 off = rng.sample(range(moe.num_experts), max(1, (moe.num_experts - moe.top_k) // 2))
-                ops.append(SteerOp(OpKind.ROUTE, layer, VectorRef.of(encode_row(
-                    info.hidden_size, moe.num_experts, off=off, drop=(), forced=())), 1.0))
+                row = encode_row(info.hidden_size, moe.num_experts, off=off if mode == "mask" else (),
+                                 drop=off if mode == "zero" else (), forced=())
+                ops.append(SteerOp(OpKind.ROUTE, layer, VectorRef.of(row), 1.0))
         out.append(GenerationRequest(uuid.uuid4().hex, prompt,
                                      SamplingParams(max_tokens=max_tokens, ignore_eos=True), tuple(ops)))
     return out
@@ -103,12 +110,12 @@ async def bench(args: argparse.Namespace) -> int:
     engine = VLLMEngine(path, AutoTokenizer.from_pretrained(path), info, settings)
     await engine.start()
     try:
-        await run_batch(engine, requests(info, args.requests, args.prompt_tokens, 4, True))  # warm-up
+        await run_batch(engine, requests(info, args.requests, args.prompt_tokens, 4, True, args.mode))  # warm-up
         results: dict[str, list[float]] = {"unmasked": [], "masked": []}
         for r in range(args.rounds):
             order = ["unmasked", "masked"] if r % 2 == 0 else ["masked", "unmasked"]
             for name in order:
-                reqs = requests(info, args.requests, args.prompt_tokens, args.max_tokens, name == "masked")
+                reqs = requests(info, args.requests, args.prompt_tokens, args.max_tokens, name == "masked", args.mode)
                 tokens, seconds = await run_batch(engine, reqs)
                 results[name].append(tokens / seconds)
                 print(f"round {r + 1} {name:>8}: {tokens} tokens in {seconds:6.2f} s = {tokens / seconds:7.1f} tok/s")
@@ -118,8 +125,8 @@ async def bench(args: argparse.Namespace) -> int:
     paired = [m / u for m, u in zip(results["masked"], results["unmasked"], strict=True)]
     print(f"\nmodel {info.architecture} ({len(info.moe.layers)} MoE layers, {info.moe.num_experts} experts, "
           f"top-{info.moe.top_k}), vllm, {args.requests} concurrent requests, greedy, ignore_eos, "
-          f"max_tokens {args.max_tokens}, {args.rounds} rounds; masked = a distinct mask per request on every "
-          f"MoE layer")
+          f"max_tokens {args.max_tokens}, {args.rounds} rounds; masked = a distinct {args.mode} mask per request "
+          f"on every MoE layer")
     print(f"median tok/s: unmasked {med['unmasked']:.1f}, masked {med['masked']:.1f}")
     print(f"ratio masked/unmasked (median tok/s): {med['masked'] / med['unmasked']:.3f}; per round: "
           f"{', '.join(f'{x:.3f}' for x in paired)}")

@@ -10,10 +10,10 @@ STEERSERVE_EXTRAS=dev bash deploy/install.sh
 ruff check .
 mypy steerserve
 python -m pytest -q -rs --durations=25 "$@"
+if [ $# -eq 0 ] && python -c "import vllm" 2>/dev/null; then
+  STEERSERVE_TEST_ENGINE=hf python -m pytest -q -rs tests/test_api.py tests/test_openai_client.py tests/test_openai_parity.py
+fi
 # The README's supported-architectures table must be what this run's tests recorded.
 if [ $# -eq 0 ] && [ -f tests/artifacts/architectures.json ]; then
   python scripts/arch_table.py --check || { echo "README's architecture table differs from this run's results: run python scripts/arch_table.py" >&2; exit 1; }
-fi
-if [ $# -eq 0 ] && python -c "import vllm" 2>/dev/null; then
-  STEERSERVE_TEST_ENGINE=hf python -m pytest -q -rs tests/test_api.py tests/test_openai_client.py tests/test_openai_parity.py
 fi

