@@ -24,7 +24,7 @@ CHECKS = (("identity", "hooks idle = bit-identical"), ("unsteered", "unsteered h
           ("ablate", "ablate"), ("actadd", "actadd"), ("closed_loop", "closed loop"),
           ("expert_mask_hf", "expert masks (hf)"), ("expert_mask", "expert masks hf = vllm"),
           ("gguf", "GGUF layers round-trip"))
-OUTPUT = {"sum": "(hidden, residual), summed", "first": "(stream, input)", "single": "one tensor"}
+OUTPUT = {"sum": "(hidden, residual), summed", "first": "(stream, an ignored intermediate)", "single": "one tensor"}
 
 
 def table(results: dict[str, dict[str, bool]]) -> str:
