@@ -6,6 +6,7 @@ Settings come from ``Settings.from_env`` (``STEERSERVE_*`` variables) with the f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -65,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bank-slots", type=int, default=None, metavar="N",
                        help="vector-bank rows per engine; requests wait when their vectors do not fit "
                             "(default: $STEERSERVE_BANK_SLOTS or 4096)")
+    serve.add_argument("--request-timeout", default=None, metavar="SECONDS",
+                       help="server-side deadline of every request, after which it is cancelled (504 or an error "
+                            "event); 'none' for no deadline (default: $STEERSERVE_REQUEST_TIMEOUT or 600)")
+    serve.add_argument("--redis-url", default=None, metavar="URL",
+                       help="a Redis server, redis://HOST:PORT/DB, that holds the per-key rate limits and the "
+                            "in-flight bound for every replica naming it (default: $STEERSERVE_REDIS_URL; "
+                            "unset: each process counts alone)")
+    serve.add_argument("--unknown-keys", choices=("auto", "reject", "default"), default=None,
+                       help="a client key no policy binds: 'auto' serves it under the default policy until a "
+                            "first key is ever bound, then refuses it; 'reject' always refuses; 'default' always "
+                            "serves it (re-opens a closed deployment) (default: $STEERSERVE_UNKNOWN_KEYS or auto)")
     serve.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -93,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_settings(args: argparse.Namespace) -> Settings:
     """The ``Settings`` of ``serve``'s flags on top of the environment; a bad flag is a ``ValueError``."""
-    from steerserve.config import Settings, default_vectors_dir
+    from steerserve.config import Settings, default_vectors_dir, parse_deadline
 
     if args.engine_args is not None and not isinstance(args.engine_args, dict):
         raise ValueError("--engine-args must be a JSON object")
@@ -103,12 +115,15 @@ def serve_settings(args: argparse.Namespace) -> Settings:
             raise ValueError("--tensor-parallel-size must be at least 1")
         engine_args = {**(engine_args or {}), "tensor_parallel_size": args.tensor_parallel_size}
     vectors_dir = None if args.no_vectors else (args.vectors_dir or default_vectors_dir())
-    return Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
+    settings = Settings.from_env(engine=args.engine, model=args.model, model_name=args.model_name,
                              home=args.home, host=args.host, port=args.port, admin_key=args.admin_key,
                              vectors_dir=vectors_dir, max_coeff=args.max_coeff,
                              max_interventions=args.max_interventions, max_batch=args.max_batch,
                              bank_slots=args.bank_slots, engine_args=engine_args, store_url=args.store_url,
-                             store_root=args.store_dir)
+                             store_root=args.store_dir, redis_url=args.redis_url, unknown_keys=args.unknown_keys)
+    if args.request_timeout is not None:  # 'none' (no deadline) is a None that must still win over the default
+        settings = dataclasses.replace(settings, request_timeout=parse_deadline(args.request_timeout))
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:

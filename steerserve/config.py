@@ -15,6 +15,13 @@ def default_vectors_dir() -> Path | None:
     return repo if repo.is_dir() else None
 
 
+def parse_deadline(value: str | None) -> float | None:
+    """``STEERSERVE_REQUEST_TIMEOUT`` / ``--request-timeout``: seconds, or ``none`` for no deadline."""
+    if value is None or not value.strip():
+        return Settings.request_timeout
+    return None if value.strip().lower() == "none" else float(value)
+
+
 def _default_home() -> Path:
     return Path(os.environ.get("STEERSERVE_HOME", Path.home() / ".cache" / "steerserve"))
 
@@ -41,10 +48,13 @@ class Settings:
     max_interventions: int = 4
     max_choices: int = 8  # OpenAI's ``n``: completions generated for one request
     # Overload (``admission``): requests queued or generating at once, beyond which a request gets 429 with
-    # Retry-After; and a deadline for every request, seconds (None: none; a request's own ``timeout`` may
-    # set a shorter one).
+    # Retry-After; and a deadline for every request, seconds (a request's own ``timeout`` may set a shorter
+    # one; None: none). The deadline is the last guard against a bug that would hold a slot forever.
     max_pending: int = 256
-    request_timeout: float | None = None
+    request_timeout: float | None = 600.0
+    # Replicas: a Redis server (``redis://host:6379/0``) holding the per-key rate buckets and the in-flight
+    # bound for every replica that names it (None: each process counts alone).
+    redis_url: str | None = None
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -82,6 +92,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.unknown_keys not in ("auto", "reject", "default"):
             raise ValueError(f"unknown_keys must be 'auto', 'reject' or 'default', not {self.unknown_keys!r}")
+        if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
+            raise ValueError("request_timeout must be a number of seconds > 0 (or 'none' for no deadline)")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must be a redis://HOST:PORT/DB URL")
         if self.store_url is not None and not self.store_url.startswith(("postgresql://", "postgresql+psycopg://")):
             raise ValueError("store_url must be a postgresql://USER:PASS@HOST/DB URL (unset: the SQLite manifest)")
 
@@ -103,7 +117,8 @@ class Settings:
             max_coeff=float(env.get("STEERSERVE_MAX_COEFF", cls.max_coeff)),
             max_interventions=int(env.get("STEERSERVE_MAX_INTERVENTIONS", cls.max_interventions)),
             max_pending=int(env.get("STEERSERVE_MAX_PENDING", cls.max_pending)),
-            request_timeout=float(env["STEERSERVE_REQUEST_TIMEOUT"]) if env.get("STEERSERVE_REQUEST_TIMEOUT") else None,
+            request_timeout=parse_deadline(env.get("STEERSERVE_REQUEST_TIMEOUT")),
+            redis_url=env.get("STEERSERVE_REDIS_URL") or None,
             engine=env.get("STEERSERVE_ENGINE", cls.engine),
             max_batch=int(env["STEERSERVE_MAX_BATCH"]) if env.get("STEERSERVE_MAX_BATCH") else None,
             bank_slots=int(env.get("STEERSERVE_BANK_SLOTS", cls.bank_slots)),

@@ -21,6 +21,7 @@ from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
 from steerserve.errors import EngineUnavailable, SteerError
+from steerserve.fleet import SharedLimits, namespace
 from steerserve.methods import check_policy, resolve, vetting
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
 from steerserve.methods.base import coeff_value
@@ -64,7 +65,10 @@ class Service:
         self.settings, self.engine, self.store, self.renderer = settings, engine, store, renderer
         self.supervisor = EngineSupervisor(engine, settings.engine_restarts)
         self.loops = LoopSlots(settings.loop_slots)
-        self.admission = Admission(settings.max_pending)
+        shared = None
+        if settings.redis_url is not None:  # one set of limits for every replica of this deployment
+            shared = SharedLimits(settings.redis_url, namespace(settings.store_url or str(settings.store_dir)))
+        self.admission = Admission(settings.max_pending, shared=shared)
         self.policies = PolicyStore(store.engine)
         self._calibration: list[tuple[int, ...]] | None = None  # the vetting's prompts (``methods.vetting``)
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
@@ -75,13 +79,22 @@ class Service:
         return self.engine.info
 
     async def start(self) -> None:
-        """Start the engine and the supervisor that restarts it if it dies (``engines.supervisor``)."""
+        """Start the engine and the supervisor that restarts it if it dies (``engines.supervisor``); a Redis
+        the settings name must answer first."""
+        shared = self.admission.shared
+        if shared is not None:
+            try:
+                await shared.ping()
+            except Exception as exc:
+                raise RuntimeError(f"the Redis server at --redis-url {shared.url} does not answer: {exc}") from exc
         await self.engine.start()
         self.supervisor.start()
 
     async def stop(self) -> None:
         await self.supervisor.stop()
         await self.engine.stop()
+        if self.admission.shared is not None:
+            await self.admission.shared.close()
 
     async def healthy(self) -> bool:
         return not self.supervisor.restarting and await self.engine.health()
@@ -166,20 +179,25 @@ class Service:
         rid = request_id or uuid.uuid4().hex
         request = GenerationRequest(rid, prompt.token_ids, sampling, resolved.ops, resolved.loop, resolved.controller)
         ss = resolved.safeswitch
-        # With SafeSwitch the pilot is held back, and a flagged request is generated again with the refusal head.
-        outputs = self.engine.generate(request) if ss is None else switching(self.engine, request, ss)
-        # (SafeSwitch's probes write into a cell too)
-        held = self._holding_cell(rid, outputs, request.needs_cell or ss is not None)
-        self.admission.enter()  # no await since the check above could have let others in: counted from here
-        return Submitted(rid, prompt, resolved, self.admission.holding(held, min(limits) if limits else None))
+        deadline = min(limits) if limits else None
+        member = await self.admission.enter(deadline)  # counted from here (in the fleet too, with Redis)
+        try:
+            # With SafeSwitch the pilot is held back, and a flagged request is generated again with the head.
+            outputs = self.engine.generate(request) if ss is None else switching(self.engine, request, ss)
+            # (SafeSwitch's probes write into a cell too)
+            held = self._holding_cell(rid, outputs, request.needs_cell or ss is not None)
+        except BaseException:
+            self.admission.cancel(member)
+            raise
+        return Submitted(rid, prompt, resolved, self.admission.holding(held, deadline, member))
 
     async def policy_for(self, key: str | None) -> Policy:
         """The policy of a request with client ``key``: ``default`` without one (the admin key counts as
         none); a key no policy binds is a 401, or the default policy with ``unknown_keys="default"``, or with
-        ``"auto"`` (the default) while no key is bound at all."""
+        ``"auto"`` (the default) until a first key is bound, ever: revoking every key does not reopen it."""
         policy = await self._find_policy(key)
         # Each key has its own bucket (keyless requests share one): 429 with Retry-After beyond its rate.
-        self.admission.check_rate("" if key is None else key_hash(key), policy.requests_per_minute)
+        await self.admission.check_rate("" if key is None else key_hash(key), policy.requests_per_minute)
         return policy
 
     async def _find_policy(self, key: str | None) -> Policy:
@@ -190,7 +208,7 @@ class Service:
         if policy is not None:
             return policy
         mode = self.settings.unknown_keys
-        if mode == "default" or (mode == "auto" and not await asyncio.to_thread(self.policies.has_keys)):
+        if mode == "default" or (mode == "auto" and not await asyncio.to_thread(self.policies.closed)):
             return await asyncio.to_thread(self.policies.get, DEFAULT)
         raise SteerError("unknown API key: send 'Authorization: Bearer <key>' with a key an admin bound to a policy, "
                          "or no Authorization header for the default policy", status=401, code="invalid_api_key")

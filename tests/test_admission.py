@@ -28,44 +28,61 @@ async def _slow(n: int, delay: float = 0.0) -> AsyncGenerator[int, None]:
         yield i
 
 
-def test_bucket_refills_at_the_rate_and_says_when() -> None:
+async def test_bucket_refills_at_the_rate_and_says_when() -> None:
     clock = Clock()
     adm = Admission(10, clock)
-    for _ in range(10):  # burst: ten seconds' worth of 60/min
-        adm.check_rate("k", 60)
+    for _ in range(60):  # a burst of a minute's worth: 60 a minute may all come at once
+        await adm.check_rate("k", 60)
     with pytest.raises(Overloaded) as info:
-        adm.check_rate("k", 60)
+        await adm.check_rate("k", 60)
     assert info.value.status == 429 and info.value.code == "rate_limited" and info.value.retry_after == 1
-    adm.check_rate("other", 60)  # buckets are per client
-    adm.check_rate("k", None)  # no limit: never refused
+    await adm.check_rate("other", 60)  # buckets are per client
+    await adm.check_rate("k", None)  # no limit: never refused
     clock.now += 1.0
-    adm.check_rate("k", 60)
+    await adm.check_rate("k", 60)
     with pytest.raises(Overloaded):
-        adm.check_rate("k", 60)
+        await adm.check_rate("k", 60)
     slow = Admission(10, clock)
-    slow.check_rate("s", 1)  # one a minute: a burst of one
+    await slow.check_rate("s", 1)  # one a minute: a burst of one
     with pytest.raises(Overloaded) as info:
-        slow.check_rate("s", 1)
+        await slow.check_rate("s", 1)
     assert info.value.retry_after == 60
 
 
 async def test_pending_bound_counts_until_closed_started_or_not() -> None:
     adm = Admission(2)
-    adm.enter()
-    a = adm.holding(_slow(3), None)
-    adm.enter()
-    b = adm.holding(_slow(3), None)
+    a = adm.holding(_slow(3), None, await adm.enter(None))
+    b = adm.holding(_slow(3), None, await adm.enter(None))
     with pytest.raises(Overloaded) as info:
-        adm.enter()
+        await adm.enter(None)
     assert info.value.code == "server_overloaded" and info.value.retry_after >= 1
     assert [x async for x in a] == [0, 1, 2]  # finished: its count is released
     assert adm.pending == 1
     await b.aclose()  # never started, closed: released too
     assert adm.pending == 0
-    adm.enter()
-    c = adm.holding(_slow(3), None)
+    c = adm.holding(_slow(3), None, await adm.enter(None))
     del c  # dropped without a close (a client gone before its stream began)
     assert adm.pending == 0
+
+
+async def test_retry_after_is_the_time_requests_really_take() -> None:
+    """On a cold server nothing has finished yet: Retry-After is at least the age of the oldest request in
+    flight (not 1 s while the admitted ones take minutes); later the mean time a request took."""
+    clock = Clock()
+    adm = Admission(2, clock)
+    held = [adm.holding(_slow(1), None, await adm.enter(None)) for _ in range(2)]
+    clock.now += 95.0
+    with pytest.raises(Overloaded) as info:
+        await adm.enter(None)
+    assert info.value.retry_after == 95
+    for h in held:
+        await h.aclose()  # each took 95 s
+    again = [adm.holding(_slow(1), None, await adm.enter(None)) for _ in range(2)]  # both just admitted
+    with pytest.raises(Overloaded) as info:
+        await adm.enter(None)
+    assert info.value.retry_after == 95
+    for h in again:
+        await h.aclose()
 
 
 async def test_deadline_cancels_and_releases() -> None:
@@ -80,8 +97,7 @@ async def test_deadline_cancels_and_releases() -> None:
         finally:
             closed.append(True)
 
-    adm.enter()
-    held = adm.holding(endless(), 0.3)
+    held = adm.holding(endless(), 0.3, await adm.enter(0.3))
     got = []
     with pytest.raises(DeadlineExceeded) as info:
         async for x in held:
@@ -133,13 +149,16 @@ def test_policy_rate_limit_per_key(client: httpx.Client, admin_headers: dict[str
         k = client.post("/admin/keys", headers=admin_headers, json={"policy": "slow-lane", "label": label})
         assert k.status_code == 201, k.text
         keys.append({"Authorization": f"Bearer {k.json()['key']}"})
-    assert client.post("/generate", headers=keys[0], json=_gen(max_tokens=2)).status_code == 200
+    for _ in range(2):  # a minute's worth at once
+        assert client.post("/generate", headers=keys[0], json=_gen(max_tokens=2)).status_code == 200
     r = client.post("/generate", headers=keys[0], json=_gen(max_tokens=2))
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
     assert int(r.headers["retry-after"]) >= 1
     assert client.post("/generate", headers=keys[1], json=_gen(max_tokens=2)).status_code == 200  # its own bucket
-    bad = client.put("/admin/policies/slow-lane", headers=admin_headers, json={"requests_per_minute": 0})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests_per_minute"
+    for rate in (0, 5e-324, 0.01):  # below one an hour: the bucket would (all but) never refill
+        bad = client.put("/admin/policies/slow-lane", headers=admin_headers, json={"requests_per_minute": rate})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests_per_minute", bad.text
+    assert client.get("/admin/policies/slow-lane", headers=admin_headers).json()["requests_per_minute"] == 2
 
 
 def test_a_store_from_before_rate_limits_opens_and_reads_none(tmp_path: Any) -> None:

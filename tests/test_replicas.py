@@ -9,11 +9,21 @@ its own ``--home`` and port, the same ``--store-url`` and ``--store-dir``. The t
   audit log shows A's upload;
 - uploads of one name raced across both get distinct versions (1..N, all 201), which both list with the
   sha256 each upload was answered with and both steer with; the folder holds exactly those files.
+
+Both also name one real Redis (``--redis-url``, the machine's at 127.0.0.1:6379), and then:
+
+- a key limited to N requests a minute gets N in all, across both, not N per replica;
+- the in-flight bound (``STEERSERVE_MAX_PENDING``) holds for the fleet: with it reached by streams held open
+  on A and B, a request to B is refused although B alone holds fewer;
+- a key revoked on A is refused on B at its next request, and once every key is revoked, unknown keys stay
+  refused on both (the deployment does not fall back open).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +48,8 @@ HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 HIDDEN, LAYERS = 576, 30  # the default model (SmolLM2-135M-Instruct)
 RACERS = 6
 START_TIMEOUT_S = 240.0  # two models load at once on a small machine
+REDIS_URL = os.environ.get("STEERSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MAX_PENDING = RACERS  # the fleet's in-flight bound: the raced steering below fills it exactly
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": "Tell me about your day."}]
 
@@ -47,9 +59,10 @@ def _start(name: str, tmp: Path, store_url: str, store_dir: Path, model: Path) -
     cmd = [sys.executable, "-m", "steerserve", "serve", "--engine", "hf", "--port", str(port),
            "--home", str(tmp / f"home-{name}"), "--store-url", store_url, "--store-dir", str(store_dir),
            "--admin-key", ADMIN_KEY, "--model", str(model), "--vectors-dir", str(REPO / "vectors"),
-           "--log-level", "warning"]
+           "--redis-url", REDIS_URL, "--log-level", "warning"]
+    env = {**os.environ, "STEERSERVE_MAX_PENDING": str(MAX_PENDING)}
     with open(tmp / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -161,3 +174,60 @@ def test_raced_uploads_of_one_name(replicas: tuple[httpx.Client, httpx.Client, P
     folders = list(store_dir.glob("*/artifacts/raced"))
     assert len(folders) == 1
     assert sorted(p.name for p in folders[0].iterdir()) == sorted(f"{v}.safetensors" for v in range(1, RACERS + 1))
+
+
+def _key(client: httpx.Client, policy: str) -> tuple[str, dict[str, str]]:
+    r = client.post("/admin/keys", json={"policy": policy, "label": "fleet"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"], {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def _status(client: httpx.Client, headers: dict[str, str]) -> httpx.Response:
+    return client.post("/generate", headers=headers, json={"messages": PROMPT, "temperature": 0, "max_tokens": 1})
+
+
+def test_a_keys_rate_is_counted_once_for_the_fleet(replicas: tuple[httpx.Client, httpx.Client, Path]) -> None:
+    """4 a minute, 10 requests alternating between A and B within seconds: 4 pass in all (without Redis,
+    each replica would pass 4). The refusals say when the shared bucket has a token again (15 s at 4/min)."""
+    a, b, _ = replicas
+    r = a.post("/admin/policies", json={"name": "fleet-rate", "requests_per_minute": 4})
+    assert r.status_code == 201, r.text
+    _, key = _key(a, "fleet-rate")
+    answers = [_status((a, b)[i % 2], key) for i in range(10)]
+    assert sum(r.status_code == 200 for r in answers) == 4, [r.status_code for r in answers]
+    refused = [r for r in answers if r.status_code != 200]
+    assert all(r.status_code == 429 and r.json()["error"]["code"] == "rate_limited" for r in refused)
+    assert all(1 <= int(r.headers["retry-after"]) <= 15 for r in refused)
+    assert {i % 2 for i, r in enumerate(answers) if r.status_code == 429} == {0, 1}  # refused on both
+
+
+def test_the_in_flight_bound_is_the_fleets(replicas: tuple[httpx.Client, httpx.Client, Path]) -> None:
+    a, b, _ = replicas
+    body = {"messages": PROMPT, "max_tokens": 512, "ignore_eos": True, "stream": True}
+    with contextlib.ExitStack() as streams:
+        for i in range(MAX_PENDING):  # admitted once its response has started: A holds 4, B holds 2
+            r = streams.enter_context((a if i < MAX_PENDING - 2 else b).stream("POST", "/v1/chat/completions",
+                                                                            json=body))
+            assert r.status_code == 200
+        full = _status(b, HEADERS)
+        assert full.status_code == 429, full.text
+        assert full.json()["error"]["code"] == "server_overloaded" and int(full.headers["retry-after"]) >= 1
+    for _ in range(50):  # the streams' releases reach Redis in the background
+        if (r := _status(b, HEADERS)).status_code == 200:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+
+
+def test_a_revocation_on_one_replica_holds_on_the_other(replicas: tuple[httpx.Client, httpx.Client, Path]) -> None:
+    a, b, _ = replicas
+    key_id, key = _key(a, "default")
+    assert _status(b, key).status_code == 200
+    stranger = {"Authorization": "Bearer a-key-nobody-ever-bound-0123"}
+    assert _status(b, stranger).status_code == 401  # a key is bound: unknown keys are refused
+    for k in a.get("/admin/keys").json()["data"]:  # revoke every key there is
+        assert a.delete(f"/admin/keys/{k['id']}").status_code == 200
+    for client in (b, a):
+        assert _status(client, key).status_code == 401  # at once, on the replica that did not revoke it too
+        assert _status(client, stranger).status_code == 401  # and no key bound does not reopen the deployment
+    assert _status(b, {}).status_code == 200  # no key at all: the default policy, as before

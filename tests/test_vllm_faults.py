@@ -15,6 +15,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -26,11 +27,13 @@ except Exception as exc:  # not installed, or installed with a broken torchvisio
                 allow_module_level=True)
 
 from transformers import AutoTokenizer
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from steerserve.config import Settings
 from steerserve.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.vllm.engine import VLLMEngine
+from steerserve.errors import EngineUnavailable
 from steerserve.model import model_info, prepare_default_model
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
@@ -126,24 +129,77 @@ async def test_seeded_sampling_with_chunked_prefill(engine: VLLMEngine) -> None:
     assert other != first[0]
 
 
+Running = tuple["asyncio.Task[list[GenerationOutput]]", asyncio.Event]
+
+
+async def _until_out(engine: VLLMEngine, ids: Sequence[int], ops: Spec = ()) -> Running:
+    """A long request run in a task, and an event set once its first tokens are out (it is decoding)."""
+    decoding = asyncio.Event()
+
+    async def run() -> list[GenerationOutput]:
+        sampling = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        outs = []
+        async for o in engine.generate(GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling, ops)):
+            outs.append(o)
+            decoding.set()
+        return outs
+
+    return asyncio.ensure_future(run()), decoding
+
+
+async def _ends_503(call: asyncio.Future[Any]) -> str:
+    """How a request bound to the dead engine ended: it must end (within the wait) and with a 503."""
+    try:
+        outs = await asyncio.wait_for(call, 60)
+    except EngineUnavailable as exc:  # refused before vLLM took it, or a capture: the 503 with Retry-After
+        assert exc.status == 503 and exc.retry_after > 0
+        return "refused"
+    except EngineDeadError:  # an RPC of the front end's own (stats)
+        return "dead"
+    assert isinstance(outs, list) and outs[-1].finish_reason == "abort", outs
+    assert outs[-1].extra["status"] == 503 and outs[-1].extra["code"] == "engine_failed"
+    return "failed"
+
+
 async def test_a_killed_engine_core_is_restarted(engine: VLLMEngine, prompts: list[tuple[int, ...]]) -> None:
-    """SIGKILL the engine-core process mid-request: the request in flight ends with a 503 error, and the
-    supervisor starts a new engine that serves the same tokens as before. (Last in this module.)"""
+    """Kill the engine core with requests at every point of their life, and every one of them ends with a
+    503 (or the error its caller maps to one) within seconds; then the supervisor starts a new engine that
+    serves the same tokens as before. (Last in this module.)
+
+    SIGSTOP first freezes the core wherever it is, so that what is sent next is reliably in flight at the
+    moment of death: a request vLLM has taken but the core never scheduled (added at the moment it died), a
+    hidden-state capture (an actadd pair's), and one of the front end's own RPCs to the worker (the call
+    that used to wait forever: vLLM never fails a utility call's future when the core dies). Beside them a
+    steered request is decoding and a long prompt is in prefill (64-token chunks)."""
     before = _tokens(await _run(engine, prompts[0]))
     supervisor = EngineSupervisor(engine, max_restarts=1, interval=0.2, exit_fn=lambda code: None)
-    supervisor.start()
+    render = PromptRenderer(engine.tokenizer, 512).render
+    long = render(messages=[{"role": "user", "content": "Tell me about the sea. " * 60}]).token_ids
+    assert len(long) > 5 * 64
+    core = engine.llm.engine_core.resources.engine_manager.processes[0]
+    steered = (SteerOp(OpKind.ADD, 5, VectorRef.of(torch.randn(1, engine.info.hidden_size)), 2.0),)
     try:
-        in_flight = asyncio.ensure_future(_run(engine, prompts[1], max_tokens=400, ignore_eos=True))
-        await asyncio.sleep(1.0)
-        core = engine.llm.engine_core.resources.engine_manager.processes[0]
+        decoding, started = await _until_out(engine, prompts[1], steered)
+        await asyncio.wait_for(started.wait(), 60)
+        prefill, _ = await _until_out(engine, long)
+        await asyncio.sleep(0.05)
+        os.kill(core.pid, signal.SIGSTOP)
+        added = [asyncio.ensure_future(_run(engine, p, ops)) for p, ops in ((prompts[2], ()), (prompts[3], steered))]
+        capture = asyncio.ensure_future(engine.hidden_states([prompts[4]], [3]))
+        stats = asyncio.ensure_future(engine.stats())
+        await asyncio.sleep(1.0)  # all sent; the core holds them unread
+        assert not any(f.done() for f in (decoding, prefill, *added, capture, stats))
+        supervisor.start()
         os.kill(core.pid, signal.SIGKILL)
-        outs = await asyncio.wait_for(in_flight, 60)
-        assert outs[-1].finish_reason == "abort" and outs[-1].extra["status"] == 503
+        ends = [await _ends_503(f) for f in (decoding, prefill, *added, capture, stats)]
+        assert ends[:2] == ["failed", "failed"], ends
+        assert ends[4:] == ["refused", "dead"], ends
         for _ in range(600):
             if supervisor.restarts == 1 and await engine.health():
                 break
             await asyncio.sleep(0.5)
         assert supervisor.restarts == 1
         assert _tokens(await _run(engine, prompts[0])) == before
+        assert (await engine.stats())["gate_rows"] == 0  # nothing the dead requests held is still held
     finally:
         await supervisor.stop()

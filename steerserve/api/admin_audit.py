@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve.api.admin import admin_refusal, admin_router, run_sync, service_of
-from steerserve.store.audit import AuditEntry, AuditLog, actor_id
+from steerserve.store.audit import ACTING, Acting, AuditEntry, AuditLog, actor_id
 from steerserve.store.db import REF_RE
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,14 @@ class AuditMiddleware:
         scope.setdefault("state", {})[STATE_KEY] = note
         status, keep, body, written = 500, False, bytearray(), False
 
+        def describe() -> tuple[str, str]:  # the action and route, as ``build_entry`` names them
+            entry = build_entry(scope, actor, note, 201, b"")
+            return entry.action, entry.route
+
+        # A store commit for this request writes its entry in the commit's own transaction (``store.audit``).
+        acting = Acting(actor, describe)
+        token = ACTING.set(acting)
+
         async def audited_send(message: Message) -> None:
             nonlocal status, keep, written
             if message["type"] == "http.response.start":
@@ -142,7 +150,8 @@ class AuditMiddleware:
                     body.extend(message.get("body", b""))
                 if not message.get("more_body", False):
                     written = True
-                    await self._write(build_entry(scope, actor, note, status, bytes(body)))
+                    if acting.recorded is None or status >= 400:  # else recorded with the artifact already
+                        await self._write(build_entry(scope, actor, note, status, bytes(body)))
             await send(message)
 
         try:
@@ -152,6 +161,8 @@ class AuditMiddleware:
                 written = True
                 await self._write(build_entry(scope, actor, note, 500 if isinstance(exc, Exception) else 499, b""))
             raise
+        finally:
+            ACTING.reset(token)
 
 
 # ---- GET /admin/audit --------------------------------------------------------------------------------

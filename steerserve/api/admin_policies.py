@@ -27,7 +27,7 @@ from steerserve.api.document import KEY_EXAMPLES, POLICY_EXAMPLES, PUT_POLICY_EX
 from steerserve.api.schemas import BodyModel, Description, Name, StrictModel
 from steerserve.errors import SteerError
 from steerserve.store.db import NAME_RE
-from steerserve.store.policies import MAX_KEY_CHARS, MIN_KEY_CHARS, Policy
+from steerserve.store.policies import MAX_KEY_CHARS, MIN_KEY_CHARS, MIN_RATE_PER_MINUTE, Policy
 
 router = admin_router()
 
@@ -49,8 +49,9 @@ class PolicyBody(StrictModel, BodyModel):
     max_coeff: Cap | None = None  # cap on |coeff|, |beta|, |beta_max|, |gamma| of the client's interventions
     method_caps: dict[str, Cap] = {}  # tighter caps per method
     description: Description = ""
-    requests_per_minute: Annotated[float, Field(gt=0, description="per API key; 429 with Retry-After beyond it")] \
-        | None = None
+    requests_per_minute: Annotated[float, Field(ge=MIN_RATE_PER_MINUTE, description=(
+        "per API key, across every replica sharing a Redis; a burst of this many, then refilled at this rate; "
+        "429 with Retry-After beyond it. At least one an hour"))] | None = None
 
     def policy(self, name: str) -> Policy:
         return Policy(name, tuple(m.model_dump() for m in self.mandatory),

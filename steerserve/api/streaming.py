@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from steerserve.engines.base import GenerationOutput, TokenLogprob
-from steerserve.errors import SteerError
+from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.service import Submitted
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 class GenerationFailed(SteerError):
-    """The engine failed or aborted a request after it was accepted."""
+    """The engine failed or aborted a request after it was accepted. A 503 (the engine died, or the server is
+    stopping) carries ``Retry-After``, as the 503 of a request refused while the engine restarts does."""
+
+    retry_after: int | None = None
+
+    def __init__(self, message: str, *, status: int, code: str, field: str | None = None) -> None:
+        super().__init__(message, status=status, code=code, field=field)
+        if status == 503:
+            self.retry_after = EngineUnavailable.retry_after
 
 
 class Metrics:

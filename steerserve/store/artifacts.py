@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ from steerserve.errors import SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.runtime.controller import ControllerWeights
 from steerserve.runtime.safeswitch import HeadDelta, Probe
-from steerserve.store import db
+from steerserve.store import audit, db
 from steerserve.store.audit import AuditLog
 from steerserve.store.controllers import check_controller
 from steerserve.store.db import ArtifactMeta, check_name, parse_ref
@@ -336,6 +337,7 @@ class ArtifactStore:
         layers = tuple(sorted(vecs)) if layers is None else layers
         with self._lock:
             final: Path | None = None
+            written: os.stat_result | None = None
             try:
                 with db.write(self._engine) as conn:
                     same = db.find_sha(conn, name, sha) if once else None
@@ -343,15 +345,20 @@ class ArtifactStore:
                         return same
                     version = db.next_version(conn, name)
                     final = self._path(name, version)
-                    db.write_durably(final, data)
+                    written = db.write_durably(final, data)
                     created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
                     meta = ArtifactMeta(name, version, kind, m.fingerprint, m.name, m.hidden_size,
                                         m.num_layers, layers, method, prov, norms, sha, created, True,
                                         description, LAYER_CONVENTION)
                     db.insert_row(conn, meta)
+                    acting = audit.ACTING.get()
+                    if acting is not None:  # the admin request's entry commits with the row, or neither does
+                        acting.recorded = audit.insert(conn, acting.entry(meta.ref(), name, version, kind, sha))
             except BaseException:
                 # The row did not commit, so the file must not stay: no reader may see a file without a row.
-                if final is not None and final.exists():
+                # Only our own file, though: a replica whose database connection died mid-commit lost its
+                # version, which another replica may since have allocated and written at the same path.
+                if final is not None and written is not None and db.same_file(final, written):
                     final.unlink()
                     db.fsync_dir(final.parent)
                 raise

@@ -8,18 +8,24 @@ refused or failed, the field and the reason the client was given.
 
 Entries are only ever added; ``entries`` lists them newest first. Which requests are logged, and how an
 entry is filled in from one, is the API's business (``api.admin_audit``).
+
+An admin request that stores an artifact gets its entry in the same transaction as the artifact's row
+(``Acting``): a crash between the two can leave neither or both, never an artifact nobody is recorded as
+having stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from steerserve.store import db
 
@@ -74,6 +80,36 @@ class AuditEntry:
                 "outcome": self.outcome}
 
 
+@dataclass
+class Acting:
+    """The admin request being served, for a store commit made on its behalf: who (``actor``), and what
+    (``describe()`` -> action, route; asked at commit time, when routing has named the route). The commit
+    records its entry in its own transaction and leaves the entry's id in ``recorded``."""
+
+    actor: str
+    describe: Callable[[], tuple[str, str]]
+    recorded: int | None = None
+
+    def entry(self, ref: str, name: str, version: int, kind: str, sha256: str) -> AuditEntry:
+        action, route = self.describe()
+        return AuditEntry(actor=self.actor, action=action, route=route, status=201, name=name, version=version,
+                          kind=kind, sha256=sha256, artifacts=({"ref": ref, "kind": kind, "sha256": sha256},))
+
+
+# Set by the audit middleware around an admin request; copied into the worker threads it runs the store in.
+ACTING: ContextVar[Acting | None] = ContextVar("steerserve_audit_acting", default=None)
+
+
+def insert(conn: Connection, entry: AuditEntry) -> int:
+    """Append ``entry`` inside the caller's write transaction; its id."""
+    row = {**asdict(entry), "name": _cap(entry.name), "reason": _cap(entry.reason), "field": _cap(entry.field),
+           "artifacts": list(entry.artifacts), "outcome": entry.outcome}
+    del row["id"]
+    key = conn.execute(sa.insert(db.audit).values(**row)).inserted_primary_key
+    assert key is not None  # an INSERT always has one
+    return int(key[0])
+
+
 class AuditLog:
     """The ``audit`` table of one store's manifest (``db.make_engine`` creates it); safe to share between
     threads. Writes are short ``BEGIN IMMEDIATE`` transactions, like the store's own."""
@@ -83,13 +119,9 @@ class AuditLog:
 
     def record(self, entry: AuditEntry) -> AuditEntry:
         """Append ``entry``; returns it with its ``id``."""
-        row = {**asdict(entry), "name": _cap(entry.name), "reason": _cap(entry.reason), "field": _cap(entry.field),
-               "artifacts": list(entry.artifacts), "outcome": entry.outcome}
-        del row["id"]
         with db.write(self._engine) as conn:
-            key = conn.execute(sa.insert(db.audit).values(**row)).inserted_primary_key
-        assert key is not None  # an INSERT always has one
-        return dataclasses.replace(entry, id=int(key[0]))
+            key = insert(conn, entry)
+        return dataclasses.replace(entry, id=key)
 
     def entries(self, *, limit: int = 100, before: int | None = None, action: str | None = None,
                 name: str | None = None, kind: str | None = None, outcome: str | None = None,

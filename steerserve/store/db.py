@@ -114,6 +114,15 @@ api_keys = sa.Table(
     sa.Column("created", sa.String, nullable=False),
 )
 
+# Facts about the deployment as a whole that outlive the rows they were learnt from. ``client_keys`` =
+# ``closed`` once a first client key was bound: unknown keys stay refused after every key is revoked.
+deployment = sa.Table(
+    "deployment",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 @dataclass(frozen=True)
 class ArtifactMeta:
     """One manifest row: what an artifact is, what model it was made for and how it was made."""
@@ -263,8 +272,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(final: Path, data: bytes) -> None:
-    """Write ``data`` to ``final`` so that it is either absent or complete, even across a power cut.
+def same_file(path: Path, stat: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``stat`` was taken of (not one renamed over it since)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
+
+
+def write_durably(final: Path, data: bytes) -> os.stat_result:
+    """Write ``data`` to ``final`` so that it is either absent or complete, even across a power cut; returns
+    the new file's ``stat`` (what ``same_file`` compares).
 
     The bytes go to a temp file in the same folder (so the rename cannot cross file systems), are fsynced,
     renamed over ``final`` and the folder is fsynced. A failure removes the temp file.
@@ -279,11 +298,13 @@ def write_durably(final: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        written = os.stat(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(folder)
+    return written
 
 
 def header_metadata(data: bytes) -> dict[str, str]:

@@ -51,6 +51,11 @@ def check_key(key: str, f: str = "key") -> str:
     return key
 
 
+# The slowest rate a policy may set: one request an hour. Anything slower is a typo or a lock-out (a bucket
+# at 5e-324 a minute would never refill), refused when the policy is stored.
+MIN_RATE_PER_MINUTE = 1 / 60
+
+
 @dataclass(frozen=True)
 class Policy:
     """What requests under one policy may steer with, and what they get anyway."""
@@ -76,6 +81,10 @@ class Policy:
             if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
                                     or not math.isfinite(cap) or cap < 0):
                 raise SteerError("must be a finite number >= 0", field=f)
+        rate = self.requests_per_minute
+        if rate is not None and rate < MIN_RATE_PER_MINUTE:
+            raise SteerError(f"must be at least {MIN_RATE_PER_MINUTE:.6g} (one request an hour); for no requests at "
+                             "all, bind no key to this policy", field="requests_per_minute")
 
     def cap(self, method: str) -> float | None:
         """The cap on the strengths of a client's ``method`` intervention, or None if uncapped."""
@@ -184,6 +193,9 @@ class PolicyStore:
             if conn.execute(sa.select(db.api_keys.c.id).where(db.api_keys.c.sha256 == digest)).first():
                 raise Conflict("this key is already bound; revoke it first", field="key")
             conn.execute(sa.insert(db.api_keys).values(**record.to_dict(), sha256=digest))
+            marked = sa.select(db.deployment.c.value).where(db.deployment.c.name == "client_keys")
+            if conn.execute(marked).first() is None:  # closed from now on (``closed``)
+                conn.execute(sa.insert(db.deployment).values(name="client_keys", value="closed"))
         return record, generated
 
     def list_keys(self) -> list[ApiKey]:
@@ -192,7 +204,8 @@ class PolicyStore:
             return [ApiKey(r["id"], r["policy"], r["label"], r["created"]) for r in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
-        """Remove a key by its id; requests with it get 401 from then on."""
+        """Remove a key by its id; requests with it get 401 from then on, on every replica sharing the store (each
+        request looks its key up in the store)."""
         with self._lock, db.write(self._engine) as conn:
             row = conn.execute(sa.select(db.api_keys).where(db.api_keys.c.id == key_id)).mappings().first()
             if row is None:
@@ -200,10 +213,12 @@ class PolicyStore:
             conn.execute(sa.delete(db.api_keys).where(db.api_keys.c.id == key_id))
         return ApiKey(row["id"], row["policy"], row["label"], row["created"])
 
-    def has_keys(self) -> bool:
-        """Whether any client key is bound."""
+    def closed(self) -> bool:
+        """Whether a client key was ever bound (or one is bound, in a store from before this was recorded):
+        from then on a key no policy binds is refused, also once every key is revoked."""
         with db.read(self._engine) as conn:
-            return conn.execute(sa.select(db.api_keys.c.id).limit(1)).first() is not None
+            marked = conn.execute(sa.select(db.deployment.c.value).where(db.deployment.c.name == "client_keys"))
+            return marked.first() is not None or conn.execute(sa.select(db.api_keys.c.id).limit(1)).first() is not None
 
     def policy_for_key(self, key: str) -> Policy | None:
         """The policy ``key`` is bound to, or None for a key the store does not know."""

@@ -61,6 +61,30 @@ def eos_token_ids(path: Path, tokenizer: Any) -> set[int]:
     return ids
 
 
+DEATH_POLL_S = 0.2  # how often an RPC in flight looks whether the engine core is still alive
+
+
+async def rpc(llm: Any, method: str, *args: Any) -> list[Any]:
+    """``llm.collective_rpc(method, args)``, ended with ``EngineDeadError`` if the engine core dies first.
+
+    vLLM keeps the future of a utility call until the core answers it; a core that dies never does, and
+    nothing fails the future (vllm 0.32), so an awaited RPC would hang its request, and with it whatever it
+    holds (an admission slot, the failure poll's lock), forever. Checked every ``DEATH_POLL_S``."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if llm.errored:
+        raise EngineDeadError()
+    call = asyncio.ensure_future(llm.collective_rpc(method, args=args))
+    try:
+        while not (await asyncio.wait({call}, timeout=DEATH_POLL_S))[0]:
+            if llm.errored:
+                raise EngineDeadError()
+        result: list[Any] = call.result()
+        return result
+    finally:
+        call.cancel()
+
+
 class FailurePoll:
     """Which requests the workers refused to steer (``steerserve_take_failed``), asked for at most once at a
     time: concurrent callers share one round trip to the engine core."""
@@ -76,7 +100,7 @@ class FailurePoll:
         async with self._lock:
             if self._last <= t:
                 self._last = time.monotonic()
-                for worker in await self.llm.collective_rpc("steerserve_take_failed"):
+                for worker in await rpc(self.llm, "steerserve_take_failed"):
                     for req_id, why in worker.items():
                         # vLLM runs a request as "<our id>-<8 random chars>" (unless told not to): both keys
                         self.failed[req_id] = self.failed[req_id.rsplit("-", 1)[0]] = why
@@ -139,6 +163,7 @@ class VLLMEngine:
     async def stop(self) -> None:
         llm, self.llm, self._poll = self.llm, None, None
         if llm is not None:
+            _fail_in_flight(llm)
             await asyncio.to_thread(llm.shutdown)
 
     async def health(self) -> bool:
@@ -153,7 +178,7 @@ class VLLMEngine:
         llm = self.llm
         if llm is None or llm.errored:
             raise RuntimeError("the engine is not running")
-        worker = (await llm.collective_rpc("steerserve_stats"))[0]
+        worker = (await rpc(llm, "steerserve_stats"))[0]
         return {"running": llm.get_num_unfinished_requests(), **worker, **self.gate.stats()}
 
     def _params(self, request: GenerationRequest, slotted: dict[str, Slotted]) -> Any:
@@ -192,6 +217,9 @@ class VLLMEngine:
                 slotted[kind] = (await self._load(kind, w), w.key)
             params = self._params(request, slotted)
             await self.gate.enter(rid, vectors)  # waits while the bank is full
+        except EngineDeadError:  # died while this request's weights were being loaded
+            self._release(held, slotted)
+            raise EngineUnavailable(ENGINE_FAILED) from None
         except BaseException:
             self._release(held, slotted)
             raise
@@ -224,7 +252,7 @@ class VLLMEngine:
                 if probing and (out.finished or completion > PILOT_TOKENS) or out.finished and request.needs_cell:
                     # What its loop/controller/probes measured (read between steps): with probes, once the
                     # pilot tokens are out, so that the front end can decide what the client sees.
-                    report = (await llm.collective_rpc("steerserve_loop_report", args=(rid,)))[0] or {}
+                    report = (await rpc(llm, "steerserve_loop_report", rid))[0] or {}
                     if probing:
                         asked.add("probe")
                         extra["probe"] = report
@@ -233,7 +261,7 @@ class VLLMEngine:
                 if request.first_logprobs and "logprobs" not in asked and (completion or out.finished):
                     # Sampled by now (even when that token was EOS and ``ids`` is empty): the worker kept the row.
                     asked.add("logprobs")
-                    raw = (await llm.collective_rpc("steerserve_take_logprobs", args=(rid,)))[0]
+                    raw = (await rpc(llm, "steerserve_take_logprobs", rid))[0]
                     if raw is None:
                         raise RuntimeError(f"request {rid}: the worker kept no first-token log-probabilities")
                     extra["first_logprobs"] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
@@ -271,7 +299,7 @@ class VLLMEngine:
             slot, load = got
             if load:
                 try:
-                    await self.llm.collective_rpc("steerserve_load", args=(slot, encode_weights(weights)))
+                    await rpc(self.llm, "steerserve_load", slot, encode_weights(weights))
                 except BaseException:
                     slots.forget(weights.key)
                     raise
@@ -285,13 +313,13 @@ class VLLMEngine:
         """Record every request's routing (per MoE layer and position, after masking) from now on, or stop."""
         if self.llm is None:
             raise RuntimeError("the engine is not running")
-        await self.llm.collective_rpc("steerserve_route_capture", args=(on,))
+        await rpc(self.llm, "steerserve_route_capture", on)
 
     async def take_routing(self, request_id: str) -> dict[str, Any] | None:
         """A finished request's recorded routing (``route_point.RouteCapture.take``), then forgotten."""
         if self.llm is None:
             raise RuntimeError("the engine is not running")
-        got = (await self.llm.collective_rpc("steerserve_take_routing", args=(request_id,)))[0]
+        got = (await rpc(self.llm, "steerserve_take_routing", request_id))[0]
         return None if got is None else dict(got)
 
     async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
@@ -301,8 +329,14 @@ class VLLMEngine:
             if len(ids) > limit:
                 raise SteerError(f"prompt {i} is {len(ids)} tokens; hidden states are read for at most {limit}",
                                  field="prompts")
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         async with self._capture_lock:
-            return [await self._capture(list(ids), list(layers)) for ids in prompts]
+            try:
+                return [await self._capture(list(ids), list(layers)) for ids in prompts]
+            except EngineDeadError:  # an actadd pair's or an extraction's capture: 503 as for any request
+                log.error("a hidden-state capture was in flight when the engine core died")
+                raise EngineUnavailable(ENGINE_FAILED) from None
 
     async def _capture(self, ids: list[int], layers: list[int]) -> torch.Tensor:
         from vllm import SamplingParams
@@ -315,7 +349,7 @@ class VLLMEngine:
                                 extra_args={EXTRA_KEY: encode_ops((), capture=True)})
         async for _ in llm.generate({"prompt_token_ids": ids, "cache_salt": rid}, params, rid):
             pass
-        got = (await llm.collective_rpc("steerserve_take_capture", args=(rid, layers)))[0]
+        got = (await rpc(llm, "steerserve_take_capture", rid, layers))[0]
         if got is None:
             raise RuntimeError(f"capture {rid}: the worker returned no states")
         shape, raw = got
@@ -323,6 +357,18 @@ class VLLMEngine:
         if states.shape[0] != len(ids):
             raise RuntimeError(f"capture {rid}: {states.shape[0]} of {len(ids)} positions were read")
         return states
+
+
+def _fail_in_flight(llm: Any) -> None:
+    """End every request the dead ``llm`` still holds with ``EngineDeadError``, as vLLM's output handler does
+    when it sees the core die. Its own pass misses a request added at the moment of death (after the pass,
+    before ``errored`` turned true), whose stream would otherwise wait forever."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    processor = getattr(llm, "output_processor", None)
+    if processor is not None and processor.request_states:
+        log.error("ending %d request(s) still bound to the stopped engine", len(processor.request_states))
+        processor.propagate_error(EngineDeadError())
 
 
 def _structured(structured: Structured | None) -> Any:
