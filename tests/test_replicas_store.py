@@ -7,6 +7,7 @@ them check that the same guarantees still hold on the default backend.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 
 from steerserve.store import ArtifactStore
 from steerserve.store import db as store_db
-from steerserve.store.audit import AuditEntry
+from steerserve.store.audit import ACTING, Acting, AuditEntry
 from steerserve.store.policies import Policy, PolicyStore
 from tests import postgres
 from tests.test_store import MODEL, _put_concurrently, files, vecs
@@ -85,10 +86,11 @@ def test_opening_a_replica_keeps_another_replicas_upload_in_flight(opener: Opene
     landed, go_on = threading.Event(), threading.Event()
     real = store_db.write_durably
 
-    def paused(final: Path, data: bytes) -> None:
-        real(final, data)
+    def paused(final: Path, data: bytes) -> os.stat_result:
+        written = real(final, data)
         landed.set()
         assert go_on.wait(30)
+        return written
 
     monkeypatch.setattr(store_db, "write_durably", paused)
     put: dict[str, Any] = {}
@@ -108,6 +110,61 @@ def test_opening_a_replica_keeps_another_replicas_upload_in_flight(opener: Opene
     assert put["meta"].ref() == "inflight@1"
     assert files(tmp_path) == ["inflight/1.safetensors"]
     assert opened["store"].load_vector("inflight").tensors[2].equal(vecs(7)[2])
+
+
+def test_a_replica_that_lost_its_database_spares_the_file_another_wrote(opener: Opener, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lands "v@1" and then loses its connection before the row commits; meanwhile B (which the database
+    # gave version 1 once A's transaction died) wrote its own file at the same path. A's cleanup must not
+    # delete B's file: it removes only the file it wrote itself.
+    a = opener()
+    real = store_db.insert_row
+    other = b"the bytes replica B wrote"
+
+    def connection_lost(conn: Any, meta: Any) -> None:
+        store_db.write_durably(tmp_path / "artifacts" / "v" / "1.safetensors", other)  # B, at the same path
+        raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(store_db, "insert_row", connection_lost)
+    with pytest.raises(sa.exc.OperationalError):
+        a.put_vector("v", vecs(1))
+    assert (tmp_path / "artifacts" / "v" / "1.safetensors").read_bytes() == other
+    monkeypatch.setattr(store_db, "insert_row", real)
+
+    def failed_alone(conn: Any, meta: Any) -> None:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    (tmp_path / "artifacts" / "v" / "1.safetensors").unlink()
+    monkeypatch.setattr(store_db, "insert_row", failed_alone)
+    with pytest.raises(sa.exc.OperationalError):
+        a.put_vector("w", vecs(1))
+    assert files(tmp_path) == []  # its own file is still removed
+
+
+def test_an_admin_commit_and_its_audit_entry_are_one_transaction(opener: Opener, tmp_path: Path) -> None:
+    store = opener()
+    acting = Acting("admin:0123abcd", lambda: ("upload", "POST /admin/vectors"))
+    token = ACTING.set(acting)
+    try:
+        meta = store.put_vector("audited", vecs(3))
+    finally:
+        ACTING.reset(token)
+    (entry,) = store.audit.entries(name="audited")
+    assert (entry.id, entry.action, entry.version, entry.sha256, entry.status) == \
+        (acting.recorded, "upload", 1, meta.sha256, 201)
+    assert entry.artifacts == ({"ref": "audited@1", "kind": "vector", "sha256": meta.sha256},)
+
+    def broken() -> tuple[str, str]:
+        raise RuntimeError("the audit entry could not be written")
+
+    token = ACTING.set(Acting("admin:0123abcd", broken))
+    try:
+        with pytest.raises(RuntimeError):
+            store.put_vector("audited", vecs(4))
+    finally:
+        ACTING.reset(token)
+    assert [m.ref() for m in store.list() if m.name == "audited"] == ["audited@1"]  # the artifact went with it
+    assert files(tmp_path) == ["audited/1.safetensors"]
 
 
 def test_an_orphan_is_still_removed(opener: Opener, tmp_path: Path) -> None:
