@@ -48,6 +48,7 @@ from steerserve.api.admin import (
     select_versions,
     service_of,
 )
+from steerserve.api import json_vectors
 from steerserve.api.admin_audit import AuditNote, audit_note
 from steerserve.api.admin_schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
@@ -59,6 +60,7 @@ from steerserve.store.artifacts import FILE_KINDS, ArtifactMeta, ArtifactStore, 
 from steerserve.store.db import NAME_RE
 
 _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
+_SMALL_JSON = 1 << 20  # bytes: an odd JSON upload up to this size is parsed whole, for the usual error
 
 _FORM_FIELDS = ("file", "name", "description")  # a multipart upload's parts
 _FILE_TYPE = "application/octet-stream"
@@ -93,17 +95,26 @@ def _json_field(field: str | None) -> str | None:
 
 
 async def _upload_json(request: Request, store: ArtifactStore, note: AuditNote) -> ArtifactMeta:
-    body = await run_sync(_parse_upload, await request.body())  # up to 64 MiB of JSON: not on the event loop
-    note.name = body.name
-    check_description(body.description, request)
-    tensors: dict[int, torch.Tensor] = {}
-    for key, values in body.vectors.items():
-        if not _LAYER_KEY.fullmatch(key):
-            raise SteerError(f"key {key!r} must be a 0-based layer index", field=f"vectors.{key}")
-        tensors[int(key)] = torch.tensor(values, dtype=torch.float64)
+    data = await request.body()
+    info = service_of(request).info
+    try:  # streamed: the loop keeps serving, and a wrong shape is refused where it goes wrong (``json_vectors``)
+        upload = await run_sync(json_vectors.read_upload, data, info.hidden_size, info.num_layers)
+        name, description = upload.name, upload.description
+        tensors = {layer: torch.from_numpy(row) for layer, row in upload.vectors.items()}
+    except json_vectors.Unexpected as exc:
+        if len(data) > _SMALL_JSON:
+            raise SteerError(f"not a vector upload: {exc}", code="invalid_json") from None
+        body = await run_sync(_parse_upload, data)  # small: the usual validation error, naming the field
+        name, description, tensors = body.name, body.description, {}
+        for key, values in body.vectors.items():
+            if not _LAYER_KEY.fullmatch(key):
+                raise SteerError(f"key {key!r} must be a 0-based layer index", field=f"vectors.{key}") from None
+            tensors[int(key)] = torch.tensor(values, dtype=torch.float64)
+    note.name = name
+    check_description(description, request)
     try:
-        return await run_sync(store.put_vector, body.name, tensors, method="upload",
-                              provenance={"source": "POST /admin/vectors (json)"}, description=body.description,
+        return await run_sync(store.put_vector, name, tensors, method="upload",
+                              provenance={"source": "POST /admin/vectors (json)"}, description=description,
                               vet=service_of(request).vetter())
     except SteerError as exc:
         exc.field = _json_field(exc.field)
