@@ -454,7 +454,7 @@ def _padded_upload(name: str, layers: dict[str, list[float]], size: int) -> byte
     count = sum(len(v) for v in layers.values())
     pad = " " * max(0, size // count - 24)
     body = ",".join(f'"{k}": [' + ",".join(f"{pad}{x!r}" for x in v) + "]" for k, v in layers.items())
-    return ('{"name": "%s", "vectors": {%s}}' % (name, body)).encode()
+    return ('{"name": "' + name + '", "vectors": {' + body + "}}").encode()
 
 
 def test_a_60mb_json_upload_leaves_health_fast(base_url: str, service: Service) -> None:

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steerserve.api import json_vectors
 from steerserve.api.admin import (
     Ref,
     Version,
@@ -48,7 +49,6 @@ from steerserve.api.admin import (
     select_versions,
     service_of,
 )
-from steerserve.api import json_vectors
 from steerserve.api.admin_audit import AuditNote, audit_note
 from steerserve.api.admin_schemas import ComputeVector, EnableVector, VectorUpload
 from steerserve.api.apidoc import ArtifactList, ArtifactOut, errors
