@@ -94,6 +94,31 @@ def test_closed_loop_streams_per_token_figures(hf_url: str) -> None:
     assert not any("loop" in e for e in plain) and "".join(e["text"] for e in plain)
 
 
+def test_closed_loop_figures_stream_on_the_serving_engine(base_url: str, fresh_vector: Any, service: Any) -> None:
+    """The same figures on the session's engine (vllm in the main run): a closed loop's increments carry its
+    entropy and gain (on vllm as of the latest step, fetched for all loops in one worker round trip at most
+    every 0.25 s, so not every increment has them), inside the loop's bounds; an open loop's carry none."""
+    fresh_vector("loop-figures")
+
+    def events(steering: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {"messages": [{"role": "user", "content": "Tell me about your day."}], "max_tokens": 64,
+                "ignore_eos": True, "temperature": 0, "stream": True, "steering": steering}
+        with httpx.stream("POST", f"{base_url}/generate", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(x) for x in lines[:-1]]
+
+    closed = {"method": "entropic", "vector": "loop-figures", "layer": 10, "target_entropy": 6}
+    out = events({"interventions": [closed]})
+    figures = [e["loop"] for e in out if "loop" in e]
+    assert len(figures) >= 2, (service.settings.engine, out[:3])
+    assert all(-1 <= f["gain"] <= 1 and 0 <= f["entropy_bits"] < 16 for f in figures), figures
+    assert out[-1]["steering"]["report"]["loop_steps"] == 64
+    plain = events({"interventions": [{"method": "entropic", "vector": "loop-figures", "layer": 10, "beta": 0.25}]})
+    assert not any("loop" in e for e in plain)
+
+
 # Counts each pane's text changes while it streams: a reply that arrived in one piece would count 1.
 WATCH = """window.changes = {plain: 0, steered: 0};
 for (const k of ["plain", "steered"]) new MutationObserver(() => window.changes[k]++).observe(

@@ -38,6 +38,7 @@ from steerserve.engines.base import (
 )
 from steerserve.engines.vllm.gate import BankGate
 from steerserve.engines.vllm.plugin import engine_kwargs
+from steerserve.engines.vllm.polls import FailurePoll, FigurePoll, rpc
 from steerserve.engines.vllm.wire import EXTRA_KEY, Slotted, Weights, cache_salt, encode_ops, encode_weights
 from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.model_info import ModelInfo
@@ -61,56 +62,6 @@ def eos_token_ids(path: Path, tokenizer: Any) -> set[int]:
     return ids
 
 
-DEATH_POLL_S = 0.2  # how often an RPC in flight looks whether the engine core is still alive
-
-
-async def rpc(llm: Any, method: str, *args: Any) -> list[Any]:
-    """``llm.collective_rpc(method, args)``, ended with ``EngineDeadError`` if the engine core dies first.
-
-    vLLM keeps the future of a utility call until the core answers it; a core that dies never does, and
-    nothing fails the future (vllm 0.32), so an awaited RPC would hang its request, and with it whatever it
-    holds (an admission slot, the failure poll's lock), forever. Checked every ``DEATH_POLL_S``."""
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    if llm.errored:
-        raise EngineDeadError()
-    call = asyncio.ensure_future(llm.collective_rpc(method, args=args))
-    try:
-        while not (await asyncio.wait({call}, timeout=DEATH_POLL_S))[0]:
-            if llm.errored:
-                raise EngineDeadError()
-        result: list[Any] = call.result()
-        return result
-    finally:
-        call.cancel()
-
-
-class FailurePoll:
-    """Which requests the workers refused to steer (``steerserve_take_failed``), asked for at most once at a
-    time: concurrent callers share one round trip to the engine core."""
-
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
-        self.failed: dict[str, str] = {}
-        self._last = 0.0
-        self._lock = asyncio.Lock()
-
-    async def since(self, t: float) -> dict[str, str]:
-        """The failures reported by a poll that started after ``t`` (``time.monotonic()``)."""
-        async with self._lock:
-            if self._last <= t:
-                self._last = time.monotonic()
-                for worker in await rpc(self.llm, "steerserve_take_failed"):
-                    for req_id, why in worker.items():
-                        # vLLM runs a request as "<our id>-<8 random chars>" (unless told not to): both keys
-                        self.failed[req_id] = self.failed[req_id.rsplit("-", 1)[0]] = why
-        return self.failed
-
-    def forget(self, request_id: str) -> None:
-        for key in [k for k in self.failed if k == request_id or k.startswith(f"{request_id}-")]:
-            del self.failed[key]
-
-
 class VLLMEngine:
     """Implements ``engines.base.Engine``; vLLM's engine core runs in its own process by default."""
 
@@ -122,6 +73,7 @@ class VLLMEngine:
         self.gate = BankGate(settings.bank_slots - 1)
         self.llm: Any = None
         self._poll: FailurePoll | None = None
+        self._figures: FigurePoll | None = None
         self._capture_lock = asyncio.Lock()  # one capture request at a time: each fits the buffer alone
         # Worker slots of controllers, probe pairs and refusal heads (loaded once, named by requests).
         self.slots = {kind: ControllerSlots(settings.controller_slots) for kind in WEIGHT_KINDS}
@@ -158,10 +110,10 @@ class VLLMEngine:
                  "vLLM's compile cache)")
         # Building the engine loads the model and compiles it (minutes on CPU): off the event loop.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        self._poll = FailurePoll(self.llm)
+        self._poll, self._figures = FailurePoll(self.llm), FigurePoll(self.llm)
 
     async def stop(self) -> None:
-        llm, self.llm, self._poll = self.llm, None, None
+        llm, self.llm, self._poll, self._figures = self.llm, None, None, None
         if llm is not None:
             _fail_in_flight(llm)
             await asyncio.to_thread(llm.shutdown)
@@ -223,7 +175,7 @@ class VLLMEngine:
         except BaseException:
             self._release(held, slotted)
             raise
-        llm, poll, completion, checked = self.llm, self._poll, 0, time.monotonic()
+        llm, poll, figures, completion, checked = self.llm, self._poll, self._figures, 0, time.monotonic()
         asked: set[str] = set()
         stream = None
         try:
@@ -246,6 +198,10 @@ class VLLMEngine:
                 if reason == "stop" and ids and ids[-1] in self.eos_ids and c.stop_reason in (None, ids[-1]):
                     ids, logprobs = ids[:-1], logprobs[: len(ids) - 1]  # EOS ends the text; counted, not shown
                 extra: dict[str, object] = {}
+                if request.loop is not None and figures is not None and not out.finished:
+                    loop = await figures.of(rid)  # the closed loop's figures, for the stream (as on hf)
+                    if loop:
+                        extra["loop"] = loop
                 if out.finished and out.num_cached_tokens is not None:
                     extra["cached_tokens"] = out.num_cached_tokens  # prompt tokens served from the prefix cache
                 probing = request.probes is not None and "probe" not in asked
@@ -286,6 +242,8 @@ class VLLMEngine:
             self._release(held, slotted)  # after vLLM finished or aborted it: the slots may be reused
             if poll is not None:
                 poll.forget(rid)
+            if figures is not None:
+                figures.forget([rid])
 
     async def _load(self, kind: str, weights: Weights) -> int:
         """The worker slot holding ``weights`` (a ``kind``: controller, probes, head), loading them first if

@@ -53,6 +53,19 @@ class SteerRPC:
             return None if state is None else state.regs.report(runner._steer_cells[key])
         return None
 
+    def steerserve_loop_figures(self, request_ids: list[str]) -> dict[str, dict[str, float]]:
+        """Where each closed loop of ``request_ids`` stands after the latest step: the entropy it measured
+        (bits) and the gain it set for the next token; loops not (or no longer) running are left out."""
+        runner, state = self.model_runner, steer_ops.current()
+        if state is None:
+            return {}
+        out = {}
+        for rid in request_ids:
+            for key in _ours(runner._steer_cells, rid):
+                cell = runner._steer_cells[key]
+                out[rid] = {"entropy_bits": float(state.regs.entropy[cell]), "gain": float(state.regs.gain[cell])}
+        return out
+
     def steerserve_take_logprobs(self, request_id: str) -> bytes | None:
         """A request's first next-token log-softmax (``[V]`` fp32 bytes), by our request id; then forgotten."""
         kept = self.model_runner._first_lp
