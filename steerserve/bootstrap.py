@@ -19,6 +19,8 @@ from steerserve.prompts import PromptRenderer
 from steerserve.store.artifacts import ArtifactStore
 from steerserve.tools import norms
 
+IMPORTED_SUFFIXES = (".safetensors", ".gguf")  # what ``--vectors-dir`` imports at start-up
+
 
 def model_path(settings: Settings, log: Callable[[str], None] = print) -> Path:
     """The model folder to serve: ``--model`` (a GGUF file is dequantised once into the models folder), or the
@@ -65,7 +67,8 @@ def build_parts(settings: Settings, log: Callable[[str], None] = print) -> tuple
         engine = HFEngine(hf_model, tokenizer, info, settings)
     store = ArtifactStore(settings.store_dir / info.fingerprint, info, settings.store_url)
     store.max_description_chars = settings.max_description_chars
-    renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens, settings.max_prompt_chars)
+    template = settings.chat_template.read_text() if settings.chat_template is not None else None
+    renderer = PromptRenderer(tokenizer, settings.max_prompt_tokens, settings.max_prompt_chars, template)
 
     def measure() -> list[float]:
         from steerserve.model import load_hf
@@ -82,9 +85,14 @@ def build_parts(settings: Settings, log: Callable[[str], None] = print) -> tuple
 
 
 def import_vectors(store: ArtifactStore, folder: Path, log: Callable[[str], None] = print) -> None:
-    """Import shipped artifacts (``<name>.safetensors``) made for this model, once per content."""
-    known = {m.sha256 for m in store.list()}
-    for path in sorted(folder.glob("*.safetensors")):
+    """Import shipped artifacts (``<name>.safetensors``) and llama.cpp / repeng control vectors
+    (``<name>.gguf``, converted by ``store.formats.from_gguf``) made for this model, once per content (a
+    GGUF's content is the safetensors file it becomes, which the store records)."""
+    metas = store.list()
+    known = {m.sha256 for m in metas} | {m.provenance["imported_from"].get("sha256") for m in metas
+                                         if isinstance(m.provenance.get("imported_from"), dict)}
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in IMPORTED_SUFFIXES] if folder.is_dir() else []
+    for path in sorted(files):
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() in known:
             continue

@@ -16,7 +16,8 @@ A safetensors file whose metadata says ``kind: direction`` is stored as a direct
 one that says ``kind: controller`` as a refusal controller (``store.controllers``), one that says
 ``kind: probe`` or ``kind: head`` as SafeSwitch probes or a refusal head (``store.safeswitch``), one that
 says ``kind: expert_set`` as an MoE expert set (``store.expert_sets``); these routes list, show, enable and
-delete all of them alike.
+delete all of them alike. ``GET /admin/vectors/{name}/export?format=gguf|safetensors`` returns one as a
+file (``store.formats.export_artifact``, as ``steerserve vectors export`` writes it).
 
 Auth, the router's settings and the artifact lookups shared with the pair routes are in ``admin``.
 """
@@ -26,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Body, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -58,6 +60,7 @@ from steerserve.errors import SteerError
 from steerserve.prompts import PromptRenderer
 from steerserve.store.artifacts import FILE_KINDS, ArtifactMeta, ArtifactStore, check_name
 from steerserve.store.db import NAME_RE
+from steerserve.store.formats import export_artifact
 
 _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
 _SMALL_JSON = 1 << 20  # bytes: an odd JSON upload up to this size is parsed whole, for the usual error
@@ -246,6 +249,24 @@ async def list_vectors(request: Request, all_versions: bool = Query(False, alias
 async def show_vector(name: Ref, request: Request) -> dict[str, Any]:
     """Every version of ``name``, or the one version ``name@v`` names."""
     return listing(await run_sync(select_versions, service_of(request).store, FILE_KINDS, name))
+
+
+_FILE_DOC = {200: {"description": "the file", "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, **errors(404)}
+
+
+@router.get("/vectors/{name}/export", response_class=Response, responses=_FILE_DOC)
+async def export_vector(name: Ref, request: Request, fmt: Annotated[Literal["gguf", "safetensors"], Query(
+        alias="format", description="gguf: a llama.cpp control vector (vectors and directions); safetensors: "
+                                    "the stored file")] = "safetensors",
+                        drop_layer_0: bool = False) -> Response:
+    """``name`` (the latest version) or ``name@v`` as a file, as ``steerserve vectors export`` writes it."""
+    audit_note(request).action = "export"
+    meta, data = await run_sync(export_artifact, service_of(request).store, name, fmt, drop_layer_0=drop_layer_0)
+    filename = f"{meta.name}-v{meta.version}.{fmt}"
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                             "X-Steerserve-Artifact": meta.ref(), "X-Steerserve-Kind": meta.kind})
 
 
 @router.patch("/vectors/{name}", response_model=None, responses={200: {"model": ArtifactList}, **errors(404)})

@@ -16,21 +16,27 @@ Self-describing metadata (``describe``; safetensors ``__metadata__``, or GGUF ke
 Import (``from_gguf``) turns a control vector into the steerserve safetensors file the store keeps, so every
 check an upload gets (``uploads.read_upload``: the model's shapes and fingerprint, the norm policy, the KL
 vetting) runs on it unchanged. A file for another model is refused naming the field (``hidden_size``,
-``model_fingerprint``, ``metadata.hook_site``, ...). Export (``export_bytes``) writes either format.
+``model_fingerprint``, ``metadata.hook_site``, ...). Export (``export_bytes``) writes either format;
+``export_artifact`` exports a stored artifact by reference, for ``steerserve vectors export`` and ``GET
+/admin/vectors/{name}/export`` alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
-from steerserve.errors import SteerError
+from steerserve.errors import NotFound, SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.store import gguf_io
+from steerserve.store.db import ArtifactMeta, header_metadata
+
+if TYPE_CHECKING:  # the store imports this module
+    from steerserve.store.artifacts import ArtifactStore
 
 FORMATS = ("safetensors", "gguf")
 EXPORT_KINDS = ("vector", "direction")  # the steering kinds, what a control vector can hold
@@ -134,3 +140,36 @@ def export_bytes(model: ModelInfo, kind: str, header: Mapping[str, str], tensors
             raise SteerError("holds layer 0 only: nothing is left for a control vector", field="layers")
     return gguf_io.to_bytes(kept, model_hint(model), full)
 
+
+
+def export_artifact(store: ArtifactStore, ref: str, fmt: str, *,
+                    drop_layer_0: bool = False) -> tuple[ArtifactMeta, bytes]:
+    """The artifact ``ref`` (``name``: the latest version, or ``name@v``) as a file in ``fmt``: what ``steerserve
+    vectors export`` writes and ``GET /admin/vectors/{name}/export`` returns.
+
+    ``safetensors``: the stored bytes; a vector's or direction's metadata completed with every self-describing
+    key first (the tensors untouched) where the stored file lacks one. ``gguf``: the llama.cpp control vector
+    (``export_bytes``), vectors and directions only. An unknown name is a 404 naming ``name``; a pair (prompts,
+    no tensors) a 400 naming ``name``; another kind as GGUF a 400 naming ``format``."""
+    if fmt not in FORMATS:
+        raise SteerError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}", field="format")
+    try:
+        meta = store.get(ref)
+    except SteerError as exc:
+        if exc.code == "unknown_artifact":
+            raise NotFound(exc.message, field="name") from None
+        raise
+    if meta.kind == "pair":
+        raise SteerError(f"{meta.ref()!r} is a pair (ActAdd prompts, no tensors): it has no file to export",
+                         field="name")
+    if fmt == "gguf" and meta.kind not in EXPORT_KINDS:
+        raise SteerError(f"{meta.ref()!r} is a {meta.kind}, which has no GGUF form (only {list(EXPORT_KINDS)} "
+                         "convert to a control vector): export it as safetensors", field="format")
+    meta, data = store.file_bytes(meta.ref(), meta.kind)
+    if meta.kind not in EXPORT_KINDS:
+        return meta, data
+    header = header_metadata(data)
+    tensors = {int(k.split(".", 1)[1]): t for k, t in safetensors.torch.load(data).items()}
+    if fmt == "safetensors" and describe(store.model, meta.kind, header, tensors) == header:
+        return meta, data  # already self-describing: the stored bytes as they are
+    return meta, export_bytes(store.model, meta.kind, header, tensors, fmt, drop_layer_0=drop_layer_0)

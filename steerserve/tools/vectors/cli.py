@@ -7,7 +7,8 @@
   as ``serve`` does). The KL vetting needs the serving engine: ``POST /admin/vectors`` runs it, this command
   does not (as ``serve``'s start-up import of ``--vectors-dir`` does not).
 - ``steerserve vectors export NAME[@V] --out FILE.gguf|FILE.safetensors [--format F] [--drop-layer-0]``:
-  the vector or direction in either format with its self-describing metadata (``store.formats``).
+  the vector or direction in either format with its self-describing metadata (``store.formats.export_artifact``,
+  which ``GET /admin/vectors/{name}/export`` serves too).
 
 The store is the one ``serve`` opens for the model: ``--store`` (default ``$STEERSERVE_HOME/store``) /
 the model's fingerprint. A running server may share it (SQLite serialises the writers).
@@ -19,14 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import safetensors.torch
-
 from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.store.artifacts import ArtifactStore
-from steerserve.store.db import header_metadata
-from steerserve.store.formats import EXPORT_KINDS, FORMATS, export_bytes
+from steerserve.store.formats import FORMATS, export_artifact
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -109,10 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     store, _, _ = open_store(args, norms=False)
     try:
-        meta, data = store.file_bytes(args.name, EXPORT_KINDS)
-        tensors = {int(k.split(".", 1)[1]): t for k, t in safetensors.torch.load(data).items()}
-        out = export_bytes(store.model, meta.kind, header_metadata(data), tensors, fmt,
-                           drop_layer_0=args.drop_layer_0)
+        meta, out = export_artifact(store, args.name, fmt, drop_layer_0=args.drop_layer_0)
     except SteerError as exc:
         return _fail(exc)
     finally:
@@ -120,6 +115,6 @@ def run_export(args: argparse.Namespace) -> int:
     from steerserve.tools.common import write_bytes
 
     write_bytes(args.out, out)
-    layers = [k for k in sorted(tensors) if not (k == 0 and fmt == "gguf" and args.drop_layer_0)]
+    layers = [k for k in meta.layers if not (k == 0 and fmt == "gguf" and args.drop_layer_0)]
     print(f"wrote {args.out} ({fmt}, {meta.ref()}, layers {layers})")
     return 0
