@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a client key no policy binds: 'auto' serves it under the default policy until a "
                             "first key is ever bound, then refuses it; 'reject' always refuses; 'default' always "
                             "serves it (re-opens a closed deployment) (default: $STEERSERVE_UNKNOWN_KEYS or auto)")
+    serve.add_argument("--chat-template", type=Path, default=None, metavar="PATH",
+                       help="a Jinja chat template file used instead of the model's own, e.g. one that renders "
+                            "'tools' (default: $STEERSERVE_CHAT_TEMPLATE, else the model's)")
+    serve.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help="vLLM's tool-call parser for the model's output format (e.g. hermes, llama3_json, "
+                            "mistral); enables tool_choice 'auto' (default: $STEERSERVE_TOOL_CALL_PARSER; unset: "
+                            "'auto' is refused)")
     serve.add_argument("--graceful-timeout", type=int, default=30, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: 30)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -120,9 +127,16 @@ def serve_settings(args: argparse.Namespace) -> Settings:
                              vectors_dir=vectors_dir, max_coeff=args.max_coeff,
                              max_interventions=args.max_interventions, max_batch=args.max_batch,
                              bank_slots=args.bank_slots, engine_args=engine_args, store_url=args.store_url,
-                             store_root=args.store_dir, redis_url=args.redis_url, unknown_keys=args.unknown_keys)
+                             store_root=args.store_dir, redis_url=args.redis_url, unknown_keys=args.unknown_keys,
+                             chat_template=args.chat_template, tool_call_parser=args.tool_call_parser)
     if args.request_timeout is not None:  # 'none' (no deadline) is a None that must still win over the default
         settings = dataclasses.replace(settings, request_timeout=parse_deadline(args.request_timeout))
+    if settings.chat_template is not None and not settings.chat_template.is_file():
+        raise ValueError(f"--chat-template {settings.chat_template}: no such file")
+    if settings.tool_call_parser is not None:  # a wrong name fails now, not at the first request
+        from steerserve.api.tool_parsing import check_parser_name
+
+        check_parser_name(settings.tool_call_parser)
     return settings
 
 
@@ -141,12 +155,12 @@ def _serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("steerserve")
     try:
         service = build_service(settings, log.info)
-    except RuntimeError as exc:  # no such engine, no model: say why, no traceback
+        app = create_app(service, settings)
+    except RuntimeError as exc:  # no such engine, no model, a tool-call parser unfit for it: say why, no traceback
         print(f"steerserve: {exc}", file=sys.stderr)
         return 2
     if settings.admin_key is None:
         log.info("admin API disabled (set STEERSERVE_ADMIN_KEY or --admin-key to enable it)")
-    app = create_app(service, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout, lifespan="on")
     server = uvicorn.Server(config)

@@ -88,6 +88,11 @@ class Settings:
     # ``store_dir``) and a ``store_dir`` on storage they share (the artifact files); default <home>/store.
     store_url: str | None = None
     store_root: Path | None = None
+    # Chat: a Jinja chat template file to use instead of the model's own (as vLLM's ``--chat-template``), and
+    # vLLM's tool-call parser (a ``ToolParserManager`` name such as ``hermes``) that reads the tool calls of
+    # ``tool_choice: "auto"`` out of the reply (None: "auto" is refused).
+    chat_template: Path | None = None
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.unknown_keys not in ("auto", "reject", "default"):
@@ -125,6 +130,8 @@ class Settings:
             models_root=Path(env["STEERSERVE_MODELS_DIR"]) if env.get("STEERSERVE_MODELS_DIR") else None,
             store_url=env.get("STEERSERVE_STORE_URL") or None,
             store_root=Path(env["STEERSERVE_STORE_DIR"]) if env.get("STEERSERVE_STORE_DIR") else None,
+            chat_template=Path(env["STEERSERVE_CHAT_TEMPLATE"]) if env.get("STEERSERVE_CHAT_TEMPLATE") else None,
+            tool_call_parser=env.get("STEERSERVE_TOOL_CALL_PARSER") or None,
             max_body_bytes=int(env.get("STEERSERVE_MAX_BODY_BYTES", cls.max_body_bytes)),
             max_upload_bytes=int(env.get("STEERSERVE_MAX_UPLOAD_BYTES", cls.max_upload_bytes)),
             max_prompt_chars=int(env.get("STEERSERVE_MAX_PROMPT_CHARS", cls.max_prompt_chars)),

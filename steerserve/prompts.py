@@ -6,6 +6,8 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from steerserve.errors import SteerError
 from steerserve.spec import PromptInfo
 
@@ -32,18 +34,22 @@ def has_lone_surrogate(text: str) -> bool:
     return False
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 class PromptRenderer:
-    """Wraps a transformers tokenizer. Chat requests use the model's own chat template.
+    """Wraps a transformers tokenizer. Chat requests use the model's own chat template, or the one given.
 
     Text is checked (length in characters, encodability) before the tokenizer sees it: tokenizing costs
     time in proportion to the text, and the token limit alone would only be checked after paying it.
     """
 
     def __init__(self, tokenizer: Any, max_prompt_tokens: int,
-                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> None:
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.max_prompt_chars = max_prompt_chars
+        self.chat_template = chat_template  # Jinja text used instead of the tokenizer's own (None: its own)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -58,10 +64,11 @@ class PromptRenderer:
             return bytes(byte_of[ch] for ch in piece)
         return str(self.tokenizer.decode([token_id])).encode()  # not byte-level (e.g. SentencePiece)
 
-    def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None,
+    def render(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                where: str = "prompt", tools: Sequence[Mapping[str, Any]] | None = None) -> PromptInfo:
         """Exactly one of ``prompt`` (raw text) and ``messages`` (chat) must be given and be non-empty.
-        ``tools`` (OpenAI function definitions) go to the chat template, which may use or ignore them."""
+        ``tools`` (OpenAI function definitions) go to the chat template, which may use or ignore them, as do a
+        message's other keys (an assistant message's ``tool_calls``, a ``tool`` message's ``tool_call_id``)."""
         if (prompt is None) == (messages is None):
             raise SteerError("give exactly one of 'prompt' and 'messages'", field=where)
         if prompt is not None:
@@ -74,18 +81,23 @@ class PromptRenderer:
             raise SteerError("must not be empty", field="messages")
         total = 0
         for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise SteerError("must be 'system', 'user' or 'assistant'", field=f"messages.{i}.role")
+            if m.get("role") not in ROLES:
+                raise SteerError("must be 'system', 'user', 'assistant' or 'tool'", field=f"messages.{i}.role")
             content = m.get("content")
             if not isinstance(content, str):
                 raise SteerError("must be a string", field=f"messages.{i}.content")
             total += len(content)  # the limit is on all messages together: they are tokenized as one text
             self._check_text(content, total, f"messages.{i}.content", "brings the messages to")
-        if not any(m["content"].strip() for m in messages):
+        if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
             raise SteerError("every message is empty", field="messages")
-        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                  add_generation_prompt=True,
-                                                  **({"tools": [dict(t) for t in tools]} if tools else {}))
+        extra: dict[str, Any] = {"tools": [dict(t) for t in tools]} if tools else {}
+        if self.chat_template is not None:
+            extra["chat_template"] = self.chat_template
+        try:
+            text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                      add_generation_prompt=True, **extra)
+        except TemplateError as exc:  # the template's own refusal (raise_exception), e.g. of a role it lacks
+            raise SteerError(f"the chat template cannot render these messages: {exc}", field="messages") from exc
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         return self._checked(PromptInfo(tuple(ids), self._user_start(text, messages, enc["offset_mapping"])),
@@ -101,7 +113,7 @@ class PromptRenderer:
                              code="invalid_unicode")
 
     @staticmethod
-    def _user_start(text: str, messages: Sequence[Mapping[str, str]], offsets: Sequence[tuple[int, int]]) -> int:
+    def _user_start(text: str, messages: Sequence[Mapping[str, Any]], offsets: Sequence[tuple[int, int]]) -> int:
         """Token index of the first character of the last user message's content in the rendered text."""
         users = [m["content"] for m in messages if m["role"] == "user" and m["content"]]
         if not users:

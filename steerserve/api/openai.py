@@ -4,16 +4,16 @@ Bodies are what the official client sends, plus ``steering`` (``extra_body={"ste
 Unknown fields are accepted and ignored; known fields with values this server cannot honour are refused
 with a 400 naming the field. As on vLLM's server: ``n`` choices, ``logprobs``/``top_logprobs``, presence and
 frequency penalties, ``logit_bias``, and (vllm engine only, through vLLM's own guided decoding)
-``response_format`` JSON and forced tool calls (``api.structured``). Responses are OpenAI's shapes with one
-extra field, ``steering``, reporting what was applied (clients ignore unknown fields). In a stream it rides
-on the first chunk.
+``response_format`` JSON and forced tool calls (``api.structured``); with ``serve --tool-call-parser``,
+``tool_choice: "auto"`` calls read out of the reply by vLLM's parser (``api.tool_parsing``). Responses are
+OpenAI's shapes with one extra field, ``steering``, reporting what was applied (clients ignore unknown
+fields). In a stream it rides on the first chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
@@ -49,6 +49,7 @@ from steerserve.api.streaming import (
     until_disconnect,
 )
 from steerserve.api.structured import ToolMode, constraint, tool_calls
+from steerserve.api.tool_parsing import ToolParsing, ToolReader
 from steerserve.concurrency import gather_all
 from steerserve.engines.base import SamplingParams, Structured
 from steerserve.errors import SteerError
@@ -65,12 +66,13 @@ def _model_card(request: Request) -> dict[str, Any]:
             "owned_by": "steerserve"}
 
 
-@router.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401)})
+# A client key's policy (and rate) governs every /v1 route: its 401 and 429 come before routing (guard.EdgeGuard).
+@router.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401, 429)})
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(request)]}
 
 
-@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(401, 404)})
+@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(401, 404, 429)})
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     _check_model(model, request.app.state.service)
     return _model_card(request)
@@ -102,6 +104,7 @@ class _Call:
     logprobs: bool
     tools: ToolMode | None
     renderer: PromptRenderer
+    readers: list[ToolReader] | None = None  # one per choice, when the reply may be tool calls
 
 
 async def _submit(request: Request, body: CompletionBase, prompt_fn: Callable[[Service], PromptInfo],
@@ -164,14 +167,14 @@ async def _collect_all(request: Request, call: _Call) -> list[tuple[str, Tally]]
 async def chat_completions(body: Annotated[ChatCompletionRequest, Body(openapi_examples=CHAT_EXAMPLES)],
                            request: Request) -> Response:
     max_tokens, max_field = body.max_new_tokens()
-    structured, tools = constraint(body.response_format, body.tools, body.tool_choice)
-    if tools is not None and tools.function is None and body.stream:
-        raise SteerError("streamed calls under tool_choice 'required' are not supported; name the function or "
-                         "send 'stream': false", field="stream", code="unsupported_value")
+    parsing: ToolParsing = request.app.state.tool_parsing
+    structured, tools = constraint(body.response_format, body.tools, body.tool_choice, parsing.name)
     tool_defs = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     subs = await _submit(request, body, lambda s: s.render(messages=body.plain_messages(), tools=tool_defs),
                          max_tokens, max_field, body.logprob_count(), structured)
     call = _call(request, subs, "chatcmpl", "chat.completion", body.logprobs or False, tools)
+    if tools is not None and (tools.auto or body.stream):  # what vLLM's own code reads (api.tool_parsing)
+        call = replace(call, readers=[parsing.reader(tools, tool_defs or []) for _ in subs])
     if body.stream:
         return SSEResponse(sse_events(_chat_chunks(call, _include_usage(body), request.app.state.metrics),
                                       subs[0].request_id))
@@ -192,10 +195,15 @@ def _call(request: Request, subs: list[Submitted], prefix: str, kind: str, logpr
 def _chat_choice(call: _Call, index: int, text: str, tally: Tally) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = tally.finish_reason
-    calls = tool_calls(text, call.tools) if call.tools is not None and finish == "stop" else None
-    if calls is not None and call.tools is not None:
-        message = {"role": "assistant", "content": None, "tool_calls": calls}
-        finish = "tool_calls" if call.tools.function is None else "stop"  # a named function is forced: OpenAI's
+    if call.tools is not None and call.tools.auto and call.readers is not None:  # the parser's calls, if any
+        content, calls = call.readers[index].parse(text)
+        if calls is not None:
+            message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    elif call.tools is not None and finish == "stop":
+        calls = tool_calls(text, call.tools)
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = "tool_calls" if call.tools.function is None else "stop"  # a named function is forced: OpenAI's
     lp = chat_logprobs(call.renderer, tally.logprobs) if call.logprobs else None
     return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
 
@@ -213,22 +221,23 @@ async def _chat_chunks(call: _Call, include_usage: bool, metrics: Metrics) -> As
         first = {"steering": steering_report(call.subs[0])} if i == 0 else {}
         yield {**chunk(i, {"role": "assistant", "content": ""}), **first}
 
-    named = call.tools.function if call.tools is not None else None
+    named = call.tools is not None and call.tools.function is not None
 
     async def choice(i: int) -> AsyncGenerator[dict[str, Any], None]:
-        if named is not None:  # a forced named call: the constrained text is its arguments, streamed as they come
-            start = {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                     "function": {"name": named, "arguments": ""}}
-            yield chunk(i, {"tool_calls": [start]})
+        reader = call.readers[i] if call.readers is not None else None
+        prompt_ids = call.subs[i].prompt.token_ids
         async with aclosing(checked_outputs(call.subs[i], tallies[i], metrics)) as outs:
             async for out in outs:
-                if out.text or (call.logprobs and out.logprobs):
-                    lp = chat_logprobs(call.renderer, out.logprobs) if call.logprobs else None
-                    delta = ({"tool_calls": [{"index": 0, "function": {"arguments": out.text}}]} if named is not None
-                             else {"content": out.text})
-                    yield chunk(i, delta, lp=lp)
-                if out.finish_reason is not None:
-                    yield chunk(i, {}, out.finish_reason)
+                lp = chat_logprobs(call.renderer, out.logprobs) if call.logprobs and out.logprobs else None
+                if reader is not None:  # tool calls as vLLM's code finds them, as they come
+                    delta = reader.feed(out.text, out.token_ids, prompt_ids, out.finish_reason is not None)
+                else:
+                    delta = {"content": out.text} if out.text or lp is not None else None
+                if delta is not None or lp is not None:
+                    yield chunk(i, delta or {}, lp=lp)
+                if out.finish_reason is not None:  # OpenAI's: "tool_calls", but "stop" for a forced named call
+                    called = reader is not None and reader.called and not named and out.finish_reason == "stop"
+                    yield chunk(i, {}, "tool_calls" if called else out.finish_reason)
 
     async for c in merged([choice(i) for i in range(len(call.subs))]):
         yield c

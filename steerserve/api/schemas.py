@@ -168,19 +168,33 @@ TEXT_PART = {"type": "object", "required": ["type", "text"],
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 
 
-class ChatMessage(_OpenAI):
-    model_config = ConfigDict(json_schema_extra=_required("content"))
+class FunctionCall(_OpenAI):
+    name: str
+    arguments: str  # JSON text, as the server returned it
 
-    role: Literal["system", "user", "assistant", "developer"]  # developer: OpenAI's newer name for system
+
+class ToolCall(_OpenAI):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_OpenAI):
+    role: Literal["system", "user", "assistant", "developer", "tool"]  # developer: OpenAI's newer name for system
     content: Annotated[str | list[ContentPart] | None, _accepts(
-        {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]}, nullable=False)] = None
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]})] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant message: the calls it made (content may be null)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self, where: str) -> str:
-        """The message's text; content parts other than text are refused, naming the part."""
+        """The message's text; content parts other than text are refused, naming the part. Only an assistant
+        message with ``tool_calls`` may have none."""
         if isinstance(self.content, str):
             return self.content
         if self.content is None:
-            raise SteerError("must be a string (tool calls are not supported)", field=f"{where}.content")
+            if self.role == "assistant" and self.tool_calls:
+                return ""
+            raise SteerError("must be a string or a list of text parts", field=f"{where}.content")
         texts = []
         for j, part in enumerate(self.content):
             if part.type != "text" or part.text is None:
@@ -248,13 +262,34 @@ class ChatCompletionRequest(CompletionBase):
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def plain_messages(self) -> list[dict[str, str]]:
-        """``{role, content}`` dicts for the renderer; OpenAI's ``developer`` role is a system message."""
+    def plain_messages(self) -> list[dict[str, Any]]:
+        """``{role, content}`` dicts for the renderer; OpenAI's ``developer`` role is a system message. A tool
+        message keeps its ``tool_call_id``; an assistant message its ``tool_calls``, with each call's arguments
+        parsed back into an object where they are one (chat templates write them out with ``tojson``)."""
         out = []
         for i, m in enumerate(self.messages):
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text(f"messages.{i}")})
+            message: dict[str, Any] = {"role": role, "content": m.text(f"messages.{i}")}
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise SteerError("is required in a tool message", field=f"messages.{i}.tool_call_id")
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                if m.role != "assistant":
+                    raise SteerError("only an assistant message has tool calls", field=f"messages.{i}.tool_calls")
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+            out.append(message)
         return out
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments (JSON text) as the object they encode, or the text itself if they are not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class CompletionRequest(CompletionBase):

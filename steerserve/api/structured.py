@@ -3,8 +3,10 @@ backend (``engines.base.Structured``), and the reply side as ``tool_calls``.
 
 As on vLLM's server: ``tool_choice`` ``"required"`` or a named function constrains the reply to a valid call
 (``required``: a JSON list of ``{"name", "parameters"}``; named: that function's ``parameters``), ``"none"``
-generates text, and ``"auto"`` needs a model-specific tool-call parser, which this server does not have.
-The tools reach the model through its chat template (which may ignore them, as the default model's does).
+generates text, and ``"auto"`` (the default with tools) generates freely and needs the model's tool-call parser
+(``serve --tool-call-parser``, ``api.tool_parsing``) to find the calls in the text.
+The tools reach the model through its chat template (which may ignore them, as the default model's does;
+``serve --chat-template`` replaces it).
 """
 
 from __future__ import annotations
@@ -64,24 +66,31 @@ class ResponseFormat(_Loose):
 
 @dataclass(frozen=True)
 class ToolMode:
-    """How to read the constrained reply back as tool calls: one named function, or a list (``required``)."""
+    """How to read the reply back as tool calls: one named function, a list (``required``), or whatever the
+    server's tool-call parser finds in free text (``auto``)."""
 
-    function: str | None  # None: "required", the reply is a list of {"name", "parameters"}
+    function: str | None  # None: "required" (the reply is a list of {"name", "parameters"}) or "auto"
+    auto: bool = False
 
 
 def constraint(response_format: ResponseFormat | None, tools: list[Tool] | None,
-               tool_choice: ToolChoice | None) -> tuple[Structured | None, ToolMode | None]:
-    """(what to constrain decoding to, how to read tool calls back)."""
+               tool_choice: ToolChoice | None,
+               parser: str | None = None) -> tuple[Structured | None, ToolMode | None]:
+    """(what to constrain decoding to, how to read tool calls back); ``parser``: the server's tool-call parser
+    (``serve --tool-call-parser``), without which ``"auto"`` is refused."""
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
     mode: ToolMode | None = None
     structured: Structured | None = None
     if choice != "none":
         if not tools:
             raise SteerError("needs 'tools'", field="tool_choice", code="invalid_value")
+        if choice == "auto" and parser is None:
+            raise SteerError("'auto' tool choice needs a tool-call parser for the model's output format: start the "
+                             "server with --tool-call-parser NAME (e.g. hermes), or use 'required' or a named "
+                             "function", field="tool_choice", code="unsupported_value")
         if choice == "auto":
-            raise SteerError("'auto' tool choice needs a tool-call parser for this model, which this server does not "
-                             "have; use 'required' or a named function", field="tool_choice", code="unsupported_value")
-        if choice == "required":
+            mode = ToolMode(None, auto=True)
+        elif choice == "required":
             mode, structured = ToolMode(None), Structured("json", json.dumps(_any_call(tools)), "tool_choice")
         else:
             assert isinstance(choice, NamedToolChoice)
