@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from steerserve.admission import Admission
 from steerserve.config import Settings
 from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest, SamplingParams, Structured
@@ -70,7 +72,9 @@ class Service:
             shared = SharedLimits(settings.redis_url, namespace(settings.store_url or str(settings.store_dir)))
         self.admission = Admission(settings.max_pending, shared=shared)
         self.policies = PolicyStore(store.engine)
-        self._calibration: list[tuple[int, ...]] | None = None  # the vetting's prompts (``methods.vetting``)
+        # The vetting's prompts and their unsteered first-token log-probabilities (``methods.vetting``).
+        self._calibration: tuple[list[tuple[int, ...]], list[torch.Tensor]] | None = None
+        self._calibration_lock = asyncio.Lock()
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
@@ -233,10 +237,12 @@ class Service:
         return vet
 
     async def _measure_kl(self, declared: Declared) -> dict[str, Any]:
-        if self._calibration is None:
-            self._calibration = [self.render(messages=[{"role": "user", "content": p}]).token_ids
-                                 for p in norms.PROMPTS]
-        return await vetting.measure(self._generate, self._calibration, declared)
+        async with self._calibration_lock:  # the unsteered side is measured once, for every later upload
+            if self._calibration is None:
+                prompts = [self.render(messages=[{"role": "user", "content": p}]).token_ids for p in norms.PROMPTS]
+                self._calibration = (prompts, await vetting.unsteered(self._generate, prompts))
+        prompts, base = self._calibration
+        return await vetting.measure(self._generate, prompts, declared, base)
 
     def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """The engine's outputs for an in-process request, holding a register cell if it needs one."""
