@@ -7,15 +7,22 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
+from steerserve.api import create_app
+from steerserve.config import Settings
 from steerserve.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from steerserve.engines.hf import HFEngine
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.prompts import PromptRenderer
 from steerserve.runtime.plan import OpKind, SteerOp, VectorRef
+from steerserve.service import Service
+from steerserve.store.artifacts import ArtifactStore
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits."]
 Spec = tuple[SteerOp, ...]
@@ -83,32 +90,52 @@ async def test_seeded_sampling_is_reproducible(hf_engine: HFEngine, prompts: lis
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the kill is the point
-async def test_a_dead_engine_thread_is_restarted(hf_engine: HFEngine, prompts: list[tuple[int, ...]]) -> None:
-    """Kill the engine thread the way a fatal error would (an exception no ``except Exception`` catches):
-    the request in flight ends with a 503 error, health turns false, the supervisor starts a new thread,
-    and the engine serves the same tokens as before."""
+async def test_a_dead_engine_thread_is_restarted(hf_engine: HFEngine, prompts: list[tuple[int, ...]],
+                                                 settings: Settings, tmp_path: Path) -> None:
+    """Kill the engine thread the way a fatal error would (an exception no ``except Exception`` catches),
+    with requests in flight over HTTP: the non-streaming one is answered 503 ``engine_failed`` with
+    ``Retry-After``, the stream ends with that error event and ``[DONE]`` (not 200 and then nothing), the
+    supervisor starts a new thread, and the engine serves the same tokens as before."""
     before = _tokens(await _run(hf_engine, prompts[2]))
-    supervisor = EngineSupervisor(hf_engine, max_restarts=2, interval=0.1, exit_fn=lambda code: None)
-    supervisor.start()
+    store = ArtifactStore(tmp_path / hf_engine.info.fingerprint, hf_engine.info)
+    app_settings = replace(settings, engine="hf")
+    service = Service(app_settings, hf_engine, store, PromptRenderer(hf_engine.tokenizer, 512))
+    service.supervisor = EngineSupervisor(hf_engine, max_restarts=2, interval=0.1, exit_fn=lambda code: None)
+    service.supervisor.start()
+    body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0}
+    transport = httpx.ASGITransport(app=create_app(service, app_settings))
     try:
-        in_flight = asyncio.ensure_future(_run(hf_engine, prompts[1], max_tokens=200))
-        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
 
-        def die() -> None:
-            raise SystemExit("simulated fatal engine error")
+            async def stream() -> list[str]:
+                async with client.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                    assert r.status_code == 200
+                    return [line async for line in r.aiter_lines() if line.startswith("data: ")]
 
-        hf_engine.call(die)
-        outs = await asyncio.wait_for(in_flight, 60)
-        assert outs[-1].finish_reason == "abort" and outs[-1].extra["status"] == 503
+            plain = asyncio.ensure_future(client.post("/generate", json=body))
+            streamed = asyncio.ensure_future(stream())
+            await asyncio.sleep(1.0)
+
+            def die() -> None:
+                raise SystemExit("simulated fatal engine error")
+
+            hf_engine.call(die)
+            r = await asyncio.wait_for(plain, 60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed", r.text
+            assert int(r.headers["retry-after"]) >= 1
+            events = await asyncio.wait_for(streamed, 60)
+            assert events[-1] == "data: [DONE]" and "engine_failed" in events[-2], events[-3:]
         for _ in range(100):
-            if supervisor.restarts == 1 and await hf_engine.health():
+            if service.supervisor.restarts == 1 and await hf_engine.health():
                 break
             await asyncio.sleep(0.1)
-        assert supervisor.restarts == 1
+        assert service.supervisor.restarts == 1
         assert _tokens(await _run(hf_engine, prompts[2])) == before
-        assert (await hf_engine.stats())["pinned_rows"] == 0
+        assert (await hf_engine.stats())["pinned_rows"] == 0 and service.admission.pending == 0
     finally:
-        await supervisor.stop()
+        await service.supervisor.stop()
+        store.close()
 
 
 async def test_too_many_restarts_exit_the_process(hf_engine: HFEngine) -> None:
