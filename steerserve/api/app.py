@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve import __version__
@@ -127,6 +128,24 @@ class EdgeMiddleware:
                 await error_response(500, "internal server error", None, "internal_error")(scope, receive, counted)
 
 
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods the request's path supports (RFC 9110's ``Allow`` for a 405), as OpenAPI matches a path:
+    a concrete path's routes before a templated one's (``/admin/vectors/compute`` is not
+    ``/admin/vectors/{name}``). Starlette's own names the first route it tried only."""
+    found: list[tuple[int, set[str]]] = []
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": ""})  # no route serves "": a path match is partial
+        methods = getattr(route, "methods", None)
+        if match != Match.NONE and methods:
+            found.append((len(getattr(route, "param_convertors", {})), set(methods)))
+    fewest = min((params for params, _ in found), default=0)
+    allowed = set().union(*(methods for params, methods in found if params == fewest))
+    return sorted(allowed, key=lambda m: (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), m))
+
+
+_METHOD_ORDER = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
 def create_app(service: Service, settings: Settings) -> FastAPI:
     """The HTTP server for ``service``. Its lifespan starts and stops the engine."""
 
@@ -172,7 +191,10 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
         else:
             message = str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        return error_response(status, message, None, code, dict(exc.headers) if exc.headers else None)
+        headers = dict(exc.headers) if exc.headers else {}
+        if status == 405:  # Starlette's names the first route on the path only, not every one it has
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return error_response(status, message, None, code, headers or None)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:

@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from steerserve.api.apidoc import REF, STREAM_MODELS, ErrorResponse
 from steerserve.config import Settings
+from steerserve.methods import REGISTRY
 
 # ---- the document -----------------------------------------------------------------------------------
 
@@ -66,11 +67,52 @@ def tidy_openapi(doc: dict[str, Any], settings: Settings, num_layers: int) -> di
         "layers": _set("maximum", num_layers - 1, "minimum"),
         "description": _set("maxLength", settings.max_description_chars, "maxLength"),
         "interventions": _set("maxItems", settings.max_interventions, "maxItems"),
+        "prompt": _set("maxLength", settings.max_prompt_chars, "pattern"),  # a prompt's text: non-blank
     }
     for name, schema in list(_named_schemas(doc)):  # listed first: applying a limit changes the dicts walked
         if name in limits:
             limits[name](schema)
+    # The steering methods a request or a policy may name: the registry's (not in responses, which report them).
+    methods = {"enum": sorted(REGISTRY)}
+    method_names: dict[str, Callable[[dict[str, Any]], None]] = {
+        "method": lambda schema: schema.update(methods),
+        "allowed_methods": _set_items(methods),
+        "method_caps": lambda schema: schema.update(propertyNames=methods),
+    }
+    for name, schema in list(_named_schemas([schemas[c] for c in _request_components(doc)])):
+        if name in method_names:
+            method_names[name](schema)
     return doc
+
+
+def _set_items(extra: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """Add ``extra`` to the item schemas of every array schema within a property's schema."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        for sub in _subschemas(schema):
+            if sub.get("type") == "array" and isinstance(sub.get("items"), dict):
+                sub["items"].update(extra)
+
+    return apply
+
+
+def _request_components(doc: dict[str, Any]) -> set[str]:
+    """The component schemas request bodies refer to, directly or through other components."""
+    prefix = REF.format(model="")
+    found: set[str] = set()
+    todo = [body for item in doc.get("paths", {}).values() for op in item.values()
+            if isinstance(op, dict) for body in [op.get("requestBody")] if body]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(prefix) and ref[len(prefix):] not in found:
+                found.add(ref[len(prefix):])
+                todo.append(doc["components"]["schemas"].get(ref[len(prefix):]))
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
 
 
 def _set(key: str, value: int, only_if: str) -> Callable[[dict[str, Any]], None]:

@@ -66,12 +66,13 @@ def _model_card(request: Request) -> dict[str, Any]:
             "owned_by": "steerserve"}
 
 
-@router.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401)})
+# A client key's policy (and rate) governs every /v1 route: its 401 and 429 come before routing (guard.EdgeGuard).
+@router.get("/models", response_model=None, responses={200: {"model": ModelList}, **errors(401, 429)})
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(request)]}
 
 
-@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(401, 404)})
+@router.get("/models/{model:path}", response_model=None, responses={200: {"model": ModelCard}, **errors(401, 404, 429)})
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     _check_model(model, request.app.state.service)
     return _model_card(request)

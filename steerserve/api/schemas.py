@@ -34,6 +34,25 @@ def _accepts(schema: dict[str, Any], nullable: bool = True) -> WithJsonSchema:
     return WithJsonSchema({"anyOf": [schema, {"type": "null"}]} if nullable else schema)
 
 
+def _exactly_one(*names: str) -> Any:
+    """``json_schema_extra`` for fields of which the service requires exactly one, given and not null."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["oneOf"] = [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]
+
+    return extra
+
+
+def _only_with(field: str, needs: str, value: Any) -> Any:
+    """``json_schema_extra`` for a field the service accepts (non-null) only when ``needs`` is ``value``."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["anyOf"] = [{"properties": {field: {"type": "null"}}},
+                           {"required": [needs], "properties": {needs: {"const": value}}}]
+
+    return extra
+
+
 def _required(*names: str) -> Any:
     """``json_schema_extra`` for fields the service requires although the model has a default for them."""
 
@@ -137,10 +156,12 @@ class Message(StrictModel):
 
 
 class GenerateRequest(StrictModel, BodyModel):
-    """Exactly one of ``prompt`` and ``messages``."""
+    """Exactly one of ``prompt`` and ``messages`` (both, or neither, is a 400)."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("prompt", "messages"))
 
     prompt: Annotated[str | None, _accepts(NON_BLANK)] = None
-    messages: list[Message] | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
     max_tokens: MaxTokens = None
     temperature: Temperature = 1.0
     top_p: TopP = None
@@ -236,6 +257,8 @@ class CompletionBase(_OpenAI, BodyModel):
 
 
 class ChatCompletionRequest(CompletionBase):
+    model_config = ConfigDict(json_schema_extra=_only_with("top_logprobs", "logprobs", True))
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens = None
     logprobs: bool | None = None
