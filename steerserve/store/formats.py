@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
@@ -34,9 +34,6 @@ from steerserve.errors import NotFound, SteerError
 from steerserve.model_info import LAYER_CONVENTION, ModelInfo
 from steerserve.store import gguf_io
 from steerserve.store.db import ArtifactMeta, header_metadata
-
-if TYPE_CHECKING:  # the store imports this module
-    from steerserve.store.artifacts import ArtifactStore
 
 FORMATS = ("safetensors", "gguf")
 EXPORT_KINDS = ("vector", "direction")  # the steering kinds, what a control vector can hold
@@ -142,7 +139,17 @@ def export_bytes(model: ModelInfo, kind: str, header: Mapping[str, str], tensors
 
 
 
-def export_artifact(store: ArtifactStore, ref: str, fmt: str, *,
+class Exporting(Protocol):
+    """What ``export_artifact`` reads of an ``artifacts.ArtifactStore`` (which imports this module)."""
+
+    model: ModelInfo
+
+    def get(self, ref: str) -> ArtifactMeta: ...
+
+    def file_bytes(self, ref: str, kind: str) -> tuple[ArtifactMeta, bytes]: ...
+
+
+def export_artifact(store: Exporting, ref: str, fmt: str, *,
                     drop_layer_0: bool = False) -> tuple[ArtifactMeta, bytes]:
     """The artifact ``ref`` (``name``: the latest version, or ``name@v``) as a file in ``fmt``: what ``steerserve
     vectors export`` writes and ``GET /admin/vectors/{name}/export`` returns.
