@@ -417,12 +417,13 @@ def test_eval_cli_several_replies_per_prompt(eval_home: Path, tmp_path: Path, mo
 def test_server_run_checks_the_local_store_before_generating(eval_home: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Against a server, the replies are scored on the local store: a vector it lacks is refused before
-    any request is sent (here no server listens, so reaching the generation would fail otherwise)."""
+    """Against a server with ``--exact``, the replies are scored on the local store: a vector it lacks is
+    refused before any request is sent (here no server listens, so reaching the generation would fail
+    otherwise)."""
     monkeypatch.setenv("STEERSERVE_MODELS_DIR", str(models_dir()))
     spec = {"interventions": [{"method": "add", "vector": "only-on-the-server", "coeff": 1.0}]}
     with pytest.raises(SystemExit) as exited:
-        main(["eval", "--server", "http://127.0.0.1:9", "--spec", json.dumps(spec), "--data",
+        main(["eval", "--server", "http://127.0.0.1:9", "--exact", "--spec", json.dumps(spec), "--data",
               str(REPO / "vectors" / "prompts" / "joy.txt"), "--limit", "2", "--max-tokens", "4",
               "--home", str(eval_home), "--out", str(tmp_path / "out"), "--quiet"])
     assert exited.value.code == 2

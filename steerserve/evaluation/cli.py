@@ -19,10 +19,17 @@ without one, e.g. ablate, stay as they are). Without --coeffs the spec runs as i
 unsteered model sampled at temperature T, its distributions scored as softmax(logits / T), so its
 choice_entropy and KL are those of the temperature-scaled distribution) after the sweep.
 
-distribution metrics (kl, refusal_score, choice_entropy, decision_entropy) are computed on the LOCAL hf
-model by teacher forcing, also in --server mode: the scorer loads the model and the artifact store from --home
+distribution metrics (kl, refusal_score, choice_entropy, decision_entropy): in-process, exact, on the hf
+model by teacher forcing. With --server, approximated from the server's own top-k log-probabilities (the
+OpenAI routes' logprobs: top 20 in chat, top 5 raw), nothing loaded locally: a token outside the top-k
+counts as probability 0, and KL is taken at the first generated position over the tokens in both top-k sets
+plus one 'other' bucket lumping the remaining mass (a lower bound); the report's notes say so. --exact
+scores them on the LOCAL hf model instead: it loads the model and the artifact store from --home
 ($STEERSERVE_HOME), which must hold the spec's vectors (the shipped ones are imported at start-up).
-With --server and neither a distribution metric nor KL (--no-kl), nothing is loaded locally.
+
+format check: a setting whose well-formed share (well_formed, log_well_formed, final_answer) falls below
+the baseline's 95% interval is flagged in the report ("format kept" row, and a note): an entropy gain
+bought with broken answers shows.
 
 example:
   steerserve eval --spec '{"interventions":[{"method":"add","vector":"joy","layers":[4,5,6,7,8],"coeff":1}]}' \\
@@ -85,6 +92,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the KL column (it costs two forwards per sample)")
     p.add_argument("--server", default=None, metavar="URL",
                    help="a running server (e.g. http://127.0.0.1:8000); default: an in-process hf engine")
+    p.add_argument("--exact", action="store_true",
+                   help="with --server: score the distribution metrics exactly on the local hf model (--home), "
+                        "not from the server's top-k log-probabilities")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
     p.add_argument("--home", type=Path, default=None, metavar="DIR",
                    help="model cache and artifact store of the local model (default: $STEERSERVE_HOME)")
@@ -121,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
-                              args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl")
+                              args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl", args.exact)
         result = asyncio.run(runner.evaluate(samples, opts))
     except SteerError as exc:
         print(f"steerserve eval: {exc}", file=sys.stderr)
@@ -133,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
               "also_spec": args.also_spec, "also_prompt": args.also_prompt,
               "also_temperature": args.also_temperature, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "kl": args.kl,
-              "server": args.server or "in-process (hf)"}
+              "server": args.server or "in-process (hf)", "exact": args.exact or args.server is None}
     title = f"{args.data.name}, {prompts} prompts" + (f" x {args.samples} replies" if args.samples > 1 else "") + \
             f", {'chat' if args.chat else 'raw'}, max_tokens {args.max_tokens}, temperature {args.temperature:g}: " \
             f"{result.model}"

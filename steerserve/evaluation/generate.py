@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tqdm import tqdm
@@ -20,6 +20,9 @@ from steerserve.concurrency import gather_all
 from steerserve.errors import SteerError
 from steerserve.evaluation.data import Sample
 from steerserve.evaluation.sweep import PLACEHOLDER, apply_template
+
+R = TypeVar("R")
+One = Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[R]]  # one request's reply
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def body(sample: Sample, steering: Mapping[str, Any] | None, sampling: Sampling,
     return out
 
 
-def _numeric(report: Any) -> dict[str, float]:
+def numeric_report(report: Any) -> dict[str, float]:
     """The finite numbers in a closed-loop ``steering.report`` (e.g. mean entropy, final gain)."""
     if not isinstance(report, Mapping):
         return {}
@@ -68,29 +71,40 @@ def _numeric(report: Any) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def error_detail(r: httpx.Response) -> str:
+    """An error answer's message (it names the field itself: ``api.app``'s error shape), else its text."""
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:500]
+
+
 async def _one(client: httpx.AsyncClient, payload: dict[str, Any]) -> Reply:
     r = await client.post("/generate", json=payload)
     if r.status_code != 200:
-        try:
-            detail = str(r.json()["error"]["message"])  # names the field itself (api.app's error shape)
-        except (ValueError, KeyError, TypeError):
-            detail = r.text[:500]
-        raise SteerError(f"the server answered {r.status_code}: {detail}", status=r.status_code)
+        raise SteerError(f"the server answered {r.status_code}: {error_detail(r)}", status=r.status_code)
     data = r.json()
     steering = data.get("steering") or {}
     return Reply(str(data["text"]), int(data["usage"]["completion_tokens"]), str(data["finish_reason"]),
-                 _numeric(steering.get("report")), str(data.get("model", "")))
+                 numeric_report(steering.get("report")), str(data.get("model", "")))
 
 
 async def generate_all(client: httpx.AsyncClient, payloads: Sequence[dict[str, Any]], concurrency: int,
                        progress: bool = True) -> list[Reply]:
-    """Every payload's reply, in order; the first failure cancels the rest and is raised."""
+    """Every payload's ``POST /generate`` reply, in order; the first failure cancels the rest and is raised."""
+    return await generate_each(client, payloads, concurrency, progress, _one)
+
+
+async def generate_each(client: httpx.AsyncClient, payloads: Sequence[dict[str, Any]], concurrency: int,
+                        progress: bool, one: One[R]) -> list[R]:
+    """``one(client, payload)`` for every payload, ``concurrency`` in flight, in order; the first failure
+    cancels the rest and is raised."""
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(payloads), desc="generate", unit="req", disable=not progress, mininterval=1.0)
 
-    async def run(payload: dict[str, Any]) -> Reply:
+    async def run(payload: dict[str, Any]) -> R:
         async with gate:
-            reply = await _one(client, payload)
+            reply = await one(client, payload)
         bar.update(1)
         return reply
 

@@ -160,9 +160,12 @@ def _choice_entropy(case: Case, probes: Probes) -> dict[str, float]:
     assert case.first is not None
     lp = [case.first[i] for i in probes.option_ids]
     top = max(lp)
-    w = [math.exp(x - top) for x in lp]
-    z = sum(w)
-    entropy = -sum(x / z * math.log2(x / z) for x in w if x > 0)
+    if top == -math.inf:  # no option has any probability (a server's top-k held none): undefined
+        entropy = math.nan
+    else:
+        w = [math.exp(x - top) for x in lp]
+        z = sum(w)
+        entropy = -sum(x / z * math.log2(x / z) for x in w if x > 0)
     return {"choice_entropy": entropy, "well_formed": float(answers_with_option(case.text, probes.options))}
 
 

@@ -1,5 +1,9 @@
 """The evaluation's outputs: ``eval.json`` (everything, per sample), ``eval.md`` (the table) and
 ``eval.png`` (each row's value against the swept strength, with 95% intervals and the baseline as a band).
+
+Both flag a setting whose replies lose the expected format (``format_lost``): a format row's value (the
+share of well-formed replies: ``FORMAT_KEYS``) below the baseline's 95% interval, so that a gain bought
+with broken answers (an entropy rise from replies that no longer answer with an option) is visible.
 """
 
 from __future__ import annotations
@@ -13,6 +17,25 @@ from typing import Any
 from steerserve.evaluation.runner import Result, RowResult
 
 SAMPLE_CHARS = 300  # of each reply, in the printed samples
+FORMAT_KEYS = ("well_formed", "log_well_formed", "final_answer")  # per-sample shares of replies in the format
+
+
+def format_lost(result: Result) -> list[list[str]]:
+    """Per setting (baseline first, never flagged): the format rows whose value falls below the baseline's
+    95% interval (its lower bound)."""
+    out: list[list[str]] = [[] for _ in result.settings]
+    for r in result.rows:
+        base = r.estimates[0]
+        if r.row.key not in FORMAT_KEYS or not math.isfinite(base.lo):
+            continue
+        for i, e in enumerate(r.estimates[1:], start=1):
+            if math.isfinite(e.value) and e.value < base.lo:
+                out[i].append(r.row.key)
+    return out
+
+
+def _format_rows(result: Result) -> list[RowResult]:
+    return [r for r in result.rows if r.row.key in FORMAT_KEYS]
 
 
 def _clean(value: Any) -> Any:
@@ -39,9 +62,11 @@ def to_json(result: Result, config: Mapping[str, Any]) -> dict[str, Any]:
                    for i, lab in enumerate(labels)}
         samples.append({"index": s.index, "draw": s.draw, "prompt": s.prompt, "reference": s.reference,
                         "outputs": outputs})
+    lost = format_lost(result)
     return _clean({"model": result.model, "config": dict(config), "notes": list(result.notes),
                    "settings": [{"label": s.label, "coeff": s.coeff, "steering": s.steering,
-                                 "temperature": s.temperature} for s in result.settings],
+                                 "temperature": s.temperature, "format_lost": lost[i]}
+                                for i, s in enumerate(result.settings)],
                    "table": table, "samples": samples})
 
 
@@ -54,11 +79,22 @@ def markdown(result: Result, title: str = "") -> str:
         cells = (e.text() + ("" if d is None or d.n == 0 else f" (Δ {d.text(signed=True)})")
                  for e, d in zip(r.estimates, r.deltas, strict=True))
         lines.append(f"| {r.row.label} | " + " | ".join(cells) + " |")
+    lost = format_lost(result)
+    if _format_rows(result):
+        kept = ["(baseline)", *("LOST: " + ", ".join(keys) if keys else "ok" for keys in lost[1:])]
+        lines.append("| format kept | " + " | ".join(kept) + " |")
     n = len({s.index for s in result.samples})
     lines += ["", f"{n} prompts; each cell: statistic [bootstrap 95% interval]; values are per-prompt means "
                   "unless the row says otherwise. (Δ ...): the difference to the baseline on the same prompts, "
                   "with its paired bootstrap interval; an effect is significant when it excludes 0."]
     lines += [f"- {note}" for note in result.notes]
+    rows = {r.row.key: r for r in _format_rows(result)}
+    for i, (st, keys) in enumerate(zip(result.settings, lost, strict=True)):
+        if keys:
+            why = "; ".join(f"{k} {rows[k].estimates[i].value:.3g} < the baseline's 95% lower bound "
+                            f"{rows[k].estimates[0].lo:.3g}" for k in keys)
+            lines.append(f"- FORMAT LOST in '{st.label}': {why}: its other changes (an entropy gain, say) come "
+                         "with replies that no longer keep the expected format")
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,10 @@
 
 Generation goes over HTTP (``generate``): to ``--server`` or to the in-process app. Distribution metrics
 (``kl``, ``refusal_score``, ``choice_entropy``, ``decision_entropy``) come from the local hf model
-(``scoring``): in-process it is the serving engine itself; in server mode a local hf service on the same
-home (model and store) is started for it, and only when such a metric is asked for.
+(``scoring``, exact) in-process, where it is the serving engine itself, and in server mode with ``exact``
+(a local hf service on the same home, model and store, is started for it). In server mode without
+``exact`` they come from the server's own top-k log-probabilities (``remote``, approximate): nothing is
+loaded locally.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.errors import SteerError
+from steerserve.evaluation import remote
 from steerserve.evaluation.data import Sample
 from steerserve.evaluation.generate import Reply, Sampling, body, generate_all, prompt_text
 from steerserve.evaluation.metrics import Case, Metric, Probes, Row, get_metrics, make_probes
@@ -48,6 +51,7 @@ class Options:
     model: Path | None = None
     vectors_dir: Path | None = None  # imported into the local store at start-up
     replies_out: Path | None = None  # JSONL of every reply, written when generation ends (before scoring)
+    exact: bool = False  # server mode: score on the local model (else from the server's top-k log-probabilities)
 
 
 @dataclass(frozen=True)
@@ -112,22 +116,35 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
             client = httpx.AsyncClient(transport=transport, base_url="http://steerserve", timeout=None)
         else:
             client = httpx.AsyncClient(base_url=opts.server, timeout=httpx.Timeout(600.0, connect=10.0))
-            if scored:
+            if scored and opts.exact:
                 service = await _local_service(opts, stack)
                 await _check_local(service, samples[0], opts)
                 notes.append("distribution metrics were scored on the local hf model and store "
-                             "(same --home), not on the server")
+                             "(same --home), not on the server (--exact)")
+        remote_scored = scored and service is None
         await stack.enter_async_context(client)
         payloads = [body(s, st.steering, opts.sampling, st.template, st.temperature)
                     for st in opts.settings for s in samples]
-        flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
         n = len(samples)
+        tops: list[tuple[remote.TopK, ...]] = []
+        if remote_scored:
+            pairs = await remote.generate_with_topk(client, payloads, opts.sampling.chat, opts.concurrency,
+                                                    opts.progress)
+            flat, tops = [r for r, _ in pairs], [t for _, t in pairs]
+        else:
+            flat = await generate_all(client, payloads, opts.concurrency, opts.progress)
         replies = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(opts.settings)))
         if opts.replies_out is not None:
             _write_replies(opts.replies_out, opts.settings, samples, replies)
         probes = Probes()
         scores: list[list[Scored | None]] = [[None] * n for _ in opts.settings]
-        if scored:
+        if remote_scored:
+            probes, texts = remote.remote_probes(opts.options)
+            per_setting = [tops[i * n : (i + 1) * n] for i in range(len(opts.settings))]
+            scores = remote.score_all(opts.settings, per_setting, probes, texts, opts.kl,
+                                      any(m.along for m in metrics))
+            notes.append(remote.NOTE.format(k=remote.CHAT_TOP_K if opts.sampling.chat else remote.RAW_TOP_K))
+        elif scored:
             assert service is not None
             probes = make_probes(service.renderer.tokenize, opts.options, opts.sampling.chat)
             along = any(m.along for m in metrics)
