@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     from steerserve.evaluation import cli as eval_cli
     from steerserve.tools.calibrate import cli as calibrate
     from steerserve.tools.extract import cli as extract_cli
+    from steerserve.tools.sae import cli as sae_cli
     from steerserve.tools.train import cli as train_cli
     from steerserve.tools.vectors import cli as vectors_cli
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(commands)
     eval_cli.add_parser(commands)
     vectors_cli.add_parser(commands)
+    sae_cli.add_parser(commands)
     return parser
 
 

@@ -314,6 +314,32 @@ class Service:
                                        provenance=provenance, description=description)
 
 
+    async def features(self, prompt: PromptInfo, sae_ref: str, top_k: int) -> dict[str, Any]:
+        """The ``top_k`` most active features of the dictionary ``sae_ref`` at every token of ``prompt``: its
+        unsteered states read through the engine (a capture request), encoded on the host. Bounded by
+        ``capture_tokens`` tokens x ``top_k``."""
+        if not await self.healthy():
+            raise EngineUnavailable()
+        n = len(prompt.token_ids)
+        if n > self.settings.capture_tokens:
+            raise SteerError(f"is {n} tokens; features are read for at most {self.settings.capture_tokens}",
+                             field="prompt")
+        meta = await asyncio.to_thread(self.store.get, sae_ref, "sae", field="sae", require_enabled=True)
+        sae = self.ctx.cache.get(f"sae:{meta.sha256}")  # the encoder is read from the file once
+        if sae is None:
+            sae = self.ctx.cache[f"sae:{meta.sha256}"] = (await asyncio.to_thread(self.store.load_sae, meta.ref()))[1]
+        states = (await self.engine.hidden_states([prompt.token_ids], [sae.layer]))[0][:, 0, :]  # [T, H]
+        acts = sae.encode(states)  # [T, d_sae]
+        top = acts.topk(min(top_k, sae.d_sae), dim=-1)
+        tokens = []
+        for pos, (tok, values, ids) in enumerate(zip(prompt.token_ids, top.values.tolist(), top.indices.tolist(),
+                                                     strict=True)):
+            found = [{"id": i, "activation": round(v, 6), **({"label": sae.labels[i]} if i in sae.labels else {})}
+                     for v, i in zip(values, ids, strict=True) if v > 0]
+            tokens.append({"position": pos, "token": self.renderer.tokenizer.decode([tok]), "features": found})
+        return {"sae": meta.ref(), "layer": sae.layer, "d_sae": sae.d_sae, "tokens": tokens}
+
+
 def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:
     """The service of ``settings``: model, engine, store and renderer built by ``bootstrap.build_parts``."""
     from steerserve.bootstrap import build_parts  # loads model code: only when a service is built

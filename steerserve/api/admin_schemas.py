@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from steerserve.api.schemas import BodyModel, Description, Layer, Name, StrictModel, Text
+from steerserve.api.schemas import WHOLE, BodyModel, Description, Layer, Name, StrictModel, Text
 
 
 class VectorUpload(StrictModel, BodyModel):
@@ -30,7 +30,7 @@ class ComputeVector(StrictModel, BodyModel):
 
 class EnableVector(StrictModel, BodyModel):
     enabled: bool
-    version: Annotated[int, Field(ge=1)] | None = None
+    version: Annotated[int, Field(ge=1), WHOLE] | None = None
 
 
 class PairCreate(StrictModel, BodyModel):

@@ -101,6 +101,25 @@ class GenerateResponse(_Doc):
     model: str
 
 
+class FeatureOut(_Doc):
+    id: int
+    activation: float
+    label: str | None = None
+
+
+class TokenFeatures(_Doc):
+    position: int
+    token: str
+    features: list[FeatureOut]  # the most active first; only those above 0
+
+
+class FeaturesResponse(_Doc):
+    sae: str  # NAME@V
+    layer: int
+    d_sae: int
+    tokens: list[TokenFeatures]
+
+
 class LoopFigures(_Doc):
     """A closed loop's figures at one token: the entropy it measured (bits) and the gain it set next."""
 

@@ -62,7 +62,7 @@ def client_key(authorization: str | None) -> str | None:
 
 def is_generation(path: str) -> bool:
     """The routes a client key's policy governs."""
-    return path == "/generate" or path.startswith("/v1/")
+    return path in ("/generate", "/features") or path.startswith("/v1/")
 
 
 def policy_of(request: Request) -> Policy:

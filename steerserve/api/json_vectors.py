@@ -7,9 +7,10 @@ in 64 KiB chunks in a worker thread, the thread lets the event loop run between 
 straight into one preallocated array per layer, and a wrong shape is refused at the value where it goes
 wrong: a layer the model does not have, or more values than the hidden size.
 
-Anything this reader does not expect (a malformed document, an unknown key, a value of the wrong type)
-raises ``Unexpected``: the route then parses a small body the usual way, so that its error reads as every
-other route's validation error, and refuses a large one with the parser's message.
+The route reads bodies over 1 MiB this way (a smaller one is parsed whole, in well under 100 ms, with the
+same validation as every other route). Anything this reader does not expect (a malformed document, an
+unknown key, a value of the wrong type, an escaped UTF-16 surrogate, which yajl would turn into "?") raises
+``Unexpected``, refused with the parser's message.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from steerserve.errors import SteerError
 
 CHUNK = 1 << 16
 _LAYER_KEY = re.compile(r"0|[1-9][0-9]*")
+# A \uD800-\uDFFF escape: yajl turns a lone one into "?" silently, so such a body takes the exact parser.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class Unexpected(Exception):
@@ -55,6 +58,8 @@ class _Yielding:
 def read_upload(data: bytes, hidden: int, num_layers: int) -> JsonUpload:
     """The upload in ``data``; ``SteerError`` naming ``vectors.<layer>`` for a shape the model cannot take,
     ``Unexpected`` for anything else out of place."""
+    if _SURROGATE_ESCAPE.search(data):
+        raise Unexpected("the body escapes UTF-16 surrogates")
     texts: dict[str, str] = {}
     vectors: dict[int, np.ndarray] = {}
     layer, filled = -1, 0

@@ -1,4 +1,4 @@
-"""``POST /generate``: the native endpoint, with the steering report in every response.
+"""``POST /generate``: the native endpoint, with the steering report in every response; ``POST /features``.
 
 Non-streaming: ``{"id", "text", "finish_reason", "usage", "steering": {"applied": [...]}, "model"}``.
 Streaming (SSE): ``data: {"id", "text": <delta>, "finish_reason": null}`` per increment; the last event
@@ -16,10 +16,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from steerserve.api.apidoc import GenerateChunk, GenerateResponse, streamed
+from steerserve.api.apidoc import GENERATION_ERRORS, FeaturesResponse, GenerateChunk, GenerateResponse, streamed
 from steerserve.api.document import GENERATE_EXAMPLES
 from steerserve.api.guard import policy_of
-from steerserve.api.schemas import GenerateRequest
+from steerserve.api.schemas import FeaturesRequest, GenerateRequest
 from steerserve.api.streaming import (
     Metrics,
     SSEResponse,
@@ -69,3 +69,14 @@ async def _events(sub: Submitted, model: str, metrics: Metrics) -> AsyncGenerato
             yield {"id": sub.request_id, "text": out.text, "finish_reason": out.finish_reason,
                    **({"loop": loop} if loop else {}),
                    "usage": tally.usage(), "steering": steering_report(sub, tally), "model": model}
+
+
+@router.post("/features", response_model=None, responses={200: {"model": FeaturesResponse}, **GENERATION_ERRORS})
+async def features(body: FeaturesRequest, request: Request) -> JSONResponse:
+    """The ``top_k`` most active features of a SAE dictionary at every token of the prompt (chat or raw),
+    with their activations and labels: what a request steering by ``sae_feature`` would find there.
+    Authenticated like ``/generate`` (a key's rate limit applies)."""
+    service: Service = request.app.state.service
+    messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+    prompt = await asyncio.to_thread(service.render, body.prompt, messages)
+    return JSONResponse(await service.features(prompt, body.sae, body.top_k))

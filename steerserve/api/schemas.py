@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from steerserve.api.structured import ResponseFormat, Tool, ToolChoice
 from steerserve.config import Settings
@@ -72,13 +72,23 @@ STEERING = _accepts({
                   "properties": {"method": {"type": "string", "description": "add, actadd, ablate, ..."}},
                   "description": "the method's name and its own parameters"}}},
 })
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: ``5.0`` is the integer 5 (JSON Schema agrees), so a strict model takes it
+    as such; ``5.5`` stays a float and is refused as not an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
+# On every integer field of a body, after its constraints (placed before them, pydantic would state them as
+# ``ge`` rather than JSON Schema's ``minimum`` in the document): strict, but 5.0 is 5.
+WHOLE = BeforeValidator(_whole)
+
 Stop = Annotated[str | Annotated[list[str], Field(max_length=4)] | None, _accepts({"anyOf": [
     {"type": "string", "minLength": 1},
     {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})]
 # A 64-bit signed seed: torch cannot seed from wider integers, and the error would surface in the engine's
 # thread rather than here.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None
-MaxTokens = Annotated[int, Field(ge=1, description="at most the server's max_tokens_cap")] | None
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), WHOLE] | None
+MaxTokens = Annotated[int, Field(ge=1, description="at most the server's max_tokens_cap"), WHOLE] | None
 Temperature = Annotated[float, Field(ge=0.0, le=5.0, description="0 means greedy")] | None
 TopP = Annotated[float, Field(gt=0.0, le=1.0)] | None
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)] | None
@@ -87,7 +97,7 @@ Timeout = Annotated[float, Field(gt=0, le=86400, description="deadline in second
 Name = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", description="1-64 of A-Z a-z 0-9 _ . -, starting "
                             "alphanumeric")]
 Description = Annotated[str, Field(max_length=Settings.max_description_chars)]
-Layer = Annotated[int, Field(ge=0, description="0-based; below the model's layer count")]
+Layer = Annotated[int, Field(ge=0, description="0-based; below the model's layer count"), WHOLE]
 Text = Annotated[str, Field(min_length=1)]
 SURROGATE = "contains a lone UTF-16 surrogate (not valid Unicode text)"
 
@@ -173,6 +183,18 @@ class GenerateRequest(StrictModel, BodyModel):
     timeout: Timeout = None
 
 
+class FeaturesRequest(StrictModel, BodyModel):
+    """``POST /features``: the most active SAE features at every token of a prompt (exactly one of ``prompt``
+    and ``messages``)."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("prompt", "messages"))
+
+    prompt: Annotated[str | None, _accepts(NON_BLANK)] = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    sae: Annotated[str, Field(min_length=1, max_length=80, description="a sae artifact, NAME or NAME@V")]
+    top_k: Annotated[int, Field(ge=1, le=64, description="features per token"), WHOLE] = 8
+
+
 # ---- OpenAI-compatible ------------------------------------------------------------------------------
 
 
@@ -245,7 +267,7 @@ class CompletionBase(_OpenAI, BodyModel):
     user: str | None = None
     steering: Annotated[dict[str, Any] | None, STEERING] = None
     timeout: Timeout = None
-    n: Annotated[int, Field(ge=1, le=Settings.max_choices, description="choices to generate")] | None = None
+    n: Annotated[int, Field(ge=1, le=Settings.max_choices, description="choices to generate"), WHOLE] | None = None
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
     logit_bias: Annotated[dict[str, float] | None, _accepts({
@@ -262,7 +284,7 @@ class ChatCompletionRequest(CompletionBase):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), WHOLE] | None = None
     tools: Annotated[list[Tool], Field(max_length=64)] | None = None
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
@@ -320,9 +342,9 @@ class CompletionRequest(CompletionBase):
 
     prompt: Annotated[Any, _accepts({"anyOf": [  # checked by prompt_text()
         NON_BLANK, {"type": "array", "items": NON_BLANK, "minItems": 1, "maxItems": 1}]}, nullable=False)] = None
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5), WHOLE] | None = None
     echo: Annotated[bool | None, _accepts({"const": False})] = None
-    best_of: Annotated[int | None, _accepts({"const": 1})] = None
+    best_of: Annotated[int | None, WHOLE, _accepts({"const": 1})] = None
     suffix: Annotated[str | None, _accepts({"const": ""})] = None
 
     def unsupported(self) -> None:

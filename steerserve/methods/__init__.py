@@ -19,13 +19,14 @@ from steerserve.methods.entropic import Entropic
 from steerserve.methods.expert_mask import ExpertMask
 from steerserve.methods.refusal_controller import RefusalController
 from steerserve.methods.routing import Pick, as_mandatory, route_ops
+from steerserve.methods.sae_feature import SaeFeature
 from steerserve.methods.safeswitch import SafeSwitch
 from steerserve.runtime.plan import SteerOp
 from steerserve.spec import AppliedIntervention, Intervention, PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.policies import Policy
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (Add(), ActAdd(), Ablate(), Entropic(), CotCompress(),
-                                                   RefusalController(), SafeSwitch(), ExpertMask())}
+                                                   RefusalController(), SafeSwitch(), ExpertMask(), SaeFeature())}
 
 # What a request may hold at most one of: (``Compiled`` attribute, what the refusal calls it).
 SINGLES = (("loop", "closed-loop intervention"), ("controller", "refusal controller"), ("safeswitch", "safeswitch"))

@@ -85,8 +85,9 @@ def check_strength(policy: Policy, method: str, values: Mapping[str, Any], where
     cap = policy.cap(method)
     if cap is None:
         return
-    for key in STRENGTHS:
-        value = values.get(key)
+    features = values.get("features")  # sae_feature: a strength per feature
+    named = [(f"features.{k}", v) for k, v in features.items()] if isinstance(features, Mapping) else []
+    for key, value in [*((k, values.get(k)) for k in STRENGTHS), *named]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > cap:
             raise forbidden(f"|{value}| exceeds the limit of {cap} that policy {policy.name!r} sets for {method}",
                             f"{where}.{key}")

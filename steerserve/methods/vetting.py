@@ -73,6 +73,9 @@ async def measure(generate: Generate, prompts: Sequence[tuple[int, ...]], declar
     Every setting's requests go to the engine at once, in one batch; see the module docstring."""
     if declared.kind == "probe":
         return {"kl": None, "why": "a probe reads states; it does not change any distribution"}
+    if declared.kind == "sae":
+        return {"kl": None, "why": "a dictionary steers only through the features a request names, within its "
+                "policy's caps"}
     settings = _settings(declared)
     if base is None:
         base = await unsteered(generate, prompts)

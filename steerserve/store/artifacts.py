@@ -36,6 +36,7 @@ from steerserve.store.db import ArtifactMeta, check_name, parse_ref
 from steerserve.store.expert_sets import ExpertSet, check_expert_set
 from steerserve.store.formats import file_header, from_gguf, gguf_field
 from steerserve.store.gguf_io import is_gguf
+from steerserve.store.sae import Sae, SaeFile, check_sae
 from steerserve.store.safeswitch import check_head, check_probes
 from steerserve.store.uploads import FILE_KINDS, Declared, read_upload
 from steerserve.store.vetting import NormPolicy, check_vectors
@@ -43,7 +44,7 @@ from steerserve.store.vetting import NormPolicy, check_vectors
 __all__ = ["FILE_KINDS", "ArtifactMeta", "ArtifactStore", "StoredController", "StoredPair", "StoredVector",
            "Vet", "check_name", "file_header", "parse_ref"]
 
-KINDS = ("vector", "pair", "direction", "controller", "probe", "head", "expert_set")
+KINDS = ("vector", "pair", "direction", "controller", "probe", "head", "expert_set", "sae")
 STEERING_KINDS = ("vector", "direction")  # what ``add`` and ``ablate`` take (``directions`` describes the latter)
 Vet = Callable[[Declared], Mapping[str, Any]]  # the server's KL vetting of an upload (``methods.vetting``)
 
@@ -364,13 +365,30 @@ class ArtifactStore:
                 raise
         return meta
 
-    def _read(self, meta: ArtifactMeta, field: str) -> bytes:
-        """The artifact's verified file bytes, refused if it was made for another model."""
+    def load_sae(self, ref: str, *, field: str = "sae") -> tuple[ArtifactMeta, Sae]:
+        """The whole dictionary ``ref`` names (encoder included: what inspecting features needs), fp32."""
+        meta = self.get(ref, "sae", field=field, require_enabled=True)
+        data = self._read(meta, field)
+        return meta, check_sae(self.model, db.header_metadata(data), safetensors.torch.load(data))
+
+    def open_sae(self, ref: str, *, field: str = "sae") -> SaeFile:
+        """The dictionary ``ref`` names, opened for reading decoder rows (its bytes were checked at commit; a
+        dictionary of a million features is not hashed again per request)."""
+        meta = self.get(ref, "sae", field=field)
+        self._mine(meta, field)
+        return SaeFile.open(meta, self._path(meta.name, meta.version))
+
+    def _mine(self, meta: ArtifactMeta, field: str) -> None:
+        """Refuse an artifact made for another model."""
         if meta.model_fingerprint != self.model.fingerprint:
             theirs = f"{meta.model_name!r} (fingerprint {meta.model_fingerprint})"
             mine = f"{self.model.name!r} (fingerprint {self.model.fingerprint})"
             msg = f"{meta.kind} {meta.ref()!r} was made for model {theirs}, not the loaded model {mine}"
             raise SteerError(msg, field=field, code="model_mismatch")
+
+    def _read(self, meta: ArtifactMeta, field: str) -> bytes:
+        """The artifact's verified file bytes, refused if it was made for another model."""
+        self._mine(meta, field)
         try:
             data = self._path(meta.name, meta.version).read_bytes()
         except FileNotFoundError:

@@ -13,7 +13,9 @@ Declared strength, per kind:
 - ``direction``: ``declared_use``'s ``coeff`` (in ``add``'s units: typical-norm lengths at its layer), else 1;
 - ``controller``: its ``alpha``, run as served (its in-graph decision included);
 - ``head``: the head's delta on the model's logits; ``probe``: nothing (probes read, they do not steer);
-- ``expert_set``: its experts disabled in mask mode at every position (``ops``; ``store.expert_sets``).
+- ``expert_set``: its experts disabled in mask mode at every position (``ops``; ``store.expert_sets``);
+- ``sae``: nothing (a dictionary steers only through the features a request names, at the strengths the
+  request's policy allows).
 """
 
 from __future__ import annotations
@@ -37,21 +39,22 @@ from steerserve.store.controllers import CONTROLLER_KEYS, check_controller
 from steerserve.store.directions import DIRECTION_KEYS, check_direction
 from steerserve.store.expert_sets import EXPERT_SET_KEYS, check_expert_set, mask_ops
 from steerserve.store.formats import DESCRIPTIVE_KEYS, HOOK_SITE
+from steerserve.store.sae import SAE_KEYS, check_sae
 from steerserve.store.safeswitch import HEAD_KEYS, PROBE_KEYS, check_head, check_probes
 from steerserve.store.vetting import NormPolicy, check_vectors
 
 TENSOR_RE = re.compile(r"layer\.(0|[1-9][0-9]*)")  # no leading zeros: "layer.01" would alias "layer.1"
 # What a file upload may be (/admin/vectors).
-FILE_KINDS = ("vector", "direction", "controller", "probe", "head", "expert_set")
+FILE_KINDS = ("vector", "direction", "controller", "probe", "head", "expert_set", "sae")
 STRENGTH_KEY = "declared_use"  # a vector's or direction's declared largest |coeff| and its layers (JSON)
 # Metadata an uploaded file may carry. The first three, hook_site and model_architecture are checked against
 # the model; the rest are what the store writes itself, accepted so that an exported artifact can be uploaded
 # again.
 _ALLOWED = {"hidden_size", "num_layers", "model_fingerprint", "kind", "model_name", "method",
             "layer_convention", "format", "provenance", "description", "calibration", STRENGTH_KEY, *DESCRIPTIVE_KEYS,
-            *DIRECTION_KEYS, *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS, *EXPERT_SET_KEYS}
+            *DIRECTION_KEYS, *PROBE_KEYS, *HEAD_KEYS, *CONTROLLER_KEYS, *EXPERT_SET_KEYS, *SAE_KEYS}
 _OWNED = (("direction", DIRECTION_KEYS), ("controller", CONTROLLER_KEYS), ("probe", PROBE_KEYS), ("head", HEAD_KEYS),
-          ("expert_set", EXPERT_SET_KEYS))
+          ("expert_set", EXPERT_SET_KEYS), ("sae", SAE_KEYS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +115,8 @@ def read_upload(model: ModelInfo, data: bytes, policy: NormPolicy) -> Upload:
     if kind == "probe":
         check_probes(model, header, loaded)
         return Upload(kind, header, {}, None, Declared(kind))
+    if kind == "sae":
+        return Upload(kind, header, {}, (check_sae(model, header, loaded).layer,), Declared(kind))
     if kind == "head":
         return Upload(kind, header, {}, None, Declared(kind, head=check_head(model, header, loaded)))
     if kind == "expert_set":

@@ -1,0 +1,1 @@
+"""Sparse-autoencoder dictionaries: reading the published formats (``formats``) and ``steerserve sae``."""
