@@ -16,11 +16,8 @@ refusing every request.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # KEYS[1] bucket; ARGV rate (tokens/s), burst. Returns {1 taken | 0 refused, tokens left as a string}.
 _TAKE = """

@@ -313,7 +313,6 @@ class Service:
         return await asyncio.to_thread(self.store.put_vector, name, vectors, method="mean_diff",
                                        provenance=provenance, description=description)
 
-
     async def features(self, prompt: PromptInfo, sae_ref: str, top_k: int) -> dict[str, Any]:
         """The ``top_k`` most active features of the dictionary ``sae_ref`` at every token of ``prompt``: its
         unsteered states read through the engine (a capture request), encoded on the host. Bounded by

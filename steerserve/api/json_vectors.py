@@ -66,7 +66,7 @@ def read_upload(data: bytes, hidden: int, num_layers: int) -> JsonUpload:
     row = np.empty(0)
     try:
         for prefix, event, value in ijson.parse(_Yielding(data), use_float=True):
-            if prefix == "vectors.item" or (prefix.startswith("vectors.") and prefix.endswith(".item")):
+            if prefix.startswith("vectors.") and prefix.endswith(".item"):
                 if event != "number":
                     raise Unexpected(f"{prefix.removesuffix('.item')}: must be a list of numbers")
                 if filled == hidden:

@@ -243,7 +243,7 @@ class VLLMEngine:
             if poll is not None:
                 poll.forget(rid)
             if figures is not None:
-                figures.forget([rid])
+                figures.forget(rid)
 
     async def _load(self, kind: str, weights: Weights) -> int:
         """The worker slot holding ``weights`` (a ``kind``: controller, probes, head), loading them first if

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 from typing import Any
 
 DEATH_POLL_S = 0.2  # how often an RPC in flight looks whether the engine core is still alive
@@ -83,7 +82,6 @@ class FigurePoll:
                 self.latest = (await rpc(self.llm, "steerserve_loop_figures", sorted(self._wanted)))[0] or {}
         return self.latest.get(request_id)
 
-    def forget(self, request_ids: Iterable[str]) -> None:
-        for rid in request_ids:
-            self._wanted.discard(rid)
-            self.latest.pop(rid, None)
+    def forget(self, request_id: str) -> None:
+        self._wanted.discard(request_id)
+        self.latest.pop(request_id, None)

@@ -16,6 +16,7 @@ import safetensors.torch
 
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
+from steerserve.tools.vectors.cli import open_store, store_arguments
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,9 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     imp.add_argument("--layer", type=int, default=None,
                      help="our layer (the residual stream after block L); default: from the SAE's hook name")
     imp.add_argument("--description", default="", help="description stored with it")
-    imp.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
-    imp.add_argument("--store", type=Path, default=None, metavar="DIR",
-                     help="store root (default: $STEERSERVE_HOME/store); the model's store is DIR/<fingerprint>")
+    store_arguments(imp)
     imp.set_defaults(func=run_import)
 
 
@@ -49,8 +48,6 @@ def sae_bytes(path: Path, layer: int | None, model: ModelInfo, labels: dict[int,
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from steerserve.tools.vectors.cli import open_store
-
     store, _, _ = open_store(args, norms=False)
     try:
         data = sae_bytes(args.path, args.layer, store.model)

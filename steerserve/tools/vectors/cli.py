@@ -42,11 +42,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     exp.add_argument("--drop-layer-0", action="store_true",
                      help="GGUF: leave layer 0 out (llama.cpp refuses a control vector that has one)")
     for q in (imp, exp):
-        q.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
-        q.add_argument("--store", type=Path, default=None, metavar="DIR",
-                       help="store root (default: $STEERSERVE_HOME/store); the model's store is DIR/<fingerprint>")
+        store_arguments(q)
     imp.set_defaults(func=run_import)
     exp.set_defaults(func=run_export)
+
+
+def store_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--store``: the store ``open_store`` opens, as ``serve`` would for that model."""
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
+    p.add_argument("--store", type=Path, default=None, metavar="DIR",
+                   help="store root (default: $STEERSERVE_HOME/store); the model's store is DIR/<fingerprint>")
 
 
 def open_store(args: argparse.Namespace, *, norms: bool) -> tuple[ArtifactStore, Settings, Path]:
