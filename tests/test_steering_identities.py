@@ -117,3 +117,50 @@ def test_ablation_zeroes_the_projection_at_ablated_layers(rig: Rig) -> None:
         assert (ref_h[layer] @ r).abs().max() > 0.1  # there was something to remove
         assert (h[layer] @ r).abs().max() < 1e-4, f"layer {layer} still has a component along r"
     assert torch.equal(h[3], ref_h[3])
+
+
+def _clamp_rows(seed: int, offset: float, threshold: float, hidden: int = 576) -> torch.Tensor:
+    """A clamp op's vector ``[3, H]``: a unit encoder direction, a decoder row, ``[offset, threshold]``."""
+    enc, dec = _vec(seed), _vec(seed + 1)
+    prm = torch.zeros(hidden)
+    prm[0], prm[1] = offset, threshold
+    return torch.stack([enc / enc.norm(), dec / dec.norm(), prm])
+
+
+def test_clamp_sets_the_feature_on_its_tokens_only(rig: Rig) -> None:
+    """A clamp op at layer 8 over positions 2..5: those tokens' stream becomes ``x + (target - a) * dec`` with
+    ``a`` the feature's JumpReLU activation read from ``x`` (``pre > threshold``), the tokens outside the
+    window and every layer below are untouched bit for bit, and a second feature in the same step reads the
+    stream as the layer produced it (its own patch is the same alone and beside the first)."""
+    layer, target = 8, 3.0
+    _, ref_h = rig.run(hooks=False)
+    x = ref_h[layer]  # [T, H]
+    first = _clamp_rows(10, 0.0, 0.0)
+    pre = x @ first[0]  # [T]
+    threshold = float(pre[2:6].median())  # some tokens fire, some do not
+    rows = _clamp_rows(10, 0.25, threshold)
+    pre = x @ rows[0] + 0.25
+    act = torch.where(pre > threshold, pre, torch.zeros(()))
+    assert bool((act[2:6] == 0).any()) and bool((act[2:6] > 0).any())
+    ops = [SteerOp(OpKind.CLAMP, layer, VectorRef.of(rows), target, start=2, stop=6)]
+    _, h = rig.run(ops)
+    for k in range(layer):
+        assert torch.equal(h[k], ref_h[k])
+    assert torch.equal(h[layer][:2], x[:2]) and torch.equal(h[layer][6:], x[6:])
+    want = x[2:6] + (target - act[2:6])[:, None] * rows[1]
+    assert torch.allclose(h[layer][2:6], want, atol=1e-5, rtol=0)
+    other = _clamp_rows(20, 0.0, 0.0)
+    _, both = rig.run([*ops, SteerOp(OpKind.CLAMP, layer, VectorRef.of(other), -1.0, start=2, stop=6)])
+    a2 = (x[2:6] @ other[0]).clamp_min(0)
+    assert torch.allclose(both[layer][2:6], want + (-1.0 - a2)[:, None] * other[1], atol=1e-5, rtol=0)
+
+
+def test_clamp_to_the_current_activation_is_bit_identical(rig: Rig) -> None:
+    """An encoder that reads a constant (direction 0, offset 2) and a target of 2: ``target - a == 0``, so the
+    stream and the logits are bit-identical to the unsteered run."""
+    ref_logits, ref_h = rig.run(hooks=False)
+    rows = torch.stack([torch.zeros(576), _vec(5), torch.zeros(576)])
+    rows[2, 0] = 2.0
+    logits, h = rig.run([SteerOp(OpKind.CLAMP, layer, VectorRef.of(rows), 2.0) for layer in (3, 17)])
+    assert rig.tables.active
+    assert torch.equal(logits, ref_logits) and all(torch.equal(h[k], ref_h[k]) for k in range(rig.n))

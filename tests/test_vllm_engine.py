@@ -149,6 +149,27 @@ async def test_concurrent_distinct_specs_match_alone_and_hf(engine: VLLMEngine, 
     assert len({tuple(a) for a in alone}) == len(alone)
 
 
+async def test_sae_clamp_matches_hf_beside_other_specs(engine: VLLMEngine, hf_engine: HFEngine,
+                                                      prompts: list[tuple[int, ...]]) -> None:
+    """``sae_feature``'s clamp ops (a feature's activation read per token on the device, under the compiled
+    graph and chunked prefill): the same greedy tokens as the hf engine, and in a batch with an unsteered and
+    an ``add`` request, every request's tokens are those of its solo run."""
+    def clamp(seed: int, target: float, offset: float = 0.0, start: int = 0) -> SteerOp:
+        g = torch.Generator().manual_seed(seed)
+        enc, dec, prm = torch.randn(576, generator=g), torch.randn(576, generator=g), torch.zeros(576)
+        prm[0] = offset
+        rows = torch.stack([enc / enc.norm(), dec / dec.norm() * 4.0, prm])
+        return SteerOp(OpKind.CLAMP, 10, VectorRef.of(rows), target, start)
+
+    specs: list[Spec] = [(clamp(40, 6.0), clamp(41, 0.0, offset=1.0)), (), _add_all(42, 1.0),
+                         (clamp(43, 5.0, start=len(prompts[3]) - 1),)]
+    jobs = list(zip(prompts[:4], specs, strict=True))
+    alone = [await _tokens(engine, ids, ops) for ids, ops in jobs]
+    assert await _together(engine, jobs) == alone
+    assert alone == [await _tokens(hf_engine, ids, ops) for ids, ops in jobs]
+    assert alone[0] != await _tokens(engine, prompts[0], ())  # the clamp steers
+
+
 async def test_prefix_cache_never_serves_kv_of_another_spec(engine: VLLMEngine, hf_engine: HFEngine,
                                                             prompts: list[tuple[int, ...]]) -> None:
     """With prefix caching on, outputs equal the no-cache (hf) outputs; a spec shares KV only with itself."""

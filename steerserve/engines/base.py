@@ -143,6 +143,8 @@ class Engine(Protocol):
         rows), and the vector bank's ``pinned_rows``, ``cached_rows``, ``capacity``, ``compactions``."""
         ...
 
-    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
-        """Unsteered residual stream of each prompt: one ``[len(prompt), len(layers), hidden]`` fp32 tensor each."""
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                            ops: Sequence[SteerOp] = ()) -> list[torch.Tensor]:
+        """Residual stream of each prompt: one ``[len(prompt), len(layers), hidden]`` fp32 tensor each, unsteered,
+        or steered by open-loop ``ops`` (at their absolute positions; read after the layer's steering)."""
         ...

@@ -31,6 +31,7 @@ from steerserve.engines.hf_seq import Seq as _Seq
 from steerserve.engines.kvbatch import KVBatch
 from steerserve.engines.sampling import Detokenizer, make_generator
 from steerserve.engines.threaded import Emit, EngineThread
+from steerserve.errors import EngineUnavailable
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import Read
@@ -39,6 +40,7 @@ from steerserve.runtime.head_point import HeadPoint, load_slot
 from steerserve.runtime.hooks import RouteHooks, SteeringHooks, capture_hidden_states
 from steerserve.runtime.ops import NON_FINITE, NON_FINITE_CODE
 from steerserve.runtime.pins import Pin
+from steerserve.runtime.plan import SteerOp
 from steerserve.runtime.registers import Registers, entropy_step_
 from steerserve.runtime.route_point import RouteCapture
 from steerserve.runtime.safeswitch import PILOT_TOKENS
@@ -93,8 +95,9 @@ class HFEngine(EngineThread):
         self._thread = threading.Thread(target=self._run, name="steerserve-hf-engine", daemon=True)
         self._thread.start()
 
-    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
-        return await asyncio.wrap_future(self.call(lambda: self._hidden_states(prompts, layers)))
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                            ops: Sequence[SteerOp] = ()) -> list[torch.Tensor]:
+        return await asyncio.wrap_future(self.call(lambda: self._hidden_states(prompts, layers, ops)))
 
     async def stats(self) -> dict[str, int]:
         def stats() -> dict[str, int]:
@@ -331,7 +334,19 @@ class HFEngine(EngineThread):
     def _decode_text(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
-        self.tables.fill(0, [])  # unsteered
+    def _hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                       ops: Sequence[SteerOp] = ()) -> list[torch.Tensor]:
         self.route_capture.begin([])
-        return capture_hidden_states(self.model, prompts, layers)
+        pin = Pin.acquire(self.bank, ops, self.tables.slots)
+        if pin is None:
+            raise EngineUnavailable("the vector bank is full with requests in flight; retry")
+        try:
+            out = []
+            for ids in prompts:  # the op's tables laid out over this prompt (none: unsteered)
+                placement = pin.placement(self.bank)
+                self.tables.fill(len(ids), [Segment(0, 0, len(ids), placement)] if ops else [], self.bank.weight)
+                out += capture_hidden_states(self.model, [ids], layers)
+            return out
+        finally:
+            pin.release(self.bank)
+            self.tables.fill(0, [])

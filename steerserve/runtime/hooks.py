@@ -49,7 +49,7 @@ class SteeringHooks:
             n = flat.shape[0]
             if steers:
                 steer_guarded_(flat, self.bank.weight, *self.tables.layer(index), self.tables.bad[:n],
-                               self.tables.delta(index))
+                               self.tables.delta(index), clamp=self.tables.clamp(index))
             if reading:  # after steering: the stream the next block reads
                 assert self.ctrl is not None and self.regs is not None
                 self.ctrl.read_layer(index, flat, self.regs)

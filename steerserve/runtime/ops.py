@@ -35,6 +35,31 @@ def add_delta(bank: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor) -> t
     return delta
 
 
+def clamp_delta(x: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What sets each clamped SAE feature to its target: ``x [T, H]`` the stream, ``rows, targets [T, Kc]``
+    (a clamp op's first bank row, 0 where a slot is unused; the target activation) -> ``[T, H]``.
+
+    Per slot: ``pre = enc . x + offset`` (``offset = b_enc[i] - enc . b_dec`` for an encoder that reads
+    ``x - b_dec``), the feature's activation ``a = pre if pre > threshold else 0`` (ReLU: threshold 0;
+    JumpReLU: its own; TopK: read as ReLU, the top-k cut needs the whole dictionary), and the addition
+    ``(target - a) * dec``: what makes the SAE read ``target`` while its reconstruction error is kept.
+    Every slot reads the stream as the layer produced it. An unused slot gives exactly 0 (a ``where`` on
+    ``rows > 0``), so unclamped tokens stay bit-identical. Fixed shapes, no host sync.
+    """
+    xf = x.float()
+    delta = torch.zeros_like(xf)  # [T, H]
+    for k in range(rows.shape[1]):
+        first = rows[:, k]  # [T]
+        enc, dec = bank.index_select(0, first).float(), bank.index_select(0, first + 1).float()  # [T, H]
+        prm = bank.index_select(0, first + 2)[:, :2].float()  # [T, 2]: offset, threshold
+        pre = (xf * enc).sum(dim=-1) + prm[:, 0]  # [T]
+        act = torch.where(pre > prm[:, 1], pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        coef = torch.where(first > 0, targets[:, k].float() - act, torch.zeros((), dtype=pre.dtype,
+                                                                               device=pre.device))
+        delta.add_(dec.mul_(coef[:, None]))
+    return delta.to(x.dtype)
+
+
 def steer_(
     h: torch.Tensor,
     bank: torch.Tensor,
@@ -112,6 +137,7 @@ def steer_guarded_(
     bad: torch.Tensor,
     delta: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    clamp: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """``steer_`` on the residual stream ``h (+ residual)``, writing into ``h``, keeping the old value of
     any token whose steered stream would not be finite, and OR-ing those tokens into ``bad [T]`` (bool).
@@ -122,20 +148,25 @@ def steer_guarded_(
     ``steer_``'s result (unsteered tokens: to ``h``).
 
     ``delta``: this layer's slice of a ``vetted_delta`` (already checked for the whole step); with no
-    ablation to do, it is simply added.
+    ablation or clamp to do, it is simply added. ``clamp``: the layer's clamp ``(rows, targets)`` ``[T, Kc]``
+    (``clamp_delta``, read from the stream before this layer's other ops), added with the additions.
     """
-    if delta is not None and not abl_rows.shape[1]:
+    if delta is not None and not abl_rows.shape[1] and clamp is None:
         h.add_(delta)
         return
+    x0 = h if residual is None else h + residual  # [T, H] the stream: projections and clamps read the sum
+    clamped = None if clamp is None else clamp_delta(x0, bank, *clamp)
     if abl_rows.shape[1]:
-        x0 = h if residual is None else h + residual  # [T, H] the stream: projections read the sum
         x = x0.clone()
         steer_(x, bank, add_rows, add_scales, abl_rows, abl_scales, delta)
+        if clamped is not None:
+            x.add_(clamped)
         new = x if residual is None else h + (x - x0)
         stream = x
     else:
-        if delta is None:
+        if delta is None and add_rows.shape[1]:
             delta = add_delta(bank, add_rows, add_scales)
-        new = h + delta  # [T, H]
+        total = clamped if delta is None else delta if clamped is None else delta + clamped
+        new = h if total is None else h + total  # [T, H]
         stream = new if residual is None else new + residual
     keep_finite_(h, new, stream, bad)

@@ -3,7 +3,9 @@
 An op says: at decoder-layer output ``layer``, for every token whose absolute position ``p`` falls in
 ``[start, stop)``, either add ``scale * v`` or ablate direction ``v`` (``h -= scale * (h . v) v``).
 ``v`` is one row of ``vector.data`` (``[n, hidden]``): row 0 for a constant vector, row ``p - start``
-for a positional one (ActAdd injects a different vector at each front position). A ``gain`` op's scale
+for a positional one (ActAdd injects a different vector at each front position). A ``clamp`` op sets a
+sparse-autoencoder feature to ``scale`` on each token it covers (``ops.clamp_delta``): its vector has three rows,
+the feature's encoder direction, its decoder direction and ``[offset, threshold, 0, ...]``. A ``gain`` op's scale
 is further multiplied, on the device, by its request's gain register (``runtime.loop``): 1 for
 open-loop ops, so their results are bit-identical whatever else runs.
 """
@@ -16,10 +18,13 @@ from enum import Enum
 
 import torch
 
+CLAMP_ROWS = 3  # a clamp op's vector: encoder row, decoder row, [offset, threshold, 0...]
+
 
 class OpKind(str, Enum):
     ADD = "add"
     ABLATE = "ablate"
+    CLAMP = "clamp"  # SAE feature clamp: rows (encoder, decoder, [offset, threshold]); scale = the target
     ROUTE = "route"  # MoE expert mask at decoder layer ``layer``'s router: the vector is a mask row (``route_op``)
 
 
@@ -55,6 +60,8 @@ class SteerOp:
     gain: bool = False  # closed loop: the scale is multiplied by the request's gain register (else by 1)
 
     def __post_init__(self) -> None:
+        if self.kind is OpKind.CLAMP and (self.vector.rows != CLAMP_ROWS or self.positional or self.gain):
+            raise ValueError(f"a clamp op reads {CLAMP_ROWS} rows (encoder, decoder, offset/threshold), not positional")
         # A positional op must never read past its vector's rows (they would be another vector's).
         if self.positional and (self.stop is None or self.stop - self.start > self.vector.rows):
             raise ValueError(f"positional op over [{self.start}, {self.stop}) needs <= {self.vector.rows} positions")

@@ -21,6 +21,7 @@ from steerserve.runtime.plan import OpKind, SteerOp
 from steerserve.runtime.staging import HostStaging, cuda_fence
 
 KINDS = tuple(OpKind)
+STEERING = (OpKind.ADD, OpKind.ABLATE, OpKind.CLAMP)  # the kinds the steering op applies (ROUTE: the router's)
 DELTA_MAX_ELEMENTS = 1 << 22  # 16 MiB in fp32: steps up to a few hundred tokens (decode) gather all layers at once
 _NO_STOP = np.iinfo(np.int64).max
 # columns of Placement.ints
@@ -103,10 +104,11 @@ class StepTables:
         self.num_tokens = 0
         self.width = {k: 0 for k in OpKind}  # slots used this step; eager readers slice to this
         self.active = False
-        # [L] layers with an ADD or ABLATE op this step: an eager op skips the others (all of whose rows read
+        # [L] layers with an ADD, ABLATE or CLAMP op this step: an eager op skips the others (all of whose rows read
         # row 0 with scale 0: steering them would leave them bit-identical), e.g. a closed loop's one layer.
         self._steers = [False] * num_layers
         self._views: list[tuple[torch.Tensor, ...]] = []  # this step's sliced per-layer views
+        self._clamps: list[tuple[torch.Tensor, torch.Tensor]] = []  # and its CLAMP ops', [T, Kc] each
         self._delta: list[torch.Tensor | None] | None = None  # this step's per-layer additions, when gathered
         self._layer_gain: torch.Tensor | None = None  # [cells, L] read by the op this step, if given
         cuda = torch.device(device).type == "cuda"
@@ -121,11 +123,11 @@ class StepTables:
 
     @property
     def steering(self) -> bool:
-        """This step has ADD or ABLATE ops (ROUTE ops are read by the router point alone, never steered)."""
-        return bool(self.width[OpKind.ADD] or self.width[OpKind.ABLATE])
+        """This step has ADD, ABLATE or CLAMP ops (ROUTE ops are read by the router point alone, never steered)."""
+        return any(self.width[k] for k in STEERING)
 
     def steers(self, layer: int) -> bool:
-        """This step has an ADD or ABLATE op at ``layer`` (eager callers skip the other layers)."""
+        """This step has an ADD, ABLATE or CLAMP op at ``layer`` (eager callers skip the other layers)."""
         return self._steers[layer]
 
     @property
@@ -200,6 +202,9 @@ class StepTables:
         self._views = list(zip(add_rows.unbind(0), add_scales.unbind(0),
                                self.rows[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0),
                                self.scales[OpKind.ABLATE][:, :num_tokens, :kb].unbind(0), strict=True))
+        kc = self.width[OpKind.CLAMP]
+        self._clamps = list(zip(self.rows[OpKind.CLAMP][:, :num_tokens, :kc].unbind(0),
+                                self.scales[OpKind.CLAMP][:, :num_tokens, :kc].unbind(0), strict=True))
 
     def _to_device(self, name: str, kind: OpKind, dirty: int) -> None:
         """Host table ``name`` of ``kind`` (``[L, dirty, K]``, the step's span) to its device table."""
@@ -242,7 +247,7 @@ class StepTables:
                 self._cells[kind][at] = np.where(gained, cell[op[m]], 0)
                 self._gained.add(kind)
             self.width[kind] = int(e[m, _SLOT].max()) + 1
-            if kind in (OpKind.ADD, OpKind.ABLATE):
+            if kind in STEERING:
                 for layer in np.unique(e[m, _LAYER]).tolist():
                     self._steers[layer] = True
 
@@ -263,6 +268,13 @@ class StepTables:
         """This step's addition at ``layer`` (``[T, H]``) if ``fill`` gathered it, else None (also for a
         layer without ops: ``steers``)."""
         return None if self._delta is None else self._delta[layer]
+
+    def clamp(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, targets)`` ``[T, Kc]`` of the CLAMP ops at ``layer`` (``ops.clamp_delta``), or None on a step
+        without any (eager). ``sliced=False`` (graph capture): the full fixed-shape tables, always."""
+        if not sliced:
+            return self.rows[OpKind.CLAMP][layer], self.scales[OpKind.CLAMP][layer]
+        return self._clamps[layer] if self.width[OpKind.CLAMP] else None
 
     def layer(self, layer: int, sliced: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(add_rows, add_scales, abl_rows, abl_scales)`` for one layer, ``[T, K]`` each.

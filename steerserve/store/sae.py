@@ -178,22 +178,45 @@ def feature_strengths(value: object, d_sae: int, max_strength: float, f: str) ->
 
 @dataclass(frozen=True)
 class SaeFile:
-    """A stored dictionary as serving reads it: its layer and width from the manifest and the file's header,
-    and decoder rows read from the file one by one (``rows``), never the whole dictionary."""
+    """A stored dictionary as serving reads it: its layer, width and encoder form from the manifest and the
+    file's header, and the rows of the features a request names, read from the file one by one (``rows``,
+    ``clamp_rows``), never the whole dictionary."""
 
     meta: ArtifactMeta
     path: Path
     layer: int
     d_sae: int
+    activation: str = "relu"
+    center: bool = True
 
     @classmethod
     def open(cls, meta: ArtifactMeta, path: Path) -> SaeFile:
         with safetensors.safe_open(str(path), framework="pt") as f:
             d_sae = int(f.get_slice("W_dec").get_shape()[0])
-        return cls(meta, path, meta.layers[0], d_sae)
+            header = f.metadata() or {}
+        return cls(meta, path, meta.layers[0], d_sae, header.get("sae_activation", "relu"),
+                   header.get("sae_center", "true") == "true")
 
     def rows(self, features: Sequence[int]) -> torch.Tensor:
         """``W_dec[features]`` as ``[n, H]`` fp32."""
         with safetensors.safe_open(str(self.path), framework="pt") as f:
             dec = f.get_slice("W_dec")
             return torch.stack([dec[i].to(torch.float32) for i in features])
+
+    def clamp_rows(self, features: Sequence[int]) -> torch.Tensor:
+        """What a clamp op reads per feature (``runtime.ops.clamp_delta``), ``[n, 3, H]`` fp32: the encoder
+        direction ``W_enc[:, i]``, the decoder row ``W_dec[i]``, and ``[offset, threshold, 0, ...]`` with
+        ``offset = b_enc[i] - W_enc[:, i] . b_dec`` for an encoder that reads ``x - b_dec`` (else ``b_enc[i]``)
+        and ``threshold`` the JumpReLU threshold (0 otherwise: ReLU, and TopK read as ReLU)."""
+        with safetensors.safe_open(str(self.path), framework="pt") as f:
+            enc, dec, b_enc = f.get_slice("W_enc"), f.get_slice("W_dec"), f.get_slice("b_enc")
+            b_dec = f.get_tensor("b_dec").to(torch.float32)  # [H]
+            thr = f.get_slice("threshold") if self.activation == "jumprelu" else None
+            out = torch.zeros(len(features), 3, b_dec.shape[0])
+            for j, i in enumerate(features):
+                e = enc[:, i : i + 1].to(torch.float32)[:, 0]  # [H]: one column of [H, d_sae]
+                offset = b_enc[i : i + 1].to(torch.float32)[0] - (e @ b_dec if self.center else 0.0)
+                out[j, 0], out[j, 1] = e, dec[i].to(torch.float32)
+                out[j, 2, 0] = offset
+                out[j, 2, 1] = thr[i : i + 1].to(torch.float32)[0] if thr is not None else 0.0
+            return out

@@ -44,6 +44,7 @@ from steerserve.errors import EngineUnavailable, SteerError
 from steerserve.model_info import ModelInfo
 from steerserve.runtime.control_op import ControllerSlots
 from steerserve.runtime.ops import NON_FINITE_CODE
+from steerserve.runtime.plan import SteerOp
 from steerserve.runtime.safeswitch import PILOT_TOKENS
 
 log = logging.getLogger(__name__)
@@ -280,8 +281,10 @@ class VLLMEngine:
         got = (await rpc(self.llm, "steerserve_take_routing", request_id))[0]
         return None if got is None else dict(got)
 
-    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> list[torch.Tensor]:
-        """Unsteered states of each prompt at ``layers``, read by capture requests through vLLM itself."""
+    async def hidden_states(self, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                            ops: Sequence[SteerOp] = ()) -> list[torch.Tensor]:
+        """States of each prompt at ``layers`` (unsteered, or steered by open-loop ``ops``), read by capture
+        requests through vLLM itself."""
         limit = self.settings.capture_tokens
         for i, ids in enumerate(prompts):
             if len(ids) > limit:
@@ -291,12 +294,12 @@ class VLLMEngine:
 
         async with self._capture_lock:
             try:
-                return [await self._capture(list(ids), list(layers)) for ids in prompts]
+                return [await self._capture(list(ids), list(layers), ops) for ids in prompts]
             except EngineDeadError:  # an actadd pair's or an extraction's capture: 503 as for any request
                 log.error("a hidden-state capture was in flight when the engine core died")
                 raise EngineUnavailable(ENGINE_FAILED) from None
 
-    async def _capture(self, ids: list[int], layers: list[int]) -> torch.Tensor:
+    async def _capture(self, ids: list[int], layers: list[int], ops: Sequence[SteerOp] = ()) -> torch.Tensor:
         from vllm import SamplingParams
 
         llm = self.llm
@@ -304,9 +307,13 @@ class VLLMEngine:
             raise EngineUnavailable()
         rid = f"capture-{uuid.uuid4().hex}"
         params = SamplingParams(max_tokens=1, temperature=0.0,
-                                extra_args={EXTRA_KEY: encode_ops((), capture=True)})
-        async for _ in llm.generate({"prompt_token_ids": ids, "cache_salt": rid}, params, rid):
-            pass
+                                extra_args={EXTRA_KEY: encode_ops(ops, capture=True)})
+        await self.gate.enter(rid, {op.vector.key: op.vector.rows for op in ops})  # a steered capture pins rows
+        try:
+            async for _ in llm.generate({"prompt_token_ids": ids, "cache_salt": rid}, params, rid):
+                pass
+        finally:
+            await self.gate.leave(rid)
         got = (await rpc(llm, "steerserve_take_capture", rid, layers))[0]
         if got is None:
             raise RuntimeError(f"capture {rid}: the worker returned no states")

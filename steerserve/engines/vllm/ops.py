@@ -32,7 +32,7 @@ from steerserve.runtime.bank import VectorBank
 from steerserve.runtime.capture import CaptureBuffer
 from steerserve.runtime.control_op import ControllerUnit
 from steerserve.runtime.head_point import HeadPoint
-from steerserve.runtime.ops import add_delta, keep_finite_, steer_, steer_guarded_
+from steerserve.runtime.ops import add_delta, clamp_delta, keep_finite_, steer_, steer_guarded_
 from steerserve.runtime.registers import Registers
 from steerserve.runtime.route_point import RouteCapture, route_, route_rows
 from steerserve.runtime.tables import StepTables
@@ -99,33 +99,39 @@ def _steer_tables(state: SteerState, h: torch.Tensor, residual: torch.Tensor | N
     bank = state.bank.weight
     if bank.dtype != h.dtype or bank.device != h.device:
         bank = bank.to(device=h.device, dtype=h.dtype)  # only if the worker built it mismatched
+    clamp = tables.clamp(layer, sliced=not state.static)  # [T, Kc] rows and targets, or None
+    if clamp is not None and clamp[0].shape[0] != n:
+        clamp = (clamp[0][:n], clamp[1][:n])
     if state.static:  # graph-safe: every slot, every token up to the captured size; no data-dependent branch
         res = None if residual is None else residual[:n]
-        _steer_static(h[:n], res, bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n])
+        assert clamp is not None
+        _steer_static(h[:n], res, bank, add_rows, add_scales, abl_rows, abl_scales, clamp, tables.bad[:n])
         return
     delta = tables.delta(layer)  # [T, H] gathered for all layers at once, for small steps
     if delta is not None and delta.shape[0] != n:
         delta = delta[:n]
-    if abl_rows.shape[1] or add_rows.shape[1]:
-        # Ablations project the sum hidden + residual; additions go to hidden alone (they commute with
-        # the split). Refused tokens keep their value and are marked in tables.bad.
+    if abl_rows.shape[1] or add_rows.shape[1] or clamp is not None:
+        # Ablations and clamps read the sum hidden + residual; additions go to hidden alone (they commute
+        # with the split). Refused tokens keep their value and are marked in tables.bad.
         steer_guarded_(h[:n], bank, add_rows, add_scales, abl_rows, abl_scales, tables.bad[:n], delta,
-                       None if residual is None else residual[:n])
+                       None if residual is None else residual[:n], clamp)
 
 
 def _steer_static(hn: torch.Tensor, residual: torch.Tensor | None, bank: torch.Tensor, add_rows: torch.Tensor,
                   add_scales: torch.Tensor, abl_rows: torch.Tensor, abl_scales: torch.Tensor,
-                  bad: torch.Tensor) -> None:
+                  clamp: tuple[torch.Tensor, torch.Tensor], bad: torch.Tensor) -> None:
     """The same steering with a fixed sequence of kernels (for CUDA-graph capture and replay).
 
     Ablations on the sum ``x = hn + residual`` (a token with scale 0 gets ``x - x0 == 0`` exactly), then
-    the additions on ``hn`` (row 0 / scale 0 adds exactly 0), so unsteered tokens stay bit-identical.
+    the additions and clamps on ``hn`` (row 0 / scale 0 adds exactly 0, an unused clamp slot exactly 0),
+    so unsteered tokens stay bit-identical.
     """
     x0 = hn if residual is None else hn + residual  # [T, H]
+    clamped = clamp_delta(x0, bank, *clamp)  # [T, H], read before this layer's other ops
     x = x0.clone()
     steer_(x, bank, add_rows[:, :0], add_scales[:, :0], abl_rows, abl_scales)
     new = x if residual is None else hn + (x - x0)
-    new.add_(add_delta(bank, add_rows, add_scales))
+    new.add_(add_delta(bank, add_rows, add_scales)).add_(clamped)
     # refused tokens keep hn and are marked, as in steer_guarded_
     keep_finite_(hn, new, new if residual is None else new + residual, bad)
 
