@@ -22,7 +22,7 @@ from steerserve.engines.base import Engine, GenerationOutput, GenerationRequest,
 from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
-from steerserve.errors import EngineUnavailable, SteerError
+from steerserve.errors import EngineUnavailable, NotFound, SteerError
 from steerserve.fleet import SharedLimits, namespace
 from steerserve.methods import check_policy, resolve, vetting
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
@@ -33,6 +33,7 @@ from steerserve.prompts import PromptRenderer
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
 from steerserve.store.policies import DEFAULT, Policy, PolicyStore, key_hash
+from steerserve.store.sae_labels import LabelIndex, read_labels
 from steerserve.store.uploads import Declared
 from steerserve.tools import norms
 from steerserve.tools.extract.mean_diff import Pooling, mean_difference
@@ -337,6 +338,32 @@ class Service:
                      for v, i in zip(values, ids, strict=True) if v > 0]
             tokens.append({"position": pos, "token": self.renderer.tokenizer.decode([tok]), "features": found})
         return {"sae": meta.ref(), "layer": sae.layer, "d_sae": sae.d_sae, "tokens": tokens}
+
+    async def search_features(self, sae_ref: str, query: str, limit: int = 20) -> dict[str, Any]:
+        """The features of the dictionary ``sae_ref`` whose label matches ``query``, best first, at most
+        ``limit`` (``store.sae_labels``). The labels are read from the file's header, never its weights, once
+        per artifact version. 404 for no such dictionary; 400 naming ``q`` or ``limit``."""
+        try:
+            meta = await asyncio.to_thread(self.store.get, sae_ref, "sae", field="sae", require_enabled=True)
+        except SteerError as exc:
+            if exc.code in ("unknown_artifact", "wrong_kind"):
+                raise NotFound(exc.message, field="sae") from None
+            raise
+        key = f"sae-labels:{meta.ref()}:{meta.sha256}"
+        found = self.ctx.cache.get(key)
+        if found is None:
+            def read() -> tuple[int, int, LabelIndex]:
+                file = self.store.open_sae(meta.ref())
+                return file.layer, file.d_sae, LabelIndex.of(read_labels(file))
+
+            found = self.ctx.cache[key] = await asyncio.to_thread(read)
+        layer, d_sae, index = found
+        matches, total = await asyncio.to_thread(index.search, query, limit)
+        out: dict[str, Any] = {"sae": meta.ref(), "layer": layer, "d_sae": d_sae, "q": query, "labelled": len(index),
+                               "total": total, "matches": [{"feature": i, "label": label} for i, label in matches]}
+        if not len(index):
+            out["note"] = f"sae {meta.ref()!r} has no feature labels: search by label finds nothing"
+        return out
 
 
 def build_service(settings: Settings, log: Callable[[str], None] = print) -> Service:

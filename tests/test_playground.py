@@ -24,10 +24,13 @@ import pytest
 from steerserve.api import create_app
 from steerserve.config import Settings
 from steerserve.model import prepare_default_model
-from steerserve.service import build_service
+from steerserve.service import Service, build_service
+from steerserve.tools.sae.cli import sae_bytes
 from tests.browser import Page, find_chromium
 from tests.conftest import ADMIN_KEY, serving
 from tests.paths import models_dir
+from tests.test_feature_search import DOG_ORDER, LABELS
+from tests.test_sae import saelens_dir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -36,14 +39,19 @@ PORT = int(os.environ.get("STEERSERVE_TEST_PORT", "0"))
 
 
 @pytest.fixture(scope="module")
-def hf_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def hf_service(tmp_path_factory: pytest.TempPathFactory) -> tuple[Service, Settings]:
     vectors = tmp_path_factory.mktemp("playground-vectors")
     for name in ("joy", "east"):
         shutil.copy(REPO / "vectors" / f"{name}.safetensors", vectors)
     settings = Settings(engine="hf", home=tmp_path_factory.mktemp("playground-home"),
                         model=prepare_default_model(models_dir()), admin_key=ADMIN_KEY, max_batch=4,
                         max_tokens_cap=256, vectors_dir=vectors)
-    with serving(create_app(build_service(settings, log=lambda _msg: None), settings), PORT, 300) as url:
+    return build_service(settings, log=lambda _msg: None), settings
+
+
+@pytest.fixture(scope="module")
+def hf_url(hf_service: tuple[Service, Settings]) -> Iterator[str]:
+    with serving(create_app(*hf_service), PORT, 300) as url:
         yield url
 
 
@@ -65,6 +73,17 @@ def test_page_is_served_as_package_data(hf_url: str) -> None:
     assert "<title>steerserve playground</title>" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
     assert "/playground" not in httpx.get(f"{hf_url}/openapi.json", timeout=30).json()["paths"]
+
+
+def test_page_has_the_feature_picker(hf_url: str) -> None:
+    """The controls of the SAE feature picker and the routes they call (the browser test below drives them)."""
+    text = httpx.get(f"{hf_url}/playground", timeout=30).text
+    for control in ('id="sae"', 'id="feature-q"', 'id="feature-search"', 'id="feature-results"',
+                    'id="feature-strength"', 'id="feature-mode"', '<option value="add">', '<option value="clamp">',
+                    'id="feature-top"', 'id="feature-tokens"'):
+        assert control in text, control
+    assert '"/features/search?"' in text and '"/features", {method: "POST"' in text
+    assert '"sae_feature": {method: "sae_feature", artifact: "sae"' in text
 
 
 def test_closed_loop_streams_per_token_figures(hf_url: str) -> None:
@@ -188,3 +207,89 @@ def test_playground_streams_unsteered_and_steered_side_by_side(hf_url: str, page
     assert out["plain"]["state"] == "done" and out["steered"]["state"] == "failed", out
     assert out["steered"]["text"] == "400: steering.interventions.0.vector: unknown vector 'no-such-vector'", out
     assert out["steered"]["stat"] == "failed", out
+
+
+def _features(page: Page, box: str) -> list[str]:
+    return page.evaluate(f"[...document.querySelectorAll('#{box} button.pick')].map((b) => b.dataset.feature)")
+
+
+def _spec(page: Page) -> dict[str, Any]:
+    spec: dict[str, Any] = json.loads(page.evaluate("document.getElementById('spec').textContent")
+                                      .removeprefix("steering: "))
+    return spec
+
+
+def _click(page: Page, box: str, feature: int) -> None:
+    page.evaluate(f"document.querySelector('#{box} button[data-feature=\"{feature}\"]').click(); true")
+
+
+def test_feature_search_fills_a_sae_feature_spec(hf_url: str, hf_service: tuple[Service, Settings], page: Page,
+                                                 tmp_path: Path) -> None:
+    """The feature box: a labelled dictionary uploaded, the admin key lists it into the box, a search by label
+    lists its features in rank order, clicks add them to a ``sae_feature`` spec at the chosen strength and
+    mode, "Top features" lists ``POST /features``' top 3 at every prompt token, and the spec built by clicks
+    steers a generation."""
+    service, _ = hf_service
+    data = sae_bytes(saelens_dir(tmp_path), None, service.info, labels=LABELS)
+    r = httpx.post(f"{hf_url}/admin/vectors", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                   files=[("name", (None, "pg-sae")), ("file", ("sae.safetensors", data))], timeout=120)
+    assert r.status_code == 201, r.text
+    page.goto(f"{hf_url}/playground")
+    page.errors.clear()  # what the browser logged for the tests before (their refused requests)
+    _set(page, {"key": ADMIN_KEY})
+    page.wait_for("document.getElementById('sae').value === 'pg-sae'", timeout=30)  # the one sae, chosen
+    assert page.evaluate("[...document.querySelectorAll('#saes option')].map((o) => o.value)") == ["pg-sae"]
+
+    _set(page, {"feature-q": "dog"})
+    page.evaluate("document.getElementById('feature-search').click(); true")
+    page.wait_for("document.getElementById('feature-results').dataset.state === 'done'", timeout=30)
+    assert _features(page, "feature-results") == [str(f) for f in DOG_ORDER]
+    assert page.evaluate("document.querySelector('#feature-results button.pick').textContent") == "#5  dog"
+    assert "7 of 10 labelled features of pg-sae@1 match" in page.evaluate(
+        "document.getElementById('feature-note').textContent")
+
+    _set(page, {"feature-strength": "6"})
+    _click(page, "feature-results", 6)
+    assert page.evaluate("document.getElementById('method').value") == "sae_feature"
+    assert _spec(page) == {"interventions": [{"method": "sae_feature", "sae": "pg-sae", "features": {"6": 6},
+                                              "mode": "add"}]}
+    _set(page, {"feature-mode": "clamp", "feature-strength": "2"})
+    assert _spec(page)["interventions"][0]["mode"] == "clamp"
+    _click(page, "feature-results", 5)
+    assert _spec(page) == {"interventions": [{"method": "sae_feature", "sae": "pg-sae", "features": {"6": 6, "5": 2},
+                                              "mode": "clamp"}]}
+    _set(page, {"feature-q": "nothing like it"})
+    page.evaluate("document.getElementById('feature-search').click(); true")
+    page.wait_for("document.getElementById('feature-results').dataset.state === 'done'", timeout=30)
+    assert _features(page, "feature-results") == []
+    assert page.errors == [], page.errors
+    _set(page, {"sae": "no-such-sae", "feature-q": "dog"})
+    page.evaluate("document.getElementById('feature-search').click(); true")
+    page.wait_for("document.getElementById('feature-results').dataset.state === 'failed'", timeout=30)
+    assert page.evaluate("document.getElementById('feature-note').textContent").startswith("404: sae: unknown sae")
+
+    # Top features of the page's prompt: one row per prompt token, the route's own top 3 in each.
+    _set(page, {"sae": "pg-sae", "feature-mode": "add"})
+    page.evaluate("document.getElementById('feature-top').click(); true")
+    page.wait_for("document.getElementById('feature-tokens').dataset.state === 'done'", timeout=120)
+    rows = page.evaluate("[...document.querySelectorAll('#feature-tokens .tok')].map((row) => "
+                         "[...row.querySelectorAll('button.pick')].map((b) => b.dataset.feature))")
+    want = httpx.post(f"{hf_url}/features", json={"messages": [{"role": "user", "content": "Tell me about your day."}],
+                                                  "sae": "pg-sae", "top_k": 3}, timeout=120).json()["tokens"]
+    assert rows == [[str(f["id"]) for f in t["features"]] for t in want]
+    page.screenshot(ARTIFACTS / "playground-features.png")
+
+    # A spec built by clicks steers: feature 3 at 60 (test_sae: the text moves), 12 tokens.
+    _set(page, {"feature-q": "third", "feature-strength": "60", "max_tokens": "12"})
+    page.evaluate("document.getElementById('feature-search').click(); true")
+    page.wait_for("document.getElementById('feature-results').dataset.state === 'done'", timeout=30)
+    _set(page, {"extra": '{"features": {}, "mode": "add"}'})
+    _click(page, "feature-results", 3)
+    assert _spec(page) == {"interventions": [{"method": "sae_feature", "sae": "pg-sae", "features": {"3": 60},
+                                              "mode": "add"}]}
+    out = _run(page)
+    assert out["plain"]["state"] == out["steered"]["state"] == "done", out
+    assert out["steered"]["report"] == "applied: sae_feature pg-sae@1", out
+    assert out["steered"]["text"] != out["plain"]["text"], out
+    # the one error the browser logged: the 404 of the unknown dictionary, which the page showed
+    assert [e for e in page.errors if "sae=no-such-sae" not in e] == [], page.errors

@@ -120,6 +120,25 @@ class FeaturesResponse(_Doc):
     tokens: list[TokenFeatures]
 
 
+class FeatureMatch(_Doc):
+    feature: int
+    label: str
+
+
+class FeatureSearchResponse(_Doc):
+    """The features whose label contains ``q``: as a whole word first, then as a word's start, then anywhere;
+    shorter labels first within each."""
+
+    sae: str  # NAME@V
+    layer: int
+    d_sae: int
+    q: str
+    labelled: int  # how many features have a label
+    total: int  # how many matched (``matches`` holds at most ``limit``)
+    matches: list[FeatureMatch]
+    note: str | None = None  # e.g. that the dictionary has no labels
+
+
 class LoopFigures(_Doc):
     """A closed loop's figures at one token: the entropy it measured (bits) and the gain it set next."""
 

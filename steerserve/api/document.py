@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from steerserve.api.apidoc import REF, STREAM_MODELS, ErrorResponse
+from steerserve.api.guard import is_generation
 from steerserve.config import Settings
 from steerserve.methods import REGISTRY
 
@@ -57,7 +58,7 @@ def tidy_openapi(doc: dict[str, Any], settings: Settings, num_layers: int) -> di
                     response["content"] = {"application/json": error}
             if path.startswith("/admin/"):
                 op["security"] = [{"adminKey": []}]
-            elif path == "/generate" or path.startswith("/v1/"):
+            elif is_generation(path):
                 op["security"] = [{}, {"apiKey": []}]  # optional
     # Limits from the settings and the loaded model, on the request fields that already state a bound.
     limits: dict[str, Callable[[dict[str, Any]], None]] = {

@@ -5,9 +5,9 @@ on a body:
 - a request under ``/admin`` without the right key is refused (401, or 403 when no key is configured)
   before a byte of its body is read, so an anonymous client cannot make the server read, let alone parse,
   an admin body;
-- a generation request (``/generate``, ``/v1/...``) gets its policy from its client key,
-  ``Authorization: Bearer <key>`` (``Service.policy_for``: no key, or the admin key, is the default policy;
-  a key no policy binds is a 401). The route reads the policy with ``policy_of``;
+- a generation request (``/generate``, ``/v1/...``, ``/features``, ``/features/search``) gets its policy
+  from its client key, ``Authorization: Bearer <key>`` (``Service.policy_for``: no key, or the admin key, is
+  the default policy; a key no policy binds is a 401). The route reads the policy with ``policy_of``;
 - a body is at most ``max_upload_bytes`` for ``POST /admin/vectors`` and ``max_body_bytes`` on every other
   route (413). A declared Content-Length over the limit is refused without reading anything; a body sent
   without one (chunked) is counted as it arrives and refused as soon as it passes the limit.
@@ -62,7 +62,7 @@ def client_key(authorization: str | None) -> str | None:
 
 def is_generation(path: str) -> bool:
     """The routes a client key's policy governs."""
-    return path in ("/generate", "/features") or path.startswith("/v1/")
+    return path in ("/generate", "/features", "/features/search") or path.startswith("/v1/")
 
 
 def policy_of(request: Request) -> Policy:

@@ -1,4 +1,5 @@
-"""``POST /generate``: the native endpoint, with the steering report in every response; ``POST /features``.
+"""``POST /generate``: the native endpoint, with the steering report in every response; ``POST /features``
+and ``GET /features/search``.
 
 Non-streaming: ``{"id", "text", "finish_reason", "usage", "steering": {"applied": [...]}, "model"}``.
 Streaming (SSE): ``data: {"id", "text": <delta>, "finish_reason": null}`` per increment; the last event
@@ -16,10 +17,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from steerserve.api.apidoc import GENERATION_ERRORS, FeaturesResponse, GenerateChunk, GenerateResponse, streamed
+from steerserve.api.apidoc import (
+    GENERATION_ERRORS,
+    FeatureSearchResponse,
+    FeaturesResponse,
+    GenerateChunk,
+    GenerateResponse,
+    errors,
+    streamed,
+)
 from steerserve.api.document import GENERATE_EXAMPLES
 from steerserve.api.guard import policy_of
-from steerserve.api.schemas import FeaturesRequest, GenerateRequest
+from steerserve.api.schemas import FeaturesRequest, GenerateRequest, SaeRef, SearchLimit, SearchText
 from steerserve.api.streaming import (
     Metrics,
     SSEResponse,
@@ -80,3 +89,14 @@ async def features(body: FeaturesRequest, request: Request) -> JSONResponse:
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     prompt = await asyncio.to_thread(service.render, body.prompt, messages)
     return JSONResponse(await service.features(prompt, body.sae, body.top_k))
+
+
+@router.get("/features/search", response_model=None,
+            responses={200: {"model": FeatureSearchResponse}, **errors(400, 401, 404, 429)})
+async def search_features(request: Request, sae: SaeRef, q: SearchText, limit: SearchLimit = 20) -> JSONResponse:
+    """The features of the SAE dictionary ``sae`` whose label contains ``q``, best first (as a whole word,
+    then as a word's start, then anywhere), at most ``limit``: what to put in a ``sae_feature`` spec. The
+    labels are read from the file's header, not its weights. A dictionary without labels answers no matches
+    and a ``note``. Authenticated like ``/generate``."""
+    service: Service = request.app.state.service
+    return JSONResponse(await service.search_features(sae, q, limit))

@@ -1,7 +1,9 @@
 """``GET /playground``: one static page (HTML, CSS and vanilla JS in one file, no build step, no network)
 for trying steering by hand: it sends the same prompt unsteered and steered to ``POST /generate`` with
 ``"stream": true`` and shows both continuations side by side as they stream, with a closed loop's
-per-token figures (``loop`` in the stream) drawn as a small chart.
+per-token figures (``loop`` in the stream) drawn as a small chart. Its SAE box finds a dictionary's features
+by label (``GET /features/search``) or lists the prompt's most active ones per token (``POST /features``);
+clicking one adds it to a ``sae_feature`` spec at the strength and mode chosen there.
 
 The page holds no secret and reads nothing the public routes do not: the artifact list comes from
 ``GET /admin/vectors`` and ``GET /admin/pairs`` only with a key the user types in. It is left out of the

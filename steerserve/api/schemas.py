@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from steerserve.api.structured import ResponseFormat, Tool, ToolChoice
@@ -23,6 +24,7 @@ from steerserve.config import Settings
 from steerserve.errors import SteerError
 from steerserve.prompts import has_lone_surrogate
 from steerserve.store.db import NAME_RE
+from steerserve.store.sae_labels import MAX_MATCHES, MAX_QUERY_CHARS
 
 
 def _accepts(schema: dict[str, Any], nullable: bool = True) -> WithJsonSchema:
@@ -193,6 +195,15 @@ class FeaturesRequest(StrictModel, BodyModel):
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
     sae: Annotated[str, Field(min_length=1, max_length=80, description="a sae artifact, NAME or NAME@V")]
     top_k: Annotated[int, Field(ge=1, le=64, description="features per token"), WHOLE] = 8
+
+
+# GET /features/search: query parameters (strings on the wire, so not strict; FastAPI parses them)
+SaeRef = Annotated[str, Query(min_length=1, max_length=80, description="a sae artifact, NAME or NAME@V")]
+SearchText = Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, pattern="\\S",
+                                  description="text to find in the features' labels (case-insensitive)")]
+SearchLimit = Annotated[int, Query(ge=1, le=MAX_MATCHES, description="most matches returned")]
+
+
 
 
 # ---- OpenAI-compatible ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from steerserve.errors import SteerError
 from steerserve.model_info import ModelInfo
@@ -33,8 +34,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=run_import)
 
 
-def sae_bytes(path: Path, layer: int | None, model: ModelInfo, labels: dict[int, str] | None = None) -> bytes:
-    """The ``sae`` file of the SAE at ``path`` for ``model``, with ``labels`` (feature -> label) if given."""
+def sae_bytes(path: Path, layer: int | None, model: ModelInfo, labels: dict[int, str] | None = None, *,
+              dtype: torch.dtype | None = None, **extra: str) -> bytes:
+    """The ``sae`` file of the SAE at ``path`` for ``model``, with ``labels`` (feature -> label) if given, the
+    tensors cast to ``dtype`` if given, and ``extra`` metadata (``method``, ``provenance``, ``description``)."""
     import dataclasses
 
     from steerserve.store.sae import sae_header
@@ -43,8 +46,9 @@ def sae_bytes(path: Path, layer: int | None, model: ModelInfo, labels: dict[int,
     sae, source = read_any(path, layer)
     if labels:
         sae = dataclasses.replace(sae, labels=labels)
-    header = sae_header(model, sae, source)
-    return safetensors.torch.save({k: v.contiguous() for k, v in sae.tensors().items()}, metadata=header)
+    header = sae_header(model, sae, source, **extra)
+    return safetensors.torch.save({k: (v if dtype is None else v.to(dtype)).contiguous()
+                                   for k, v in sae.tensors().items()}, metadata=header)
 
 
 def run_import(args: argparse.Namespace) -> int:
