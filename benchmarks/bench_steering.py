@@ -8,6 +8,10 @@ own random vector on every decoder layer (so the batch holds N x layers distinct
 ``entropic`` with ``target_entropy`` compiles to (one vector at ``--loop-layer`` from the last prompt token
 on, its scale times the request's gain register, which the sampler-side step moves toward the request's
 own target entropy every step): the cost of the registers, the entropy step and the gain multiply.
+``--compare clamp``: unsteered vs the same N requests each clamping its own ``--clamp-features`` SAE features
+(random unit encoder and decoder rows, ReLU, targets 2-6) at ``--loop-layer`` on every position: what
+``sae_feature`` with ``mode: "clamp"`` compiles to (a CLAMP op per feature: each token's activation read on
+the device from the encoder row, then ``(target - a) * W_dec[i]`` added).
 ``--compare safeswitch``: unsteered vs the same N requests, every other one with SafeSwitch (the probes
 ``--probes`` and head ``--head`` files, e.g. the shipped ones): the probes on the device, the pilot held
 back in the front end and, for a flagged request, the regeneration with the refusal head. The prompts are
@@ -22,6 +26,7 @@ both conditions do the same amount of work and only the steering differs.
     python benchmarks/bench_steering.py --engine vllm --requests 16 --max-tokens 64 --rounds 3
     python benchmarks/bench_steering.py --engine vllm --compare specs --requests 32
     python benchmarks/bench_steering.py --engine vllm --compare loop --requests 16
+    python benchmarks/bench_steering.py --engine vllm --compare clamp --requests 16
     python benchmarks/bench_steering.py --engine vllm --compare safeswitch --requests 16
     python benchmarks/bench_steering.py --engine hf --requests 8
 
@@ -96,10 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="probe file (--compare safeswitch)")
     p.add_argument("--head", type=Path, default=Path("vectors/refusal_head.safetensors"),
                    help="refusal-head file (--compare safeswitch)")
-    p.add_argument("--compare", choices=("steering", "specs", "loop", "safeswitch"), default="steering",
+    p.add_argument("--compare", choices=("steering", "specs", "loop", "clamp", "safeswitch"), default="steering",
                    help="steering: unsteered vs distinct vectors; specs: one shared spec vs distinct specs; "
-                        "loop: unsteered vs distinct closed-loop specs")
-    p.add_argument("--loop-layer", type=int, default=15, help="layer of the closed-loop vector (--compare loop)")
+                        "loop: unsteered vs distinct closed-loop specs; clamp: vs distinct SAE feature clamps")
+    p.add_argument("--loop-layer", type=int, default=15,
+                   help="layer of the closed-loop vector (--compare loop) or of the clamps (--compare clamp)")
+    p.add_argument("--clamp-features", type=int, default=2, help="features each request clamps (--compare clamp)")
     p.add_argument("--requests", type=int, default=16, help="concurrent requests per condition")
     p.add_argument("--max-tokens", type=int, default=64, help="max new tokens per request (greedy)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs both conditions")
@@ -118,10 +125,13 @@ def default_model_dir() -> Path:
 
 
 def build_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: int, coeff: float, seed: int,
-                   vectors: int, tag: str, loop_layer: int | None = None) -> list[GenerationRequest]:
+                   vectors: int, tag: str, loop_layer: int | None = None,
+                   clamps: int = 0) -> list[GenerationRequest]:
     """``n`` chat requests over the fixed prompts (cycled). ``vectors``: 0 = unsteered, 1 = all requests
     share one spec, n = each request has its own; a spec is a unit vector per layer on every layer, or with
     ``loop_layer`` a closed-loop spec (one vector there, gain-scaled, its own target entropy)."""
+    if loop_layer is not None and clamps:
+        return build_clamp_requests(engine, render, n, max_tokens, seed, vectors, tag, loop_layer, clamps)
     if loop_layer is not None:
         return build_loop_requests(engine, render, n, max_tokens, seed, vectors, tag, loop_layer)
     layers, hidden = engine.info.num_layers, engine.info.hidden_size
@@ -154,6 +164,23 @@ def build_loop_requests(engine: Engine, render: PromptRenderer, n: int, max_toke
             ops = (SteerOp(OpKind.ADD, layer, VectorRef.of(v / v.norm() * 8.0), 1.0, len(ids) - 1, gain=True),)
             loop = LoopSpec(target=0.5 + 2.0 * i / max(n - 1, 1))  # 0.5 .. 2.5 bits, one per request
         out.append(GenerationRequest(f"{tag}-{i}", ids, sampling, ops, loop))
+    return out
+
+
+def build_clamp_requests(engine: Engine, render: PromptRenderer, n: int, max_tokens: int, seed: int, vectors: int,
+                         tag: str, layer: int, clamps: int) -> list[GenerationRequest]:
+    gen = torch.Generator().manual_seed(seed)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    hidden = engine.info.hidden_size
+    out = []
+    for i in range(n):
+        ids = render.render(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]).token_ids
+        ops: list[SteerOp] = []
+        for k in range(clamps if vectors else 0):
+            enc, dec = torch.randn(hidden, generator=gen), torch.randn(hidden, generator=gen)
+            rows = torch.stack([enc / enc.norm(), dec / dec.norm(), torch.zeros(hidden)])  # ReLU, offset 0
+            ops.append(SteerOp(OpKind.CLAMP, layer, VectorRef.of(rows), 2.0 + 4.0 * k / max(clamps - 1, 1)))
+        out.append(GenerationRequest(f"{tag}-{i}", ids, sampling, tuple(ops)))
     return out
 
 
@@ -227,7 +254,8 @@ async def bench(args: argparse.Namespace) -> int:
     n = args.requests
     names = ("one spec", f"{n} specs") if args.compare == "specs" else ("unsteered", "steered")
     counts = (1, n) if args.compare == "specs" else (0, n)
-    loop_layer = args.loop_layer if args.compare == "loop" else None
+    loop_layer = args.loop_layer if args.compare in ("loop", "clamp") else None
+    clamps = args.clamp_features if args.compare == "clamp" else 0
     switch = load_safeswitch(engine, args.probes, args.head) if args.compare == "safeswitch" else None
     try:
         def make(vectors: int, tag: str) -> list[GenerationRequest]:
@@ -236,7 +264,7 @@ async def bench(args: argparse.Namespace) -> int:
                 return [dataclasses.replace(r, probes=switch.probes) if vectors and i % 2 == 0 else r
                         for i, r in enumerate(plain)]
             return build_requests(engine, render, n, args.max_tokens, args.coeff, args.seed, vectors, tag,
-                                  loop_layer)
+                                  loop_layer, clamps)
 
         conditions = dict(zip(names, counts, strict=True))
         # Warm-up: lazy initialisation, allocator growth, and the bank loads of every vector.
@@ -268,6 +296,9 @@ def report(args: argparse.Namespace, model: str, layers: int, results: dict[str,
     elif args.compare == "loop":
         print(f"compare: unsteered vs a distinct closed-loop spec per request (a norm-8 random vector at layer "
               f"{args.loop_layer} from the last prompt token, times its gain; targets 0.5-2.5 bits)")
+    elif args.compare == "clamp":
+        print(f"compare: unsteered vs {args.clamp_features} distinct SAE feature clamps per request at layer "
+              f"{args.loop_layer}, every position (random unit encoder/decoder rows, ReLU, targets 2-6)")
     else:
         what = ("unsteered vs a distinct random unit vector per request" if args.compare == "steering"
                 else "all requests sharing one spec vs a distinct spec per request")

@@ -92,6 +92,16 @@ def test_repetition_and_length() -> None:
     assert vals == {"tokens": 16.0, "hit_budget": 1.0, "repetition": pytest.approx(1 - 3 / 4)}
 
 
+def test_concept_mentions_count_whole_words_and_plurals() -> None:
+    m = METRICS["mentions"].values
+    food = Probes(concept=("pizza", "ice cream", "tomato"))
+    got = m(_case("Pizzas and ice  cream; a tomato's skin. No pizzeria here."), food)
+    assert got == {"mentions": 1.0, "mentions_per_100_words": pytest.approx(100 * 3 / 10)}
+    assert m(_case("A pizzeria and icecream."), food)["mentions"] == 0.0  # whole words only
+    with pytest.raises(SteerError, match="--concept"):
+        m(_case("pizza"), Probes())
+
+
 def test_sentiment_sign() -> None:
     s = METRICS["sentiment"].values
     assert s(_case("What a wonderful, happy day!"), Probes())["sentiment"] > 0.5

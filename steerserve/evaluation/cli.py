@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", nargs="+", default=(), metavar="TOKEN",
                    help="one-token answer options for choice_entropy, e.g. --options A B (chat replies start "
                         "without a space)")
+    p.add_argument("--concept", nargs="+", default=(), metavar="WORD",
+                   help="words of a concept for --metric mentions (whole words, case-insensitive, plurals "
+                        "count), e.g. --concept food pizza bread cheese")
     p.add_argument("--coeffs", nargs="+", type=sweep.parse_coeff, default=None, metavar="C",
                    help="strengths to sweep: numbers, or 'auto' (a method's calibrated strength)")
     p.add_argument("--coeff-field", default=None, metavar="NAME", help="the strength field to sweep")
@@ -131,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         sampling = Sampling(args.max_tokens, args.temperature, args.seed, args.chat, template)
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
-                              args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl", args.exact)
+                              args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl", args.exact,
+                              tuple(args.concept))
         result = asyncio.run(runner.evaluate(samples, opts))
     except SteerError as exc:
         print(f"steerserve eval: {exc}", file=sys.stderr)
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     config = {"command": "steerserve " + shlex.join(sys.argv[1:]), "spec": spec, "data": str(args.data),
               "field": args.field, "offset": args.offset, "limit": args.limit, "prompts": prompts,
               "samples": args.samples, "chat": args.chat, "metrics": list(args.metric), "options": list(args.options),
+              "concept": list(args.concept),
               "coeffs": args.coeffs, "coeff_field": args.coeff_field, "prompt_template": args.prompt_template,
               "also_spec": args.also_spec, "also_prompt": args.also_prompt,
               "also_temperature": args.also_temperature, "max_tokens": args.max_tokens,

@@ -51,6 +51,7 @@ class Probes:
     refusal: tuple[int, ...] = ()
     options: tuple[str, ...] = ()
     option_ids: tuple[int, ...] = ()
+    concept: tuple[str, ...] = ()  # words of a concept, for ``mentions`` (``--concept``)
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -114,6 +115,23 @@ def _vader() -> Any:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
+
+
+@functools.lru_cache(maxsize=8)
+def concept_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    """Any of ``words`` as a whole word, case-insensitive, with a plural or possessive ending ("pizzas",
+    "tomatoes", "France's"); a multi-word entry ("ice cream") matches with any whitespace between."""
+    alts = sorted((r"\s+".join(map(re.escape, w.split())) for w in words if w.strip()), key=len, reverse=True)
+    return re.compile(r"\b(?:" + "|".join(alts) + r")(?:s|es|'s)?\b", re.IGNORECASE)
+
+
+def _mentions(case: Case, probes: Probes) -> dict[str, float]:
+    """Whether the reply mentions the concept (any ``--concept`` word), and how often per 100 words."""
+    if not probes.concept:
+        raise SteerError("mentions needs --concept WORD [WORD ...]", field="--concept")
+    hits = len(concept_pattern(probes.concept).findall(case.text))
+    words = max(len(case.text.split()), 1)
+    return {"mentions": float(hits > 0), "mentions_per_100_words": 100.0 * hits / words}
 
 
 def _refusal(case: Case, probes: Probes) -> dict[str, float]:
@@ -220,6 +238,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("refusal", (Row("refusal", "refusal"),), _refusal),
     Metric("refusal_score", (Row("refusal_score", "refusal_score"),), _refusal_score, scored=True),
     Metric("sentiment", (Row("sentiment", "sentiment"),), _sentiment),
+    Metric("mentions", (Row("mentions (share of replies)", "mentions"),
+                        Row("mentions per 100 words", "mentions_per_100_words")), _mentions),
     Metric("length", (Row("tokens (mean)", "tokens"), Row("tokens (median)", "tokens", "median"),
                       Row("tokens (p90)", "tokens", "p90"), Row("hit_budget", "hit_budget"),
                       Row("repetition", "repetition")), _length),

@@ -14,7 +14,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -52,6 +52,7 @@ class Options:
     vectors_dir: Path | None = None  # imported into the local store at start-up
     replies_out: Path | None = None  # JSONL of every reply, written when generation ends (before scoring)
     exact: bool = False  # server mode: score on the local model (else from the server's top-k log-probabilities)
+    concept: tuple[str, ...] = ()  # words whose mention ``mentions`` counts
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ async def evaluate(samples: Sequence[Sample], opts: Options) -> Result:
         if service is not None and served != [service.info.name]:
             notes.append(f"the server served {model} but the scorer's local model is {service.info.name}: "
                          "the distribution metrics do not describe the generations")
+    probes = replace(probes, concept=opts.concept)
     values = tuple(tuple(_sample_values(metrics, samples[j], replies[i][j], scores[i][j], probes, opts.kl)
                          for j in range(n)) for i in range(len(opts.settings)))
     rows = [(m.name, r) for m in metrics for r in m.rows]
