@@ -204,6 +204,8 @@ def test_sweep_rule() -> None:
     assert out["interventions"][2] == {"method": "x", "beta": -1.0, "gamma": 3}  # the first strength field
     assert spec["interventions"][0]["coeff"] == 2.0  # not modified in place
     assert sweep.with_strength(spec, 5.0, "gamma")["interventions"][2] == {"method": "x", "beta": 1, "gamma": 5.0}
+    sae = {"interventions": [{"method": "sae_feature", "sae": "s", "features": {"3": 1, "9": 2}, "mode": "clamp"}]}
+    assert sweep.with_strength(sae, 6.0)["interventions"][0]["features"] == {"3": 6.0, "9": 6.0}  # every feature
     with pytest.raises(SteerError, match="--coeff-field"):
         sweep.with_strength({"interventions": [{"method": "ablate", "vector": "r"}]}, 1.0)
     settings = sweep.settings(spec, [-1.0, 1.0])

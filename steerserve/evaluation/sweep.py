@@ -3,7 +3,8 @@
 Strength rule for ``--coeffs c1 c2 ...``: each value gives one setting, in which every intervention's
 strength field is set to it. The strength field is ``--coeff-field NAME`` where given (set in every
 intervention that has a numeric ``NAME``), else the first of ``STRENGTH_FIELDS`` that the intervention
-has with a numeric value; interventions without one (``ablate``) stay as they are. Without ``--coeffs``
+has with a numeric value, or for ``sae_feature`` every feature's strength (``features``); interventions
+without one (``ablate``) stay as they are. Without ``--coeffs``
 the spec is used as is (one steered setting, labelled ``spec``). A ``--coeffs`` value may be ``auto``
 (``AUTO``): the strength field is set to the string ``"auto"``, which methods with a calibrated strength
 (``cot_compress``'s ``gamma``) accept; such a setting has no numeric ``coeff``.
@@ -76,6 +77,10 @@ def _strength(value: Any) -> bool:
     return _numeric(value) or value == AUTO
 
 
+def _feature_strengths(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(_numeric(v) for v in value.values())
+
+
 def with_strength(spec: Mapping[str, Any], value: Coeff, field: str | None = None) -> dict[str, Any]:
     """``spec`` with its strength field(s) set to ``value`` (the rule in the module docstring)."""
     out = copy.deepcopy(dict(spec))
@@ -85,6 +90,9 @@ def with_strength(spec: Mapping[str, Any], value: Coeff, field: str | None = Non
         key = next((k for k in keys if _strength(iv.get(k))), None)
         if key is not None:
             iv[key] = value
+            changed += 1
+        elif field in (None, "features") and _feature_strengths(iv.get("features")) and _numeric(value):
+            iv["features"] = {f: value for f in iv["features"]}  # sae_feature: every named feature
             changed += 1
     if not changed:
         names = field if field is not None else "/".join(STRENGTH_FIELDS)
