@@ -23,6 +23,7 @@ from steerserve.engines.slots import LoopSlots
 from steerserve.engines.supervisor import EngineSupervisor
 from steerserve.engines.switching import switching
 from steerserve.errors import EngineUnavailable, NotFound, SteerError
+from steerserve.features import read_features
 from steerserve.fleet import SharedLimits, namespace
 from steerserve.methods import check_policy, resolve, vetting
 from steerserve.methods.actadd import MAX_PAIR_TOKENS
@@ -30,6 +31,7 @@ from steerserve.methods.base import coeff_value
 from steerserve.methods.vetting import KLBudget
 from steerserve.model_info import ModelInfo
 from steerserve.prompts import PromptRenderer
+from steerserve.runtime.plan import SteerOp
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
 from steerserve.store.policies import DEFAULT, Policy, PolicyStore, key_hash
@@ -314,30 +316,30 @@ class Service:
         return await asyncio.to_thread(self.store.put_vector, name, vectors, method="mean_diff",
                                        provenance=provenance, description=description)
 
-    async def features(self, prompt: PromptInfo, sae_ref: str, top_k: int) -> dict[str, Any]:
-        """The ``top_k`` most active features of the dictionary ``sae_ref`` at every token of ``prompt``: its
-        unsteered states read through the engine (a capture request), encoded on the host. Bounded by
+    async def features(self, prompt: PromptInfo, sae_ref: str, top_k: int, reply: Sequence[int] = (),
+                       ops: Sequence[SteerOp] = ()) -> dict[str, Any]:
+        """The ``top_k`` most active features of the dictionary ``sae_ref`` at every token of ``prompt`` (and of
+        its ``reply``): the states read through the engine (a capture request; steered by open-loop ``ops``
+        if given, and then unsteered too), encoded on the host (``features.read_features``). Bounded by
         ``capture_tokens`` tokens x ``top_k``."""
         if not await self.healthy():
             raise EngineUnavailable()
-        n = len(prompt.token_ids)
-        if n > self.settings.capture_tokens:
-            raise SteerError(f"is {n} tokens; features are read for at most {self.settings.capture_tokens}",
-                             field="prompt")
+        tokens = [*prompt.token_ids, *reply]
+        if len(tokens) > self.settings.capture_tokens:
+            raise SteerError(f"is {len(tokens)} tokens with the reply; features are read for at most "
+                             f"{self.settings.capture_tokens}", field="prompt")
         meta = await asyncio.to_thread(self.store.get, sae_ref, "sae", field="sae", require_enabled=True)
         sae = self.ctx.cache.get(f"sae:{meta.sha256}")  # the encoder is read from the file once
         if sae is None:
             sae = self.ctx.cache[f"sae:{meta.sha256}"] = (await asyncio.to_thread(self.store.load_sae, meta.ref()))[1]
-        states = (await self.engine.hidden_states([prompt.token_ids], [sae.layer]))[0][:, 0, :]  # [T, H]
-        acts = sae.encode(states)  # [T, d_sae]
-        top = acts.topk(min(top_k, sae.d_sae), dim=-1)
-        tokens = []
-        for pos, (tok, values, ids) in enumerate(zip(prompt.token_ids, top.values.tolist(), top.indices.tolist(),
-                                                     strict=True)):
-            found = [{"id": i, "activation": round(v, 6), **({"label": sae.labels[i]} if i in sae.labels else {})}
-                     for v, i in zip(values, ids, strict=True) if v > 0]
-            tokens.append({"position": pos, "token": self.renderer.tokenizer.decode([tok]), "features": found})
-        return {"sae": meta.ref(), "layer": sae.layer, "d_sae": sae.d_sae, "tokens": tokens}
+        table = await read_features(self.engine, sae, tokens, len(prompt.token_ids), top_k,
+                                    self.renderer.tokenizer.decode, ops)
+        return {"sae": meta.ref(), "layer": sae.layer, "d_sae": sae.d_sae, "tokens": table}
+
+    async def resolved(self, prompt: PromptInfo, steering: Mapping[str, Any] | None,
+                       policy: Policy | None) -> ResolvedSpec:
+        """``steering`` resolved for ``prompt`` under ``policy``, without generating (a 4xx naming the field)."""
+        return await resolve(SteerSpec.from_dict(steering), prompt, self.ctx, policy=policy)
 
     async def search_features(self, sae_ref: str, query: str, limit: int = 20) -> dict[str, Any]:
         """The features of the dictionary ``sae_ref`` whose label matches ``query``, best first, at most

@@ -1,9 +1,10 @@
 """SAE dictionaries (issue 24, first part): the published formats read into our ``sae`` artifact, the store's
 checks, and ``sae_feature`` in ``add`` mode on the live server.
 
-The dictionaries here are random (a trained one for the default model is not shipped yet): the tests check
-the formats, the layer mapping and the exact identity of a feature's steering with ``add`` of its decoder
-row, not an effect.
+The dictionaries here are random: the tests check the formats, the layer mapping and exact identities of a
+feature's steering (``add`` of a feature is ``add`` of its decoder row; clamping a feature that reads a
+constant is adding its decoder row by the difference), not an effect (the shipped dictionary's effect is
+measured by ``steerserve eval``).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def test_a_feature_steers_exactly_as_its_decoder_row(client: httpx.Client, admin
     assert applied["artifacts"] == ["sae-test@1"] and applied["detail"]["features"] == {"3": 60.0}
     zero = _gen(client, {"interventions": [{"method": "sae_feature", "sae": "sae-test", "features": {"3": 0}}]})
     assert zero.json()["text"] == plain
-    for iv, field in (({"features": {"3": 1}, "mode": "clamp"}, "mode"),
+    for iv, field in (({"features": {"3": 1}, "mode": "set"}, "mode"),
+                      ({"features": {str(i): 1 for i in range(5)}, "mode": "clamp"}, "features"),
                       ({"features": {str(D_SAE): 1}}, f"features.{D_SAE}"),
                       ({"features": {"3": 1e9}}, "features.3"), ({"features": {}}, "features")):
         r = _gen(client, {"interventions": [{"method": "sae_feature", "sae": "sae-test", **iv}]})
@@ -200,3 +202,96 @@ def test_features_lists_the_active_features_per_token(client: httpx.Client, admi
                                                                     "top_k")):
         r = client.post("/features", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def _upload(client: httpx.Client, admin_headers: dict[str, str], name: str, data: bytes) -> None:
+    r = client.post("/admin/vectors", headers=admin_headers, files=[("name", (None, name)),
+                                                                    ("file", ("sae.safetensors", data))])
+    assert r.status_code == 201, r.text
+
+
+def _sae(name: str, features: dict[str, float], mode: str = "clamp", **kw: Any) -> dict[str, Any]:
+    return {"interventions": [{"method": "sae_feature", "sae": name, "features": features, "mode": mode, **kw}]}
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_clamp_sets_a_feature_through_the_serving_engine(fmt: str, client: httpx.Client, admin_headers: dict[str, str],
+                                                         tmp_path: Path, service: Service) -> None:
+    """A SAELens (JumpReLU on ``x``) and a sparsify (TopK on ``x - b_dec``) dictionary, uploaded over HTTP, clamp
+    on the serving engine. Feature 0 reads exactly 5 at every token (encoder column 0, bias 5), so: clamping it
+    to 5 is the unsteered text; clamping it to 45 is ``add`` of its decoder row at 40, token for token; a
+    clamp of a real feature (3) to 30 changes the text, and with feature 0 beside it too."""
+    name = f"sae-clamp-{fmt}"
+    folder = saelens_dir(tmp_path) if fmt == "saelens" else sparsify_dir(tmp_path)
+    _upload(client, admin_headers, name, sae_bytes(folder, None, service.info))
+    plain = _gen(client, None).json()["text"]
+    same = _gen(client, _sae(name, {"0": 5.0}))
+    assert same.status_code == 200, same.text
+    assert same.json()["text"] == plain
+    clamped = _gen(client, _sae(name, {"0": 45.0})).json()["text"]
+    added = _gen(client, _sae(name, {"0": 40.0}, mode="add")).json()["text"]
+    assert clamped == added != plain
+    three = _gen(client, _sae(name, {"3": 30.0})).json()
+    assert three["text"] != plain and three["steering"]["applied"][0]["detail"]["mode"] == "clamp"
+    both = _gen(client, _sae(name, {"3": 30.0, "0": 5.0})).json()["text"]
+    assert both == three["text"]  # feature 0 held at its own value adds exactly nothing beside feature 3
+
+
+def test_features_of_a_steered_reply(client: httpx.Client, admin_headers: dict[str, str], tmp_path: Path,
+                                     service: Service) -> None:
+    """``POST /features`` with steering and ``max_tokens``: the greedy reply is the one /generate gives, its
+    tokens are marked, and each listed feature carries its unsteered activation: feature 3, clamped to 30,
+    reads ``a + (30 - a) * (enc . dec)`` = ``15 + a / 2`` here (``enc = dec / 2``, unit decoder rows), above
+    its unsteered ``a`` at every token; a closed loop cannot be replayed (400 naming steering)."""
+    name = "sae-clamp-saelens"
+    if not any(m["ref"] == f"{name}@1" for m in client.get("/admin/vectors", headers=admin_headers).json()["data"]):
+        _upload(client, admin_headers, name, sae_bytes(saelens_dir(tmp_path), None, service.info))
+    chat = [{"role": "user", "content": "Tell me about your day."}]
+    steering = _sae(name, {"3": 30.0})
+    r = client.post("/features", json={"messages": chat, "sae": name, "top_k": D_SAE, "steering": steering,
+                                       "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["text"] == _gen(client, steering).json()["text"]
+    assert out["steering"]["applied"][0]["detail"]["features"] == {"3": 30.0}
+    n_prompt = len(service.render(messages=chat).token_ids)
+    assert [t["reply"] for t in out["tokens"]] == [i >= n_prompt for i in range(len(out["tokens"]))]
+    assert len(out["tokens"]) > n_prompt
+    listed = [f for t in out["tokens"] for f in t["features"] if f["id"] == 3]
+    assert len(listed) >= len(out["tokens"]) / 2  # (a token whose pre-activation sits far below stays off)
+    for f3 in listed:
+        assert f3["activation"] > f3["unsteered"]
+        if f3["unsteered"] > 0:  # it fired unsteered: pre' = pre + (30 - pre) / 2, exactly
+            assert f3["activation"] == pytest.approx(15 + f3["unsteered"] / 2, abs=1e-3)
+    plain = client.post("/features", json={"messages": chat, "sae": name, "top_k": 4}).json()
+    assert "text" not in plain and all("unsteered" not in f for t in plain["tokens"] for f in t["features"])
+    loop = {"interventions": [{"method": "entropic", "vector": "sae-row-3", "target_entropy": 2.0}]}
+    if client.get("/admin/vectors/sae-row-3", headers=admin_headers).status_code == 200:
+        r = client.post("/features", json={"messages": chat, "sae": name, "steering": loop, "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "steering", r.text
+
+
+def test_a_policy_caps_and_forbids_features(client: httpx.Client, admin_headers: dict[str, str], tmp_path: Path,
+                                            service: Service) -> None:
+    """A key whose policy allows only ``sae_feature``, capped at 10: a clamp or add over the cap is a 403 naming
+    the feature, on /generate and on /features with steering; within it, 200; another method, 403."""
+    name = "sae-clamp-saelens"
+    if not any(m["ref"] == f"{name}@1" for m in client.get("/admin/vectors", headers=admin_headers).json()["data"]):
+        _upload(client, admin_headers, name, sae_bytes(saelens_dir(tmp_path), None, service.info))
+    r = client.put("/admin/policies/sae-capped", headers=admin_headers,
+                   json={"allowed_methods": ["sae_feature"], "method_caps": {"sae_feature": 10}})
+    assert r.status_code in (200, 201), r.text
+    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "sae-capped", "label": "sae test"})
+    key = {"Authorization": f"Bearer {r.json()['key']}"}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    for mode in ("clamp", "add"):
+        r = client.post("/generate", headers=key, json={**body, "steering": _sae(name, {"0": 5, "3": 20}, mode)})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "steering.interventions.0.features.3", r.text
+        r = client.post("/generate", headers=key, json={**body, "steering": _sae(name, {"3": 9.5}, mode)})
+        assert r.status_code == 200, r.text
+    r = client.post("/features", headers=key, json={"prompt": "Hi", "sae": name, "max_tokens": 2,
+                                                    "steering": _sae(name, {"3": 20})})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "steering.interventions.0.features.3", r.text
+    plain_add = {"interventions": [{"method": "add", "vector": name, "coeff": 1}]}
+    r = client.post("/generate", headers=key, json={**body, "steering": plain_add})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "steering.interventions.0.method", r.text

@@ -104,12 +104,14 @@ class GenerateResponse(_Doc):
 class FeatureOut(_Doc):
     id: int
     activation: float
+    unsteered: float | None = None  # with steering: the feature's activation at this token without it
     label: str | None = None
 
 
 class TokenFeatures(_Doc):
     position: int
     token: str
+    reply: bool = False  # a token of the generated reply (``max_tokens`` > 0)
     features: list[FeatureOut]  # the most active first; only those above 0
 
 
@@ -118,6 +120,8 @@ class FeaturesResponse(_Doc):
     layer: int
     d_sae: int
     tokens: list[TokenFeatures]
+    text: str | None = None  # the reply, when ``max_tokens`` > 0
+    steering: SteeringReport | None = None  # what was applied, when ``steering`` was given
 
 
 class FeatureMatch(_Doc):
@@ -328,7 +332,7 @@ class ArtifactOut(_Doc):
     name: str
     version: int
     ref: str  # name@version
-    kind: Literal["vector", "pair", "direction", "controller", "probe", "head"]
+    kind: Literal["vector", "pair", "direction", "controller", "probe", "head", "expert_set", "sae"]
     model_fingerprint: str
     model_name: str
     hidden_size: int

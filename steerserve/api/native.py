@@ -38,7 +38,9 @@ from steerserve.api.streaming import (
     collect_while_connected,
     sse_events,
     steering_report,
+    until_disconnect,
 )
+from steerserve.features import open_loop_ops
 from steerserve.service import Service, Submitted
 
 router = APIRouter(tags=["native"])
@@ -88,7 +90,35 @@ async def features(body: FeaturesRequest, request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
     prompt = await asyncio.to_thread(service.render, body.prompt, messages)
-    return JSONResponse(await service.features(prompt, body.sae, body.top_k))
+    if body.steering is None and not body.max_tokens:
+        return JSONResponse(await service.features(prompt, body.sae, body.top_k))
+    # With a reply or steering: the steering is resolved first (a closed loop cannot be replayed: 400), the
+    # greedy reply generated as /generate would, then prompt + reply read under the same ops and without.
+    check_steering_text(body.steering, service.settings.max_prompt_chars, service.settings.max_interventions)
+    ops = open_loop_ops(await service.resolved(prompt, body.steering, policy_of(request)))
+    extra: dict[str, Any] = {}
+    reply: list[int] = []
+    if body.max_tokens:
+        metrics: Metrics = request.app.state.metrics
+        sampling = service.sampling(max_tokens=body.max_tokens, temperature=0.0, top_p=None, seed=None, stop=None)
+        sub = await service.submit(prompt, sampling, body.steering, policy=policy_of(request), timeout=body.timeout)
+        metrics.accepted(sub)
+        tally = Tally(len(prompt.token_ids))
+        reply, text = await until_disconnect(request.receive, lambda: _reply(sub, tally, metrics))
+        extra = {"text": text, "steering": steering_report(sub, tally) if body.steering is not None else None}
+    out = await service.features(prompt, body.sae, body.top_k, reply, ops)
+    return JSONResponse({**out, **extra})
+
+
+async def _reply(sub: Submitted, tally: Tally, metrics: Metrics) -> tuple[list[int], str]:
+    """The reply's token ids and text (failures raised as for /generate)."""
+    ids: list[int] = []
+    parts: list[str] = []
+    async with aclosing(checked_outputs(sub, tally, metrics)) as outs:
+        async for out in outs:
+            ids += out.token_ids
+            parts.append(out.text)
+    return ids, "".join(parts)
 
 
 @router.get("/features/search", response_model=None,

@@ -195,6 +195,10 @@ class FeaturesRequest(StrictModel, BodyModel):
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
     sae: Annotated[str, Field(min_length=1, max_length=80, description="a sae artifact, NAME or NAME@V")]
     top_k: Annotated[int, Field(ge=1, le=64, description="features per token"), WHOLE] = 8
+    steering: Annotated[dict[str, Any] | None, STEERING] = None
+    max_tokens: Annotated[int, Field(ge=0, le=256, description="a greedy reply of up to this many tokens is "
+                                     "generated (with ``steering``) and read too; 0: the prompt only"), WHOLE] = 0
+    timeout: Timeout = None
 
 
 # GET /features/search: query parameters (strings on the wire, so not strict; FastAPI parses them)
@@ -202,8 +206,6 @@ SaeRef = Annotated[str, Query(min_length=1, max_length=80, description="a sae ar
 SearchText = Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, pattern="\\S",
                                   description="text to find in the features' labels (case-insensitive)")]
 SearchLimit = Annotated[int, Query(ge=1, le=MAX_MATCHES, description="most matches returned")]
-
-
 
 
 # ---- OpenAI-compatible ------------------------------------------------------------------------------
