@@ -133,10 +133,14 @@ def test_graph_safe_form_matches_the_eager_form() -> None:
     ``tables.active``; the same result as the eager form, bit for bit where nothing is ablated."""
     ops = _ops()
     adds = tuple(op for op in ops if op.kind == OpKind.ADD)
-    bank, tables = VectorBank(8, H), StepTables(2, 16, 4)
     g = torch.Generator().manual_seed(3)
+    clamp = torch.randn(3, H, generator=g)
+    clamp[2] = 0.0
+    clamps = (*adds, SteerOp(OpKind.CLAMP, 1, VectorRef.of(clamp), 4.0, start=1),
+              SteerOp(OpKind.CLAMP, 0, VectorRef.of(-clamp), -2.0, stop=3))  # a feature read at each layer
+    bank, tables = VectorBank(16, H), StepTables(2, 16, 4)
     hidden, residual = torch.randn(7, H, generator=g), torch.randn(7, H, generator=g)
-    for spec, exact in ((adds, True), (ops, False)):
+    for spec, exact in ((adds, True), (ops, False), (clamps, False)):
         rows = bank.acquire(op.vector for op in spec)
         assert rows is not None
         tables.fill(6, [Segment(1, 0, 5, Placement.build(spec, rows, tables.slots))])
