@@ -35,6 +35,7 @@ from steerserve.runtime.plan import SteerOp
 from steerserve.spec import PromptInfo, ResolveContext, ResolvedSpec, SteerSpec
 from steerserve.store.artifacts import ArtifactMeta, ArtifactStore, Vet
 from steerserve.store.policies import DEFAULT, Policy, PolicyStore, key_hash
+from steerserve.store.sae import Sae
 from steerserve.store.sae_labels import LabelIndex, read_labels
 from steerserve.store.uploads import Declared
 from steerserve.tools import norms
@@ -78,6 +79,7 @@ class Service:
         # The vetting's prompts and their unsteered first-token log-probabilities (``methods.vetting``).
         self._calibration: tuple[list[tuple[int, ...]], list[torch.Tensor]] | None = None
         self._calibration_lock = asyncio.Lock()
+        self._sae: tuple[str, Sae] | None = None  # (sha256, dictionary) last read by ``features``
         self.ctx = ResolveContext(settings, engine.info, store, renderer.tokenize, engine.hidden_states,
                                   cache=_LRU(256))
 
@@ -329,9 +331,10 @@ class Service:
             raise SteerError(f"is {len(tokens)} tokens with the reply; features are read for at most "
                              f"{self.settings.capture_tokens}", field="prompt")
         meta = await asyncio.to_thread(self.store.get, sae_ref, "sae", field="sae", require_enabled=True)
-        sae = self.ctx.cache.get(f"sae:{meta.sha256}")  # the encoder is read from the file once
-        if sae is None:
-            sae = self.ctx.cache[f"sae:{meta.sha256}"] = (await asyncio.to_thread(self.store.load_sae, meta.ref()))[1]
+        # The last dictionary read stays in memory (one only: a 131k-feature one is ~600 MB in fp32).
+        if self._sae is None or self._sae[0] != meta.sha256:
+            self._sae = meta.sha256, (await asyncio.to_thread(self.store.load_sae, meta.ref()))[1]
+        sae = self._sae[1]
         table = await read_features(self.engine, sae, tokens, len(prompt.token_ids), top_k,
                                     self.renderer.tokenizer.decode, ops)
         return {"sae": meta.ref(), "layer": sae.layer, "d_sae": sae.d_sae, "tokens": table}
