@@ -68,8 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one-token answer options for choice_entropy, e.g. --options A B (chat replies start "
                         "without a space)")
     p.add_argument("--concept", nargs="+", default=(), metavar="WORD",
-                   help="words of a concept for --metric mentions (whole words, case-insensitive, plurals "
-                        "count), e.g. --concept food pizza bread cheese")
+                   help="for --metric mentions: a topic (food, weather, country, animal, colour, sport, music, "
+                        "code, maths, science: its words in evaluation/concepts.py) or the words themselves "
+                        "(whole words, case-insensitive, plurals count), e.g. --concept pizza bread cheese")
     p.add_argument("--coeffs", nargs="+", type=sweep.parse_coeff, default=None, metavar="C",
                    help="strengths to sweep: numbers, or 'auto' (a method's calibrated strength)")
     p.add_argument("--coeff-field", default=None, metavar="NAME", help="the strength field to sweep")
@@ -114,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from steerserve.config import default_vectors_dir
     from steerserve.evaluation import report, runner, sweep
+    from steerserve.evaluation.concepts import concept_words
     from steerserve.evaluation.data import read_samples, with_draws
     from steerserve.evaluation.generate import Sampling
 
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         opts = runner.Options(tuple(settings), tuple(args.metric), sampling, tuple(args.options), args.kl,
                               args.server, args.concurrency, args.seed, not args.quiet, args.home, args.model,
                               args.vectors_dir or default_vectors_dir(), args.out / "replies.jsonl", args.exact,
-                              tuple(args.concept))
+                              concept_words(args.concept))
         result = asyncio.run(runner.evaluate(samples, opts))
     except SteerError as exc:
         print(f"steerserve eval: {exc}", file=sys.stderr)
