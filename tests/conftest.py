@@ -107,6 +107,21 @@ def client(base_url: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
+def make_key(client: httpx.Client, admin_headers: dict[str, str]) -> Callable[..., str]:
+    """``make_key(name, **policy)``: PUT the policy ``name`` and return a new key bound to it."""
+
+    def make(name: str, **policy: Any) -> str:
+        r = client.put(f"/admin/policies/{name}", headers=admin_headers, json=policy)
+        assert r.status_code in (200, 201), r.text
+        r = client.post("/admin/keys", headers=admin_headers, json={"policy": name, "label": "test"})
+        assert r.status_code == 201, r.text
+        key: str = r.json()["key"]
+        return key
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def oai(base_url: str, client: httpx.Client, admin_headers: dict[str, str]) -> Iterator[OpenAI]:
     """The official ``openai`` client on the live server. It always sends a key, and once any key is bound a
     key no policy binds is a 401: one bound to the default policy."""

@@ -5,7 +5,7 @@ once per artifact version, never its weights; the errors named; the client keys 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +102,14 @@ def test_errors_name_the_field(client: httpx.Client, admin_headers: dict[str, st
         client.patch("/admin/vectors/search-sae-bare", headers=admin_headers, json={"enabled": True})
 
 
-def test_keys_are_enforced_as_on_generate(client: httpx.Client, admin_headers: dict[str, str], saes: None) -> None:
-    def key(name: str, **policy: Any) -> str:
-        r = client.put(f"/admin/policies/{name}", headers=admin_headers, json=policy)
-        assert r.status_code in (200, 201), r.text
-        r = client.post("/admin/keys", headers=admin_headers, json={"policy": name, "label": "search"})
-        assert r.status_code == 201, r.text
-        value: str = r.json()["key"]
-        return value
-
-    bound = key("search-any")  # once a key is bound, unknown keys are refused (unknown_keys="auto")
+def test_keys_are_enforced_as_on_generate(client: httpx.Client, make_key: Callable[..., str], saes: None) -> None:
+    bound = make_key("search-any")  # once a key is bound, unknown keys are refused (unknown_keys="auto")
     ok = search(client, {"Authorization": f"Bearer {bound}"}, sae="search-sae", q="dog")
     assert ok.status_code == 200, ok.text
     for authorization in ("Bearer not-a-bound-key-123456", "Basic dGVzdC1rZXk="):
         r = search(client, {"Authorization": authorization}, sae="search-sae", q="dog")
         assert error(r, 401, None)["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
-    slow = key("search-slow", requests_per_minute=1)
+    slow = make_key("search-slow", requests_per_minute=1)
     codes = [search(client, {"Authorization": f"Bearer {slow}"}, sae="search-sae", q="dog").status_code
              for _ in range(3)]
     assert codes[0] == 200 and 429 in codes, codes

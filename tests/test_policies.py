@@ -37,21 +37,6 @@ def generate(client: httpx.Client, key: str | None = None, steering: list[dict[s
 
 
 @pytest.fixture(scope="module")
-def make_key(client: httpx.Client, admin_headers: dict[str, str]) -> Callable[..., str]:
-    """``make_key(name, **policy)``: PUT the policy ``name`` and return a new key bound to it."""
-
-    def make(name: str, **policy: Any) -> str:
-        r = client.put(f"/admin/policies/{name}", headers=admin_headers, json=policy)
-        assert r.status_code in (200, 201), r.text
-        r = client.post("/admin/keys", headers=admin_headers, json={"policy": name, "label": "test"})
-        assert r.status_code == 201, r.text
-        key: str = r.json()["key"]
-        return key
-
-    return make
-
-
-@pytest.fixture(scope="module")
 def safe(fresh_vector: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """The mandatory intervention of these tests: a random all-layer vector, strong enough to change text."""
     fresh_vector("pol-safe")

@@ -10,6 +10,7 @@ measured by ``steerserve eval``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -272,17 +273,14 @@ def test_features_of_a_steered_reply(client: httpx.Client, admin_headers: dict[s
 
 
 def test_a_policy_caps_and_forbids_features(client: httpx.Client, admin_headers: dict[str, str], tmp_path: Path,
-                                            service: Service) -> None:
+                                            service: Service, make_key: Callable[..., str]) -> None:
     """A key whose policy allows only ``sae_feature``, capped at 10: a clamp or add over the cap is a 403 naming
     the feature, on /generate and on /features with steering; within it, 200; another method, 403."""
     name = "sae-clamp-saelens"
     if not any(m["ref"] == f"{name}@1" for m in client.get("/admin/vectors", headers=admin_headers).json()["data"]):
         _upload(client, admin_headers, name, sae_bytes(saelens_dir(tmp_path), None, service.info))
-    r = client.put("/admin/policies/sae-capped", headers=admin_headers,
-                   json={"allowed_methods": ["sae_feature"], "method_caps": {"sae_feature": 10}})
-    assert r.status_code in (200, 201), r.text
-    r = client.post("/admin/keys", headers=admin_headers, json={"policy": "sae-capped", "label": "sae test"})
-    key = {"Authorization": f"Bearer {r.json()['key']}"}
+    bound = make_key("sae-capped", allowed_methods=["sae_feature"], method_caps={"sae_feature": 10})
+    key = {"Authorization": f"Bearer {bound}"}
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     for mode in ("clamp", "add"):
         r = client.post("/generate", headers=key, json={**body, "steering": _sae(name, {"0": 5, "3": 20}, mode)})
