@@ -143,3 +143,13 @@ def test_label_index_checks_its_arguments() -> None:
         with pytest.raises(SteerError) as info:
             index.search(q, limit)
         assert info.value.field == field
+
+
+def test_labels_that_name_the_query_more_often_rank_first() -> None:
+    """Within a tier, more whole-word hits first: a topic prefix over the feature's own matching tokens beats
+    the same prefix over junk tokens, however short."""
+    from steerserve.store.sae_labels import LabelIndex
+
+    index = LabelIndex.of({1: "food: '   ', _", 2: "food: food, diet, feast", 3: "seafood", 4: "food"})
+    assert index.search("food", 10) == ([(2, "food: food, diet, feast"), (4, "food"), (1, "food: '   ', _"),
+                                        (3, "seafood")], 4)

@@ -49,9 +49,10 @@ class LabelIndex:
     def search(self, query: str, limit: int) -> tuple[list[tuple[int, str]], int]:
         """The features whose label contains ``query`` (case-insensitive, runs of whitespace as one space),
         best first: the query as a whole word (or words) of the label, then as the start of a word, then
-        anywhere; within each, shorter labels first (so a label equal to the query leads), then lower feature
-        indices. Returns at most ``limit`` of them and how many matched in all. A blank or overlong query, or
-        a limit outside [1, ``MAX_MATCHES``], is a 400 naming ``q`` or ``limit``."""
+        anywhere; within each, labels that hold the query as a whole word more often first, then shorter
+        labels (so a label equal to the query leads), then lower feature indices. Returns at most ``limit`` of
+        them and how many matched in all. A blank or overlong query, or a limit outside [1, ``MAX_MATCHES``],
+        is a 400 naming ``q`` or ``limit``."""
         q = _norm(query)
         if not q:
             raise SteerError("must contain a non-space character", field="q")
@@ -65,7 +66,10 @@ class LabelIndex:
         for i, label, text in self.entries:
             if q not in text:  # the cheap test first: most labels miss
                 continue
-            tier = 0 if word.search(text) else 1 if start.search(text) else 2
-            found.append((tier, len(text), i, label))
+            whole = len(word.findall(text))
+            tier = 0 if whole else 1 if start.search(text) else 2
+            # More whole-word hits first: "food: food, diet, feast" names food twice (its topic and its own
+            # top token), "food: '  ', _" once (a topic prefix over junk tokens).
+            found.append((tier, -whole, len(text), i, label))
         found.sort()
-        return [(i, label) for _, _, i, label in found[:limit]], len(found)
+        return [(i, label) for *_, i, label in found[:limit]], len(found)
